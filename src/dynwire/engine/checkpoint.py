@@ -1,0 +1,216 @@
+"""Checkpoints: atomic saves, weights-only loading, RNG state capture, safetensors export.
+
+A checkpoint is a plain dict of tensors and Python scalars/containers, so it
+loads with ``torch.load(..., weights_only=True)``; loading never unpickles
+arbitrary objects. Saves go to a temporary file in the same folder which is
+flushed, fsync'ed and then renamed over the target with :func:`os.replace`,
+so a crash mid-write never leaves a truncated ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "CheckpointError",
+    "atomic_torch_save",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "unwrap_model",
+    "export_safetensors",
+    "remove_stale_temp_files",
+    "TMP_SUFFIX",
+]
+
+#: Temporary files written by :func:`atomic_torch_save` end with this suffix.
+TMP_SUFFIX = ".partial"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or not loadable as weights only."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + ``os.replace`` + dir fsync).
+
+    If anything fails, the temp file is removed and an existing ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp files left by a save that was killed mid-write; returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; refuses pickled code objects.
+
+    Raises :class:`CheckpointError` (a ``ValueError``) for missing, corrupt or
+    unsafe files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r}: file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: refused to load: it holds objects other than tensors and "
+            f"plain Python values, which weights_only loading does not unpickle (could run code). "
+            f"Details: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: unreadable or truncated ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+# --------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python ``random``, numpy, torch (and CUDA) as weights-only-safe values."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": int(py_version), "state": [int(x) for x in py_state], "gauss": py_gauss},
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"]), py["gauss"]))
+    npst = state["numpy"]
+    keys = npst["keys"]
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state(
+        (npst["name"], keys.astype(np.uint32), int(npst["pos"]), int(npst["has_gauss"]), float(npst["cached_gaussian"]))
+    )
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda])
+        else:  # a different GPU count: restore what lines up
+            for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s.cpu().to(torch.uint8), i)
+
+
+# --------------------------------------------------------------------------- export
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def export_safetensors(
+    model_or_ckpt: nn.Module | Mapping[str, Any] | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    use_ema: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write model weights as a ``.safetensors`` file.
+
+    ``model_or_ckpt`` is a module, a state dict, a checkpoint dict (its
+    ``model`` or, with ``use_ema``, ``ema`` entry) or a checkpoint path.
+    Tensors that share storage (tied weights) are written as separate copies,
+    so every key of the state dict is present and loads back with
+    ``load_state_dict``.
+    """
+    from safetensors.torch import save_file
+
+    obj: Any = model_or_ckpt
+    if isinstance(obj, (str, os.PathLike)):
+        obj = load_checkpoint(obj, map_location="cpu")
+    if isinstance(obj, nn.Module):
+        state = unwrap_model(obj).state_dict()
+    elif isinstance(obj, Mapping):
+        if "model" in obj and isinstance(obj["model"], Mapping):
+            key = "ema" if use_ema else "model"
+            if obj.get(key) is None:
+                raise ValueError(f"export_safetensors: the checkpoint has no {key!r} weights")
+            state = obj[key]
+        else:
+            state = obj
+    else:
+        raise ValueError(
+            f"export_safetensors: expected a module, state dict, checkpoint dict or path, got {type(obj).__name__}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"export_safetensors: entry {k!r} is {type(v).__name__}, not a tensor")
+        # clone(): breaks storage sharing, which save_file refuses.
+        tensors[k] = v.detach().to("cpu").contiguous().clone()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,150 @@
+"""Wiring specifications: which edges a stage graph has and how their weights are made.
+
+A stage with ``n`` blocks is a graph over ``N = n + 1`` nodes in topological order:
+nodes ``0 .. n-1`` are the blocks (node 0, the first block, receives the stage input and
+changes resolution: it is the *input node*), node ``n`` is the *output node*, which applies no
+transformation and gathers its predecessors by weighted sum into the stage output.
+Edges go from a lower to a higher index, so the complete DAG has ``n (n + 1) / 2`` edges.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..layers.router import EVAL_GATES
+
+__all__ = ["WiringConfig", "WIRINGS", "resolve_wiring", "random_dag_edges", "complete_dag_edges"]
+
+WIRINGS: tuple[str, ...] = ("sequential", "dynamic", "static", "random-er", "random-ba", "random-ws")
+
+
+@dataclass(frozen=True)
+class WiringConfig:
+    """How every stage of a model is wired.
+
+    Attributes:
+        kind: one of :data:`WIRINGS`. ``sequential`` is the original backbone, ``dynamic`` is
+            DG-Net (per-sample routed weights, the paper's alpha_b), ``static`` one learnable
+            weight per edge shared by all samples (Table 6's alpha), ``random-*`` RandWire
+            graphs (Table 4) with learnable static edge weights.
+        router_bias: initial router bias (App. 6.4; +3 opens every edge at the start).
+        tau_init: initial value of each node's learnable threshold tau (Eq. 5).
+        eval_gate: ``hard`` (Eq. 5), ``soft`` (training surrogate) or ``masked``.
+        er_p, ba_m, ws_k, ws_p: RandWire generator parameters (defaults: Table 4).
+        graph_seed: seed of the random generators; stage ``k`` uses ``graph_seed + k``.
+        recompute: recompute aggregated node inputs in backward instead of storing them.
+    """
+
+    kind: str = "dynamic"
+    router_bias: float = 3.0
+    tau_init: float = 0.0
+    eval_gate: str = "hard"
+    er_p: float = 0.2
+    ba_m: int = 5
+    ws_k: int = 4
+    ws_p: float = 0.75
+    graph_seed: int = 0
+    recompute: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in WIRINGS:
+            import difflib
+
+            close = difflib.get_close_matches(str(self.kind), WIRINGS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown wiring '{self.kind}'; choose one of {', '.join(WIRINGS)}.{hint}")
+        for name in ("router_bias", "tau_init"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"wiring {name}={v!r} must be a finite number")
+        if self.eval_gate not in EVAL_GATES:
+            raise ValueError(f"eval_gate={self.eval_gate!r} is not valid; choose one of {', '.join(EVAL_GATES)}")
+        if not (0.0 < self.er_p <= 1.0):
+            raise ValueError(f"er_p={self.er_p!r}: the Erdos-Renyi edge probability must be in (0, 1]")
+        if not isinstance(self.ba_m, int) or self.ba_m < 1:
+            raise ValueError(f"ba_m={self.ba_m!r}: the Barabasi-Albert M must be an int >= 1")
+        if not isinstance(self.ws_k, int) or self.ws_k < 2 or self.ws_k % 2:
+            raise ValueError(f"ws_k={self.ws_k!r}: the Watts-Strogatz K must be an even int >= 2")
+        if not (0.0 <= self.ws_p <= 1.0):
+            raise ValueError(f"ws_p={self.ws_p!r}: the Watts-Strogatz rewiring probability must be in [0, 1]")
+        if not isinstance(self.graph_seed, int) or self.graph_seed < 0:
+            raise ValueError(f"graph_seed={self.graph_seed!r} must be an int >= 0")
+
+    @property
+    def routed(self) -> bool:
+        return self.kind == "dynamic"
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind.startswith("random-")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(WiringConfig)}
+
+
+def resolve_wiring(wiring: "str | WiringConfig | dict", **kwargs: Any) -> tuple[WiringConfig, dict[str, Any]]:
+    """Build a :class:`WiringConfig` from a name, config or dict plus flat kwargs.
+
+    Returns the config and the kwargs that were not wiring options.
+    """
+    wkw = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
+    if isinstance(wiring, WiringConfig):
+        cfg = dataclasses.replace(wiring, **wkw) if wkw else wiring
+    elif isinstance(wiring, dict):
+        unknown = set(wiring) - _FIELDS
+        if unknown:
+            raise ValueError(f"unknown wiring option(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
+        cfg = WiringConfig(**{**wiring, **wkw})
+    elif isinstance(wiring, str):
+        cfg = WiringConfig(kind=wiring, **wkw)
+    else:
+        raise ValueError(f"wiring must be a name, dict or WiringConfig, got {type(wiring).__name__}")
+    return cfg, kwargs
+
+
+def complete_dag_edges(num_nodes: int) -> list[tuple[int, int]]:
+    """All edges ``(i, j)``, ``i < j``, ordered by receiver ``j`` then sender ``i``."""
+    return [(i, j) for j in range(1, num_nodes) for i in range(j)]
+
+
+def random_dag_edges(num_blocks: int, cfg: WiringConfig, seed: int) -> torch.Tensor:
+    """RandWire graph over the blocks of a stage, as a mask over :func:`complete_dag_edges`.
+
+    The undirected networkx graph over ``num_blocks`` nodes is oriented from lower to higher
+    index. As in RandWire, a block without predecessors is fed by the input node (node 0) and a
+    block without successors feeds the output node; the output node gathers only those sinks.
+    Generator parameters that do not fit a small stage are clamped (BA ``M < n``; WS with
+    ``K >= n`` is the complete graph).
+    """
+    import networkx as nx
+
+    n = num_blocks
+    edges: set[tuple[int, int]] = set()
+    if n > 1:
+        if cfg.kind == "random-er":
+            g = nx.erdos_renyi_graph(n, cfg.er_p, seed=seed)
+        elif cfg.kind == "random-ba":
+            g = nx.barabasi_albert_graph(n, min(cfg.ba_m, n - 1), seed=seed)
+        elif cfg.kind == "random-ws":
+            if cfg.ws_k >= n:
+                g = nx.complete_graph(n)
+            else:
+                g = nx.watts_strogatz_graph(n, cfg.ws_k, cfg.ws_p, seed=seed)
+        else:
+            raise ValueError(f"{cfg.kind} is not a random wiring")
+        edges = {(min(u, v), max(u, v)) for u, v in g.edges() if u != v}
+    for j in range(1, n):
+        if not any(e[1] == j for e in edges):
+            edges.add((0, j))
+    for i in range(n):
+        if not any(e[0] == i for e in edges):
+            edges.add((i, n))
+    all_edges = complete_dag_edges(n + 1)
+    return torch.tensor([e in edges for e in all_edges], dtype=torch.bool)

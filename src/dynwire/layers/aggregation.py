@@ -1,0 +1,192 @@
+"""Weighted feature aggregation of a graph node (paper Eq. 3, gradients Eq. 8-10).
+
+``aggregate(weights, xs)`` computes ``sum_i weights[:, i] * xs[i]`` per sample without
+stacking the predecessors: the forward pass accumulates in place into one output tensor
+and the backward pass computes ``grad_x_i = w_i * g`` and ``grad_w_i = <g, x_i>``.
+It is a ``torch.library`` custom op so that ``torch.compile`` treats it as one opaque node
+and ``torch.utils.flop_counter`` counts it (``K`` multiply-adds per output element).
+
+``recompute_aggregations()`` is the memory half of the buffer mechanism (Sec. 3.4): while it
+is active, an aggregated tensor that a later layer saves for backward is not kept; only the
+recipe (weights plus references to the predecessors, which are alive anyway) is kept and the
+sum is recomputed when backward needs it.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+__all__ = ["aggregate", "aggregate_reference", "recompute_aggregations"]
+
+
+def _per_sample(w: Tensor, ndim: int) -> Tensor:
+    return w.reshape(w.shape[0], *([1] * (ndim - 1)))
+
+
+def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    w = weights.to(xs[0].dtype)
+    out = xs[0] * _per_sample(w[:, 0], xs[0].ndim)
+    for k in range(1, len(xs)):
+        out.addcmul_(xs[k], _per_sample(w[:, k], xs[k].ndim))
+    return out
+
+
+@torch.library.custom_op("dynwire::aggregate", mutates_args=())
+def _aggregate_op(weights: Tensor, xs: list[Tensor]) -> Tensor:
+    return _aggregate_impl(weights, xs)
+
+
+@_aggregate_op.register_fake
+def _(weights: Tensor, xs: list[Tensor]) -> Tensor:
+    return torch.empty_like(xs[0])
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """A (B, -1) view of ``t`` without copying, or None when the layout does not allow it."""
+    if t.is_contiguous():
+        return t.view(t.shape[0], -1)
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+    return None
+
+
+def _batched_dot(g: Tensor, x: Tensor) -> Tensor:
+    fg, fx = _flat(g), _flat(x)
+    if fg is not None and fx is not None and g.stride() == x.stride():
+        return torch.bmm(fg.unsqueeze(1), fx.unsqueeze(2)).view(-1)
+    return (g * x).flatten(1).sum(1)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weights, xs = inputs
+    ctx.save_for_backward(weights, *xs)
+
+
+def _backward(ctx, grad: Tensor):
+    weights, *xs = ctx.saved_tensors
+    w = weights.to(grad.dtype)
+    grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
+    grad_xs = [grad * _per_sample(w[:, k], grad.ndim) for k in range(len(xs))]
+    return grad_w, grad_xs
+
+
+_aggregate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.dynwire.aggregate)
+def _aggregate_flops(weights_shape, xs_shape, *args, **kwargs) -> int:
+    # K multiply-adds per output element (the first term is a multiply only; counted anyway
+    # so that a pass-through edge with a weight is not free).
+    numel = 1
+    for d in xs_shape[0]:
+        numel *= d
+    return 2 * len(xs_shape) * numel
+
+
+def aggregate_reference(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    """Plain autograd version of :func:`aggregate` (for tests and ONNX export)."""
+    out = xs[0] * _per_sample(weights[:, 0].to(xs[0].dtype), xs[0].ndim)
+    for k in range(1, len(xs)):
+        out = out + xs[k] * _per_sample(weights[:, k].to(xs[k].dtype), xs[k].ndim)
+    return out
+
+
+class _Recipe:
+    __slots__ = ("weights", "xs")
+
+    def __init__(self, weights: Tensor, xs: list[Tensor]) -> None:
+        self.weights = weights
+        self.xs = xs
+
+
+class _RecomputeState(threading.local):
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[weakref.ref, _Recipe]] | None = None
+
+
+_STATE = _RecomputeState()
+
+
+def _check_inputs(weights: Tensor, xs: Sequence[Tensor]) -> None:
+    if len(xs) == 0:
+        raise ValueError("aggregate() needs at least one predecessor tensor")
+    if weights.ndim != 2 or weights.shape[1] != len(xs) or weights.shape[0] != xs[0].shape[0]:
+        raise ValueError(
+            f"aggregate(): weights must have shape (batch, {len(xs)}) for {len(xs)} inputs of "
+            f"batch {xs[0].shape[0]}, got {tuple(weights.shape)}"
+        )
+    shape = xs[0].shape
+    for i, x in enumerate(xs):
+        if x.shape != shape:
+            raise ValueError(
+                f"aggregate(): all predecessors of a node must have the same shape; input 0 is "
+                f"{tuple(shape)} but input {i} is {tuple(x.shape)}. Every block of a graph stage "
+                "after the first must keep the stage's channels and resolution."
+            )
+
+
+def aggregate(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    """Per-sample weighted sum of same-shaped tensors (Eq. 3).
+
+    Args:
+        weights: ``(B, K)`` edge weights, row ``b`` holds the weights of sample ``b``.
+        xs: ``K`` tensors of identical shape ``(B, ...)``.
+    """
+    _check_inputs(weights, xs)
+    xs = list(xs)
+    out = _aggregate_op(weights, xs)
+    live = _STATE.live
+    if live is not None and out.requires_grad:
+        live[out.data_ptr()] = (weakref.ref(out), _Recipe(weights.detach(), [x.detach() for x in xs]))
+    return out
+
+
+def _pack(t: Tensor):
+    live = _STATE.live
+    if live is not None:
+        entry = live.get(t.data_ptr())
+        if entry is not None:
+            ref, recipe = entry
+            o = ref()
+            if (
+                o is not None
+                and o.shape == t.shape
+                and o.stride() == t.stride()
+                and o.dtype == t.dtype
+                and o.storage_offset() == t.storage_offset()
+            ):
+                return recipe
+    return t
+
+
+def _unpack(p):
+    if isinstance(p, _Recipe):
+        with torch.no_grad():
+            return _aggregate_impl(p.weights, p.xs)
+    return p
+
+
+@contextmanager
+def recompute_aggregations(enabled: bool = True) -> Iterator[None]:
+    """Do not keep aggregated node inputs for backward; recompute them from their recipe.
+
+    Each node input ``x'_j = sum_i a_ij x_i`` is a new tensor that the block's first
+    convolution would otherwise save, one extra activation per block. The predecessors
+    ``x_i`` are kept alive by the graph anyway, so keeping only the weights costs nothing
+    and the sum is recomputed (``K`` multiply-adds per element) in backward.
+    """
+    if not enabled or _STATE.live is not None:
+        yield
+        return
+    _STATE.live = {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _STATE.live = None
