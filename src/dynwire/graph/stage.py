@@ -40,10 +40,11 @@ class StageWiring(nn.Module):
             self.edge_logits = nn.Parameter(torch.full((len(self.edges),), float(cfg.router_bias)))
         if cfg.is_random:
             mask = random_dag_edges(n, cfg, seed=cfg.graph_seed + stage_index)
-            self._set_preds(mask.tolist())
-            self.register_buffer("edge_mask", mask)
+            self._set_preds(mask)
+            self.register_buffer("edge_mask", torch.tensor(mask, dtype=torch.bool))
         else:
-            self._preds = [list(range(j)) if cfg.kind != "sequential" else [j - 1] for j in range(self.num_nodes)]
+            chain = cfg.kind == "sequential"
+            self._preds = [([j - 1] if j else []) if chain else list(range(j)) for j in range(self.num_nodes)]
 
     def _set_preds(self, mask: list[bool]) -> None:
         self._preds = [[] for _ in range(self.num_nodes)]

@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..layers.router import EVAL_GATES
 
 __all__ = ["WiringConfig", "WIRINGS", "resolve_wiring", "random_dag_edges", "complete_dag_edges"]
@@ -114,7 +112,7 @@ def complete_dag_edges(num_nodes: int) -> list[tuple[int, int]]:
     return [(i, j) for j in range(1, num_nodes) for i in range(j)]
 
 
-def random_dag_edges(num_blocks: int, cfg: WiringConfig, seed: int) -> torch.Tensor:
+def random_dag_edges(num_blocks: int, cfg: WiringConfig, seed: int) -> list[bool]:
     """RandWire graph over the blocks of a stage, as a mask over :func:`complete_dag_edges`.
 
     The undirected networkx graph over ``num_blocks`` nodes is oriented from lower to higher
@@ -147,4 +145,4 @@ def random_dag_edges(num_blocks: int, cfg: WiringConfig, seed: int) -> torch.Ten
         if not any(e[0] == i for e in edges):
             edges.add((i, n))
     all_edges = complete_dag_edges(n + 1)
-    return torch.tensor([e in edges for e in all_edges], dtype=torch.bool)
+    return [e in edges for e in all_edges]

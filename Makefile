@@ -1,0 +1,43 @@
+# dynwire: `make demo` sets everything up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: venv data demo profile test bench golden clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: pip takes these wheels from local disk and never resolves a newer torch
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+# Fashion-MNIST from Debian (IDX files under /usr/share/datasets/fashion-mnist), when apt is usable.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+	  sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST not found and apt-get unavailable: put the four IDX files in ./data/fashion-mnist"; fi
+
+demo: venv data
+	$(PY) scripts/demo.py
+
+profile: venv
+	$(VENV)/bin/dynwire profile
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/train_overhead.py
+
+golden: venv
+	$(PY) scripts/regen_golden.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,149 @@
+"""Graph stage semantics: adjacency buffer, thresholds, wirings, random graphs."""
+import io
+
+import pytest
+import torch
+
+import dynwire
+from dynwire.graph.stage import GraphStage
+from dynwire.graph.wiring import WiringConfig, random_dag_edges
+
+
+def _model(wiring="dynamic", **kw):
+    return dynwire.create_model("cifar_resnet20", num_classes=10, wiring=wiring, **kw)
+
+
+def test_adjacency_shape_and_semantics():
+    m = _model().eval()
+    x = torch.randn(5, 3, 32, 32)
+    outputs = {}
+    for name, stage in m.graph_stages():
+        for i, b in enumerate(stage.blocks()):
+            b.register_forward_hook(lambda mod, a, out, key=(name, i): outputs.__setitem__(key, out))
+    with dynwire.record_adjacency(m) as rec:
+        m(x)
+    assert set(rec.keys()) == {"layer1", "layer2", "layer3"}
+    for name, stage in m.graph_stages():
+        adj, raw = rec[name], rec.router[name]
+        n = stage.num_nodes
+        assert adj.shape == (5, n, n) == raw.shape
+        assert torch.all(torch.triu(adj) == 0), "zeros on and above the diagonal"
+        assert torch.all(adj[:, 1:, :] .sum(-1) > 0), "every non-input node has an open input edge at init"
+        # column i holds node i's output edges: the router of block i, applied to its output
+        for i in range(stage.num_blocks):
+            expected = stage.graph.routers[i](outputs[(name, i)])
+            torch.testing.assert_close(raw[:, i + 1 :, i], expected)
+        # row j holds node j's input edges, thresholded in eval (hard gate: alpha where alpha >= tau)
+        tau = stage.graph.tau.detach()
+        for j in range(1, n):
+            keep = raw[:, j, :j] >= tau[j - 1]
+            torch.testing.assert_close(adj[:, j, :j], raw[:, j, :j] * keep)
+    # nothing is kept outside the context, and later passes do not record
+    assert all(s.adjacency is None for _, s in m.graph_stages())
+    m(x)
+    assert all(s.adjacency is None for _, s in m.graph_stages())
+    assert rec["layer1"].shape == (5, 4, 4)  # the record keeps the last pass
+
+
+def test_sequential_adjacency_is_a_chain():
+    m = _model("sequential")
+    with dynwire.record_adjacency(m) as rec:
+        m(torch.randn(2, 3, 32, 32))
+    expected = torch.diag(torch.ones(3), -1)
+    assert torch.equal(rec["layer2"][1], expected)
+
+
+def test_hard_threshold_closes_edges_below_tau():
+    m = _model().eval()
+    stage = m.layer2
+    x = torch.randn(4, 3, 32, 32)
+    with dynwire.record_adjacency(m) as rec:
+        m(x)
+    raw = rec.router["layer2"]
+    # put node 2's threshold between its two incoming weights for sample 0
+    a, b = raw[0, 2, 0].item(), raw[0, 2, 1].item()
+    with torch.no_grad():
+        stage.graph.tau[1] = (a + b) / 2
+        stage.graph.tau[0] = 2.0  # node 1: every edge closed
+    with dynwire.record_adjacency(m) as rec:
+        out_hard = m(x)
+    adj = rec["layer2"]
+    lo = 0 if a < b else 1
+    assert adj[0, 2, lo] == 0 and adj[0, 2, 1 - lo] > 0
+    assert torch.all(adj[:, 1, :] == 0)
+    # soft gate in eval keeps every edge open and changes the output
+    m.set_eval_gate("soft")
+    with dynwire.record_adjacency(m) as rec:
+        out_soft = m(x)
+    assert torch.all(rec["layer2"][:, 1, 0] > 0)
+    assert not torch.allclose(out_hard, out_soft)
+    # training always uses the differentiable surrogate alpha * sigmoid(alpha - tau)
+    m.train()
+    with dynwire.record_adjacency(m) as rec:
+        m(x)
+    r = rec.router["layer2"][:, 2, :2]
+    torch.testing.assert_close(rec["layer2"][:, 2, :2], r * torch.sigmoid(r - stage.graph.tau[1].detach()))
+
+
+def test_static_wiring_is_sample_independent():
+    m = _model("static").eval()
+    with dynwire.record_adjacency(m) as rec:
+        m(torch.randn(3, 3, 32, 32))
+    adj = rec["layer3"]
+    assert torch.equal(adj[0], adj[1]) and torch.equal(adj[1], adj[2])
+    assert not any("routers" in n for n, _ in m.named_parameters())
+
+
+def test_dynamic_wiring_is_sample_dependent():
+    m = _model().eval()
+    with dynwire.record_adjacency(m) as rec:
+        m(torch.randn(3, 3, 32, 32))
+    assert not torch.equal(rec.router["layer3"][0], rec.router["layer3"][1])
+
+
+@pytest.mark.parametrize("kind", ["random-er", "random-ba", "random-ws"])
+def test_random_wiring_reproducible_and_restored(kind):
+    cfg = WiringConfig(kind=kind)
+    assert random_dag_edges(9, cfg, seed=3) == random_dag_edges(9, cfg, seed=3)
+    masks = {tuple(random_dag_edges(9, cfg, seed=s)) for s in range(6)}
+    assert len(masks) > 1, "different seeds give different graphs"
+
+    a = dynwire.create_model("cifar_resnet56", num_classes=10, wiring=kind, graph_seed=1).eval()
+    b = dynwire.create_model("cifar_resnet56", num_classes=10, wiring=kind, graph_seed=2).eval()
+    assert any(not torch.equal(sa.graph.edge_mask, sb.graph.edge_mask) for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages()))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages()):
+        assert torch.equal(sa.graph.edge_mask, sb.graph.edge_mask)
+        assert [sa.graph.predecessors(j) for j in range(sa.num_nodes)] == [sb.graph.predecessors(j) for j in range(sb.num_nodes)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_random_graph_every_node_connected():
+    for kind in ("random-er", "random-ba", "random-ws"):
+        m = dynwire.create_model("cifar_resnet56", wiring=kind, graph_seed=5)
+        for _, s in m.graph_stages():
+            for j in range(1, s.num_nodes):
+                assert s.graph.predecessors(j), f"{kind}: node {j} has no input"
+                assert all(i < j for i in s.graph.predecessors(j))
+
+
+def test_stage_accepts_any_same_shape_blocks():
+    blocks = [torch.nn.Conv2d(4, 8, 3, 2, 1)] + [torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.ReLU()) for _ in range(3)]
+    stage = GraphStage(blocks, 8, WiringConfig("dynamic"))
+    y = stage(torch.randn(2, 4, 16, 16))
+    assert y.shape == (2, 8, 8, 8)
+    bad = GraphStage([torch.nn.Conv2d(4, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 2, 1)], 8, WiringConfig("dynamic"))
+    with pytest.raises(ValueError, match="same shape"):
+        bad(torch.randn(2, 4, 16, 16))
+
+
+def test_router_bias_init_configurable():
+    m = _model(router_bias=-3.0)
+    r = m.layer1.graph.routers[0]
+    assert torch.all(r.fc.bias == -3.0)
+    assert torch.all(_model().layer1.graph.routers[0].fc.bias == 3.0)
