@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers.aggregation import aggregate
+from ..layers.aggregation import GradSlot, aggregate, tap
 from ..layers.router import EVAL_GATES, Router, edge_gate
 from .wiring import WiringConfig, complete_dag_edges, random_dag_edges
 
@@ -130,6 +130,7 @@ class GraphStage(nn.Module):
         self.wiring = wiring
         self.graph = StageWiring(len(blocks), channels, wiring, stage_index)
         self.record_adjacency = False
+        self.fused_grad = True  # accumulate node-output gradients in place (see layers.aggregation.tap)
         self.adjacency: Tensor | None = None
         self.router_adjacency: Tensor | None = None
 
@@ -163,6 +164,10 @@ class GraphStage(nn.Module):
             adj = x.new_zeros(batch, self.num_nodes, self.num_nodes, dtype=torch.float32)
             raw = adj.clone()
         xs: list[Tensor] = []
+        slots: list[GradSlot] = []
+        use_taps = (
+            self.fused_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        )
         router_out: list[Tensor] = []
         for j in range(self.num_nodes):
             if j == 0:
@@ -173,10 +178,13 @@ class GraphStage(nn.Module):
                 if record:
                     adj[:, j, preds] = gated.detach().float()
                     raw[:, j, preds] = alpha.detach().float()
-                h = aggregate(gated, [xs[i] for i in preds])
+                h = aggregate(gated, [xs[i] for i in preds], [slots[i] for i in preds] if use_taps else None)
             if j == self.num_blocks:
                 break
             y = blocks[j](h)
+            if use_taps:
+                y, slot = tap(y)
+                slots.append(slot)
             xs.append(y)
             if g.kind == "dynamic":
                 router_out.append(g.routers[j](y))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["aggregate", "aggregate_reference", "recompute_aggregations"]
+__all__ = ["aggregate", "aggregate_reference", "recompute_aggregations", "GradSlot", "tap"]
 
 
 def _per_sample(w: Tensor, ndim: int) -> Tensor:
@@ -59,7 +59,7 @@ def _flat(t: Tensor) -> Tensor | None:
 def _batched_dot(g: Tensor, x: Tensor) -> Tensor:
     fg, fx = _flat(g), _flat(x)
     if fg is not None and fx is not None and g.stride() == x.stride():
-        return torch.bmm(fg.unsqueeze(1), fx.unsqueeze(2)).view(-1)
+        return torch.linalg.vecdot(fg, fx)  # bmm of (1 x N)(N x 1) is ~15x slower on CPU
     return (g * x).flatten(1).sum(1)
 
 
@@ -131,16 +131,87 @@ def _check_inputs(weights: Tensor, xs: Sequence[Tensor]) -> None:
             )
 
 
-def aggregate(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+class GradSlot:
+    """Gradient accumulator of one node output, shared by every aggregation that reads it."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+    def accumulate(self, g: Tensor, w: Tensor) -> None:
+        if self.grad is None:
+            self.grad = g * w
+        else:
+            self.grad.addcmul_(g, w)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose backward adds the gradient that aggregations left in its slot."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slot: GradSlot) -> Tensor:
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        acc, ctx.slot.grad = ctx.slot.grad, None
+        if acc is None:
+            return grad, None
+        if grad is not None:
+            acc.add_(grad)
+        return acc, None
+
+
+def tap(x: Tensor) -> tuple[Tensor, GradSlot]:
+    """Route the gradients that aggregations send to ``x`` through one in-place accumulator.
+
+    Autograd would give every consumer edge its own ``w * g`` tensor and then add them up (an
+    allocation and two extra passes per edge); with a tap each aggregation backward adds
+    ``w * g`` into the slot in place and the tap hands the sum on once.
+    """
+    slot = GradSlot()
+    return _Tap.apply(x, slot), slot
+
+
+class _AggregateTapped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights: Tensor, slots: tuple, *xs: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, *xs)
+        ctx.slots = slots
+        return _aggregate_impl(weights, xs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weights, *xs = ctx.saved_tensors
+        w = weights.to(grad.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
+        for k, slot in enumerate(ctx.slots):
+            slot.accumulate(grad, _per_sample(w[:, k], grad.ndim))
+        return (grad_w, None) + (None,) * len(xs)
+
+
+def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] | None = None) -> Tensor:
     """Per-sample weighted sum of same-shaped tensors (Eq. 3).
 
     Args:
         weights: ``(B, K)`` edge weights, row ``b`` holds the weights of sample ``b``.
         xs: ``K`` tensors of identical shape ``(B, ...)``.
+        slots: optional :class:`GradSlot` of each input (from :func:`tap`); their gradients are
+            then accumulated in place instead of being returned to autograd.
     """
     _check_inputs(weights, xs)
     xs = list(xs)
-    out = _aggregate_op(weights, xs)
+    if slots is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if len(slots) != len(xs):
+            raise ValueError(f"aggregate(): got {len(slots)} gradient slots for {len(xs)} inputs")
+        out = _AggregateTapped.apply(weights, tuple(slots), *xs)
+    else:
+        out = _aggregate_op(weights, xs)
     live = _STATE.live
     if live is not None and out.requires_grad:
         live[out.data_ptr()] = (weakref.ref(out), _Recipe(weights.detach(), [x.detach() for x in xs]))
