@@ -13,8 +13,9 @@ def _model(wiring="dynamic", **kw):
     return dynwire.create_model("cifar_resnet20", num_classes=10, wiring=wiring, **kw)
 
 
-def test_adjacency_shape_and_semantics():
-    m = _model().eval()
+@pytest.mark.parametrize("gate", ["hard", "masked"])
+def test_adjacency_shape_and_semantics(gate):
+    m = _model(eval_gate=gate).eval()
     x = torch.randn(5, 3, 32, 32)
     outputs = {}
     for name, stage in m.graph_stages():
@@ -33,11 +34,13 @@ def test_adjacency_shape_and_semantics():
         for i in range(stage.num_blocks):
             expected = stage.graph.routers[i](outputs[(name, i)])
             torch.testing.assert_close(raw[:, i + 1 :, i], expected)
-        # row j holds node j's input edges, thresholded in eval (hard gate: alpha where alpha >= tau)
+        # row j holds node j's input edges, thresholded in eval (Eq. 5: closed where alpha < tau)
         tau = stage.graph.tau.detach()
         for j in range(1, n):
-            keep = raw[:, j, :j] >= tau[j - 1]
-            torch.testing.assert_close(adj[:, j, :j], raw[:, j, :j] * keep)
+            a = raw[:, j, :j]
+            keep = a >= tau[j - 1]
+            open_value = a if gate == "hard" else a * torch.sigmoid(a - tau[j - 1])
+            torch.testing.assert_close(adj[:, j, :j], open_value * keep)
     # nothing is kept outside the context, and later passes do not record
     assert all(s.adjacency is None for _, s in m.graph_stages())
     m(x)

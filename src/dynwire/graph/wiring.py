@@ -31,7 +31,10 @@ class WiringConfig:
             graphs (Table 4) with learnable static edge weights.
         router_bias: initial router bias (App. 6.4; +3 opens every edge at the start).
         tau_init: initial value of each node's learnable threshold tau (Eq. 5).
-        eval_gate: ``hard`` (Eq. 5), ``soft`` (training surrogate) or ``masked``.
+        eval_gate: how evaluation applies Eq. 5: ``masked`` (default: edges with
+            ``alpha < tau`` closed, open edges keep the training value
+            ``alpha * sigmoid(alpha - tau)``), ``hard`` (literal Eq. 5: open edges pass ``alpha``,
+            a train/test scale gap) or ``soft`` (the training surrogate, nothing closed).
         er_p, ba_m, ws_k, ws_p: RandWire generator parameters (defaults: Table 4).
         graph_seed: seed of the random generators; stage ``k`` uses ``graph_seed + k``.
         recompute: recompute aggregated node inputs in backward instead of storing them.
@@ -40,7 +43,7 @@ class WiringConfig:
     kind: str = "dynamic"
     router_bias: float = 3.0
     tau_init: float = 0.0
-    eval_gate: str = "hard"
+    eval_gate: str = "masked"
     er_p: float = 0.2
     ba_m: int = 5
     ws_k: int = 4
