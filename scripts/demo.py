@@ -1,4 +1,109 @@
-"""The README's main job (placeholder until training lands): the Table 1 overhead profile."""
-from dynwire.cli import main
+"""The README's main job: train cifar_resnet20 on Fashion-MNIST twice (sequential, dynamic).
 
-raise SystemExit(main(["profile"]))
+    python scripts/demo.py [--config fmnist_resnet20] [--out runs/demo-<time>] [--results DIR]
+                           [--set key=value ...]
+
+Each run is a real `dynwire train` process (so its run directory records the exact command,
+resolved config, seed and versions). Afterwards a side-by-side table is printed and written,
+with the training curves, to the output folder (and copied to --results when given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+WIRINGS = ("sequential", "dynamic")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(run_dirs: dict[str, str], out_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for wiring, d in run_dirs.items():
+        rows = _read_jsonl(os.path.join(d, "metrics.jsonl"))
+        train = [r for r in rows if r.get("kind") == "train" and "loss" in r]
+        epochs = [r for r in rows if r.get("kind") == "epoch"]
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=wiring)
+        axes[1].plot([r["epoch"] for r in epochs], [r.get("train_acc") for r in epochs], "o-", label=wiring)
+        axes[2].plot([r["epoch"] for r in epochs], [r.get("val_top1") for r in epochs], "o-", label=wiring)
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].set(title="training accuracy (%)", xlabel="epoch")
+    axes[2].set(title="test top-1 (%)", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="fmnist_resnet20")
+    ap.add_argument("--out", default=os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
+    ap.add_argument("--results", help="also copy summary, curves and metrics here (e.g. experiments/...)")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+
+    run_dirs, finals, commands = {}, {}, {}
+    for wiring in WIRINGS:
+        name = f"{args.config}_{wiring}"
+        cmd = [sys.executable, "-m", "dynwire.cli", "train", "--config", args.config, "--output-dir", args.out,
+               "--set", f"model.wiring={wiring}", f"output.name={name}", *args.overrides]
+        print(f"\n=== {wiring}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        run_dirs[wiring] = os.path.join(args.out, name)
+        with open(os.path.join(run_dirs[wiring], "final.json")) as f:
+            finals[wiring] = json.load(f)
+        finals[wiring]["wall_time_s"] = round(time.time() - t0, 1)
+        commands[wiring] = " ".join(["dynwire", *cmd[3:]])
+
+    lines = [
+        f"| wiring | test top-1 (%) | params | MACs (M) | train images/s | wall time (s) | run directory |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for wiring in WIRINGS:
+        f = finals[wiring]
+        lines.append(
+            f"| {wiring} | {f['val']['top1']:.2f} | {f['params']:,} | {f['macs'] / 1e6:.2f} | "
+            f"{f['train_images_per_s']:.0f} | {f['wall_time_s']:.0f} | {run_dirs[wiring]} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    summary = {"config": args.config, "overrides": args.overrides, "commands": commands, "final": finals}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    plot_curves(run_dirs, os.path.join(args.out, "curves.png"))
+    print(f"\nruns saved under {os.path.abspath(args.out)} (summary.md, summary.json, curves.png)")
+
+    if args.results:
+        os.makedirs(args.results, exist_ok=True)
+        for fname in ("summary.json", "summary.md", "curves.png"):
+            shutil.copy(os.path.join(args.out, fname), args.results)
+        for wiring, d in run_dirs.items():
+            dst = os.path.join(args.results, wiring)
+            os.makedirs(dst, exist_ok=True)
+            for fname in ("metrics.csv", "final.json", "config.yaml", "run.json"):
+                shutil.copy(os.path.join(d, fname), dst)
+        print(f"results copied to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,7 +33,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batc
     was_training = model.training
     model.eval()
     try:
-        x = torch.empty(batch_size, *input_size, device=device)
+        x = torch.zeros(batch_size, *input_size, device=device)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
     finally:

@@ -191,6 +191,8 @@ def export_safetensors(
             if obj.get(key) is None:
                 raise ValueError(f"export_safetensors: the checkpoint has no {key!r} weights")
             state = obj[key]
+            if use_ema and isinstance(state, Mapping) and isinstance(state.get("weights"), Mapping):
+                state = state["weights"]  # ModelEma.ema_state_dict() layout
         else:
             state = obj
     else:

@@ -157,6 +157,7 @@ class TrainConfig:
     ckpt_every_steps: Optional[int] = _opt(None, _gt(0), doc="also save last.pt every N steps")
     resume: Optional[str] = _opt(None, _nonempty, doc="'auto' (last.pt in the run dir) or a checkpoint path")
     device: str = _opt("auto", _choice(("auto", "cpu", "cuda")))
+    num_threads: Optional[int] = _opt(None, _gt(0), doc="torch CPU threads per process (None: PyTorch default)")
 
 
 @dataclass

@@ -1,0 +1,219 @@
+"""End-to-end training in-process: the CLI writes every run-dir artefact; NaN handling; eval."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dynwire
+from dynwire.engine import TrainingDiverged, evaluate, load_checkpoint, load_config, train
+from dynwire.engine.commands import main as engine_main
+
+
+def write_fmnist_fixture(root: Path, n_train: int = 96, n_test: int = 48, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST in IDX .gz format (class c: a bright bar at row 2c)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 255
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: fast and steady on a small shared CPU (spinning OpenMP threads stall)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = [
+    "data.image_size=12",
+    "data.batch_size=16",
+    "data.subset=null",
+    "data.val_subset=null",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0.5",
+    "train.log_every=2",
+    "train.ckpt_every_steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fmnist_fixture(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture(scope="module")
+def cli_run(fmnist: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One `dynwire train` run through the lead's CLI entry point (2 epochs x 6 steps)."""
+    import dynwire.cli
+
+    out = tmp_path_factory.mktemp("runs")
+    argv = ["train", "--config", "fmnist_resnet20", "--data-dir", str(fmnist), "--output-dir", str(out)]
+    argv += ["--set", *TINY, "train.ema_decay=0.9", "output.name=e2e"]
+    rc = dynwire.cli.main(argv)
+    assert rc == 0
+    run_dir = out / "e2e"
+    return run_dir, json.loads((run_dir / "final.json").read_text())
+
+
+def test_cli_train_writes_all_run_dir_artefacts(cli_run: tuple[Path, dict]) -> None:
+    run_dir, final = cli_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "run.json", "metrics.csv", "metrics.jsonl", "tb", "last.pt", "best.pt", "final.json"} <= names
+    assert not [n for n in names if n.endswith((".partial", ".tmp"))]
+
+    cfg = load_config(run_dir / "config.yaml")  # the resolved config is a valid config
+    assert cfg.data.image_size == 12 and cfg.train.ema_decay == 0.9 and cfg.data.batch_size == 16
+
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["seed"] == 0 and run["world_size"] == 1 and run["hostname"]
+    assert run["command"] == sys.argv and run["start_time"]
+    assert {"torch", "torchvision", "dynwire", "python"} <= set(run["versions"])
+    assert run["steps_per_epoch"] == 96 // 16 and run["lr"] == pytest.approx(0.1 * 16 / 128)
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [int(r["epoch"]) for r in epochs] == [1, 2]
+    assert all(r["val_top1"] and r["val_top5"] and r["val_loss"] and r["ema_val_top1"] for r in epochs)
+    assert any(r["kind"] == "train" and float(r["img_per_s"]) > 0 for r in rows)
+    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(jsonl) == len(rows) and [r["step"] for r in jsonl] == [int(r["step"]) for r in rows]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+    from dynwire.analysis.profile import count_params
+
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, in_chans=1, wiring="dynamic")
+    assert final["params"] == count_params(model)
+    assert isinstance(final["macs"], int) and final["macs"] > 0 and final["input_size"] == [1, 12, 12]
+    assert final["train_images_per_s"] > 0 and final["global_step"] == 12
+    assert final["val"]["images"] == 48 and 0 <= final["val"]["top1"] <= 100
+    assert "ema_val" in final
+
+
+def test_checkpoints_load_weights_only_and_hold_the_training_state(cli_run: tuple[Path, dict]) -> None:
+    run_dir, final = cli_run
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
+    assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 12
+    assert {"model", "optimizer", "scheduler", "ema", "rng", "config", "best_metric"} <= set(ckpt)
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"][0])
+    assert ckpt["scheduler"]["last_step"] == 12
+    assert ckpt["config"]["data"]["image_size"] == 12
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["best_metric"] == pytest.approx(final["best_val_top1"])
+
+
+def test_eval_command_reproduces_the_logged_metrics(cli_run: tuple[Path, dict], capsys) -> None:
+    run_dir, final = cli_run
+    assert engine_main(["eval", "--checkpoint", str(run_dir / "last.pt"), "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["images"] == 48
+    assert got["top1"] == pytest.approx(final["val"]["top1"]) and got["loss"] == pytest.approx(final["val"]["loss"], rel=1e-5)
+    ema = evaluate(run_dir / "last.pt", use_ema=True)
+    assert ema["top1"] == pytest.approx(final["ema_val"]["top1"])
+    soft = evaluate(run_dir / "last.pt", overrides=["model.wiring_kwargs.eval_gate=soft"], subset=20)
+    assert soft["images"] == 20
+    with pytest.raises(ValueError, match=r"model\.wirng: unknown key"):
+        evaluate(run_dir / "last.pt", overrides=["model.wirng=static"])
+
+
+def test_existing_run_needs_resume_and_finished_run_resumes_to_same_result(cli_run: tuple[Path, dict], capsys) -> None:
+    run_dir, final = cli_run
+    base = ["train", "--config", str(run_dir / "config.yaml"), "--output-dir", str(run_dir.parent)]
+    with pytest.raises(SystemExit) as exc:
+        engine_main(base)
+    assert exc.value.code == 2
+    assert "already holds last.pt" in capsys.readouterr().err
+    assert engine_main(base + ["--resume"]) == 0  # nothing left to train: evaluates and rewrites final.json
+    again = json.loads((run_dir / "final.json").read_text())
+    assert again["val"] == final["val"] and again["global_step"] == final["global_step"]
+
+
+def test_bad_config_value_fails_fast_with_message(fmnist: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        engine_main(["train", "--config", "fmnist_resnet20", "--output-dir", str(tmp_path), "--set", "optim.lr=-1"])
+    assert exc.value.code == 2
+    assert "optim.lr=-1: must be > 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+class _NaNAfter(nn.Module):
+    """Wraps a model; training forward number ``at`` returns NaN logits."""
+
+    def __init__(self, inner: nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.at = at
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(fmnist: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        "fmnist_resnet20",
+        TINY + [f"data.root={fmnist}", f"output.dir={tmp_path}", "output.name=nan", "train.ckpt_every_steps=3"],
+    )
+
+    def model_fn(cfg, info):
+        m = dynwire.create_model("cifar_resnet20", num_classes=info.num_classes, in_chans=info.in_chans, wiring="dynamic")
+        return _NaNAfter(m, at=5)
+
+    with pytest.raises(TrainingDiverged) as exc:
+        train(cfg, model_fn=model_fn)
+    msg = str(exc.value)
+    assert isinstance(exc.value, FloatingPointError)
+    assert "global step 5" in msg and "epoch 1, step 5/6" in msg
+    assert "last.pt was not overwritten" in msg and "optim.lr" in msg and "clip_grad_norm" in msg
+    ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert ckpt["global_step"] == 3  # the last good state, saved before the NaN step
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "nan" / "final.json").exists()
+
+
+def test_bf16_channels_last_clip_and_label_smoothing_run(tmp_path: Path) -> None:
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=g)
+    y = torch.arange(32) % 10
+    ds = torch.utils.data.TensorDataset(x, y)
+    info = types.SimpleNamespace(num_classes=10, in_chans=1, input_size=(1, 8, 8))
+    cfg = load_config(
+        None,
+        [f"output.dir={tmp_path}", "output.name=bf16", "data.batch_size=8", "schedule.epochs=2", "train.eval_every=2",
+         "train.amp=bf16", "train.channels_last=true", "optim.clip_grad_norm=1.0", "optim.label_smoothing=0.1",
+         "optim.nesterov=true", "model.wiring=static", "train.device=cpu"],
+    )  # fmt: skip
+    final = train(cfg, datasets=(ds, ds, info))
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and "val_top1" not in epochs[0] and "val_top1" in epochs[1]  # eval_every=2
+    assert np.isfinite(final["val"]["loss"]) and final["global_step"] == 8
+    ckpt = load_checkpoint(tmp_path / "bf16" / "last.pt")
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # autocast keeps fp32 weights
+    assert any(".graph.edge_logits" in k for k in ckpt["model"])

@@ -1,0 +1,123 @@
+"""Process-level faults: SIGTERM saves and exits; SIGKILL + --resume gives the uninterrupted result."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dynwire.engine import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# Single-threaded children: identical float reduction order in every run (and kind to 2 cores).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CHILD = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from dynwire.cli import main; sys.exit(main())"]
+
+
+def write_fmnist_fixture(root: Path, n_train: int = 64, n_test: int = 16, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST in IDX .gz format."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    # Augmentation stays on (random crop + flip from the global torch RNG), so exact resume
+    # also covers the restored RNG state. 64 images / batch 8 = 8 steps per epoch.
+    return CHILD + [
+        "train", "--config", "fmnist_resnet20", "--data-dir", str(data), "--output-dir", str(out),
+        "--set", "data.image_size=8", "data.batch_size=8", "data.subset=null", "data.val_subset=null",
+        "optim.lr=0.05", "optim.reference_batch=8", "schedule.warmup_epochs=1", "train.log_every=4",
+        "train.ema_decay=0.9", "model.drop_rate=0.2", "output.name=run", *extra,
+    ]  # fmt: skip
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"child exited early with {proc.returncode}:\n{err[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within {timeout}s")
+        time.sleep(0.005)
+
+
+def test_sigterm_saves_last_checkpoint_and_exits(tmp_path: Path) -> None:
+    data = write_fmnist_fixture(tmp_path / "data")
+    cmd = train_cmd(data, tmp_path / "out", "schedule.epochs=200", "train.ckpt_every_steps=2")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "out" / "run" / "last.pt"
+    wait_for(last, proc)
+    first = load_checkpoint(last)["global_step"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "received SIGTERM" in err and "training interrupted by SIGTERM" in err and "--resume" in err
+    ckpt = load_checkpoint(last)
+    assert ckpt["global_step"] >= first
+    assert ckpt["global_step"] == ckpt["epoch"] * 8 + ckpt["step_in_epoch"]
+    assert ckpt["global_step"] < 200 * 8
+    assert not (tmp_path / "out" / "run" / "final.json").exists()
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    data = write_fmnist_fixture(tmp_path / "data")
+    extra = ("schedule.epochs=3", "train.ckpt_every_steps=3")  # 24 steps; checkpoints at 3, 6, 8, 9, ...
+    # Reference run, uninterrupted (runs while the other child is started and killed).
+    ref = subprocess.Popen(train_cmd(data, tmp_path / "ref", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    killed = subprocess.Popen(train_cmd(data, tmp_path / "kill", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "kill" / "run"
+    wait_for(run_dir / "last.pt", killed)
+    killed.kill()  # SIGKILL: no handler runs, nothing is flushed
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (run_dir / "final.json").exists(), "the run finished before it could be killed"
+    at_kill = load_checkpoint(run_dir / "last.pt")
+    assert 0 < at_kill["global_step"] < 24
+
+    cmd = train_cmd(data, tmp_path / "kill", *extra) + ["--resume"]
+    resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'last.pt'}" in resumed.stderr
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+
+    a = load_checkpoint(tmp_path / "ref" / "run" / "last.pt")
+    b = load_checkpoint(run_dir / "last.pt")
+    assert a["global_step"] == b["global_step"] == 24
+    for part in ("model",):
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, rtol=0, atol=1e-6, msg=f"{part}.{k}")
+    for k, v in a["ema"]["weights"].items():
+        torch.testing.assert_close(b["ema"]["weights"][k], v, rtol=0, atol=1e-6, msg=f"ema.{k}")
+    # momentum buffers too: the optimizer continued exactly
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=0, atol=1e-6)
+    # the resumed run's metrics have no duplicated steps
+    import json
+
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [json.loads(x)["kind"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epoch_steps = [s for s, k in zip(steps, kinds) if k == "epoch"]
+    assert epoch_steps == [8, 16, 24]
+    assert len([s for s, k in zip(steps, kinds) if k == "train"]) == len(set(s for s, k in zip(steps, kinds) if k == "train"))
