@@ -34,7 +34,7 @@ def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> 
 
     torch.manual_seed(0)
     if variant == "dynamic-stack":
-        def naive(w, xs):
+        def naive(w, xs, slots=None):
             s = torch.stack(list(xs), 1)
             return (s * w.to(s.dtype).view(*w.shape, *([1] * (s.ndim - 2)))).sum(1)
 

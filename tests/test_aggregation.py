@@ -119,3 +119,15 @@ def test_fused_gradients_match_plain_autograd(wiring):
         grads.append([p.grad.clone() for p in m.parameters()])
     for (n, _), a, b in zip(m.named_parameters(), *grads):
         torch.testing.assert_close(a, b, msg=n)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_edge_weight_gradient_on_large_maps(channels_last):
+    """Large feature maps take the per-sample BLAS dot path; it must equal <g, x_i>."""
+    from dynwire.layers.aggregation import _batched_dot
+
+    g = torch.randn(3, 64, 40, 40, dtype=torch.float64)
+    x = torch.randn_like(g)
+    if channels_last:
+        g, x = g.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(_batched_dot(g, x), (g * x).flatten(1).sum(1))
