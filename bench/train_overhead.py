@@ -45,6 +45,9 @@ def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
+    # RSS of the runtime + model + data before any training step: subtracted to get the
+    # memory that training itself adds (activations, gradients, optimizer state).
+    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -55,7 +58,8 @@ def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> 
         if i > 0:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"step_s": min(times), "step_s_all": times, "peak_rss_bytes": rss_kb * 1024}
+    return {"step_s": min(times), "step_s_all": times, "peak_rss_bytes": rss_kb * 1024,
+            "pre_train_rss_bytes": base_kb * 1024}
 
 
 def main() -> None:
@@ -91,15 +95,20 @@ def main() -> None:
         for v in args.variants:
             t = min(r["step_s"] for r in runs[v])
             mem = min(r["peak_rss_bytes"] for r in runs[v])
+            train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs[v])
+            base_train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs["sequential"])
             results.append({
                 "model": name, "batch": int(batch), "input": args.size, "variant": v,
                 "step_s": round(t, 4), "peak_rss_gib": round(mem / 2**30, 3),
                 "time_ratio": round(t / base_t, 3), "memory_ratio": round(mem / base_m, 3),
+                "train_rss_gib": round(train_mem / 2**30, 3), "train_memory_ratio": round(train_mem / base_train_mem, 3),
                 "raw": runs[v],
             })
     doc = {
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
         "goal": "dynamic <= 1.05x time and <= 1.10x peak memory of sequential",
+        "notes": "memory_ratio: whole-process peak RSS; train_memory_ratio: peak RSS minus the RSS before the "
+                 "first step (runtime, model and batch), i.e. what training adds. Step time: best of all timed steps.",
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -108,9 +117,10 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time':>7} {'peak GiB':>9} {'x mem':>6}")
+    print(f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time':>7} {'peak GiB':>9} {'x mem':>6} {'train GiB':>10} {'x train mem':>12}")
     for r in results:
-        print(f"{r['model']:<10} {r['variant']:<20} {r['step_s']:>7.3f} {r['time_ratio']:>7.3f} {r['peak_rss_gib']:>9.3f} {r['memory_ratio']:>6.3f}")
+        print(f"{r['model']:<10} {r['variant']:<20} {r['step_s']:>7.3f} {r['time_ratio']:>7.3f} {r['peak_rss_gib']:>9.3f} "
+              f"{r['memory_ratio']:>6.3f} {r['train_rss_gib']:>10.3f} {r['train_memory_ratio']:>12.3f}")
     print(f"wrote {args.out}")
 
 

@@ -56,3 +56,15 @@ def test_cli_profile(capsys):
     assert "cifar_resnet20" in out and "1x28x28" in out
     assert main(["profile", "resnet5"]) == 2
     assert "resnet50" in capsys.readouterr().err
+
+
+def test_cli_export_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    torch.save({"model": model.state_dict(), "ema": None}, tmp_path / "last.pt")
+    assert main(["export", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "w.safetensors")]) == 0
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    assert set(loaded) == set(model.state_dict())
+    torch.testing.assert_close(loaded["layer2.graph.tau"], model.state_dict()["layer2.graph.tau"])

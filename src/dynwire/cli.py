@@ -53,6 +53,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import export_safetensors
+
+    out = export_safetensors(args.checkpoint, args.out, use_ema=args.ema)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynwire", description="Dynamic Graph Networks (DG-Net) for PyTorch")
     p.add_argument("--version", action="version", version=f"dynwire {__version__}")
@@ -69,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("models", help="list registered models")
     ls.add_argument("pattern", nargs="?", default="*")
     ls.set_defaults(func=_models)
+
+    ex = sub.add_parser("export", help="write a checkpoint's weights as .safetensors")
+    ex.add_argument("--checkpoint", required=True, help="last.pt / best.pt of a run")
+    ex.add_argument("--out", required=True, help="output .safetensors path")
+    ex.add_argument("--ema", action="store_true", help="export the EMA weights")
+    ex.set_defaults(func=_export)
 
     try:
         from .engine import commands as engine_commands
