@@ -1,3 +1,8 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,3 +19,19 @@ def small_size(name: str) -> tuple[int, int, int]:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def write_fmnist_fixture(root: Path, n_train: int = 96, n_test: int = 48, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST in IDX .gz format (class c: a bright bar at row 2c)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 255
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -17,25 +15,13 @@ import torch
 
 from dynwire.engine import load_checkpoint
 
+from conftest import write_fmnist_fixture
+
 pytestmark = pytest.mark.slow
 
 # Single-threaded children: identical float reduction order in every run (and kind to 2 cores).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 CHILD = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from dynwire.cli import main; sys.exit(main())"]
-
-
-def write_fmnist_fixture(root: Path, n_train: int = 64, n_test: int = 16, seed: int = 0) -> Path:
-    """A tiny Fashion-MNIST in IDX .gz format."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 255, size=(n, 28, 28), dtype=np.uint8)
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
-    return root
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -62,7 +48,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 
 def test_sigterm_saves_last_checkpoint_and_exits(tmp_path: Path) -> None:
-    data = write_fmnist_fixture(tmp_path / "data")
+    data = write_fmnist_fixture(tmp_path / "data", n_train=64, n_test=16)
     cmd = train_cmd(data, tmp_path / "out", "schedule.epochs=200", "train.ckpt_every_steps=2")
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "out" / "run" / "last.pt"
@@ -80,7 +66,7 @@ def test_sigterm_saves_last_checkpoint_and_exits(tmp_path: Path) -> None:
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    data = write_fmnist_fixture(tmp_path / "data")
+    data = write_fmnist_fixture(tmp_path / "data", n_train=64, n_test=16)
     extra = ("schedule.epochs=3", "train.ckpt_every_steps=3")  # 24 steps; checkpoints at 3, 6, 8, 9, ...
     # Reference run, uninterrupted (runs while the other child is started and killed).
     ref = subprocess.Popen(train_cmd(data, tmp_path / "ref", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -16,6 +16,10 @@ from typing import Any
 __all__ = ["register", "cmd_train", "cmd_eval", "build_parser", "main"]
 
 
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[], help=help)
+
+
 def register(subparsers: Any) -> None:
     """Add the ``train`` and ``eval`` subcommands to an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -29,15 +33,7 @@ def register(subparsers: Any) -> None:
         required=True,
         help="YAML config path or the name of a shipped config (e.g. fmnist_resnet20)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        default=[],
-        help="override config entries, e.g. --set optim.lr=0.05 schedule.epochs=3 (values parsed as YAML)",
-    )
+    _add_set(p, "override config entries, e.g. --set optim.lr=0.05 schedule.epochs=3 (values parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory if present")
     p.add_argument("--data-dir", help="dataset folder (sets data.root)")
     p.add_argument("--output-dir", help="parent folder of the run directory (sets output.dir)")
@@ -51,15 +47,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--num-workers", type=int, help="data loader workers")
     e.add_argument("--subset", type=int, help="evaluate on this many images")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    e.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        default=[],
-        help="override the checkpoint's stored config, e.g. --set model.wiring_kwargs.eval_gate=soft",
-    )
+    _add_set(e, "override the checkpoint's stored config, e.g. --set model.wiring_kwargs.eval_gate=soft")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.set_defaults(func=cmd_eval)
 
