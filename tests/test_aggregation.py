@@ -64,12 +64,13 @@ def test_recompute_gives_identical_gradients():
         torch.testing.assert_close(p.grad, p2.grad, msg=n)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_recompute_frees_node_inputs(recompute):
+@pytest.mark.parametrize("recompute, max_inputs, expected_alive", [(False, None, 6), (True, None, 0), (True, 1, 3)])
+def test_recompute_frees_node_inputs(recompute, max_inputs, expected_alive):
     """Node inputs (aggregated tensors) are freed after forward only when recomputed."""
     import weakref
 
-    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", recompute=recompute)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", recompute=recompute,
+                             recompute_max_inputs=max_inputs)
     refs = []
     for _, stage in m.graph_stages():
         for b in stage.blocks()[1:]:
@@ -77,7 +78,7 @@ def test_recompute_frees_node_inputs(recompute):
     loss = m(torch.randn(4, 3, 32, 32)).sum()
     alive = sum(r() is not None for r in refs)
     assert len(refs) == 6
-    assert alive == (0 if recompute else len(refs))
+    assert alive == expected_alive  # blocks 1 and 2 of each stage have 1 and 2 predecessors
     loss.backward()  # recomputation in backward works after the tensors are gone
 
 

@@ -38,6 +38,8 @@ class WiringConfig:
         er_p, ba_m, ws_k, ws_p: RandWire generator parameters (defaults: Table 4).
         graph_seed: seed of the random generators; stage ``k`` uses ``graph_seed + k``.
         recompute: recompute aggregated node inputs in backward instead of storing them.
+        recompute_max_inputs: recompute only nodes with at most this many predecessors
+            (``None``: all); the others store their input. Trades memory for time in long stages.
     """
 
     kind: str = "dynamic"
@@ -50,6 +52,7 @@ class WiringConfig:
     ws_p: float = 0.75
     graph_seed: int = 0
     recompute: bool = True
+    recompute_max_inputs: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in WIRINGS:
@@ -72,6 +75,8 @@ class WiringConfig:
             raise ValueError(f"ws_k={self.ws_k!r}: the Watts-Strogatz K must be an even int >= 2")
         if not (0.0 <= self.ws_p <= 1.0):
             raise ValueError(f"ws_p={self.ws_p!r}: the Watts-Strogatz rewiring probability must be in [0, 1]")
+        if self.recompute_max_inputs is not None and (not isinstance(self.recompute_max_inputs, int) or self.recompute_max_inputs < 1):
+            raise ValueError(f"recompute_max_inputs={self.recompute_max_inputs!r} must be an int >= 1 or None")
         if not isinstance(self.graph_seed, int) or self.graph_seed < 0:
             raise ValueError(f"graph_seed={self.graph_seed!r} must be an int >= 0")
 

@@ -29,11 +29,16 @@ def _per_sample(w: Tensor, ndim: int) -> Tensor:
     return w.reshape(w.shape[0], *([1] * (ndim - 1)))
 
 
+def _columns(weights: Tensor, dtype: torch.dtype, ndim: int) -> Tensor:
+    """``(K, B, 1, 1, ...)``: row ``k`` is column ``k`` of ``weights`` shaped to broadcast (no copies per k)."""
+    return weights.to(dtype).t().contiguous().reshape(weights.shape[1], weights.shape[0], *([1] * (ndim - 1)))
+
+
 def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
-    w = weights.to(xs[0].dtype)
-    out = xs[0] * _per_sample(w[:, 0], xs[0].ndim)
+    w = _columns(weights, xs[0].dtype, xs[0].ndim)
+    out = xs[0] * w[0]
     for k in range(1, len(xs)):
-        out.addcmul_(xs[k], _per_sample(w[:, k], xs[k].ndim))
+        out.addcmul_(xs[k], w[k])
     return out
 
 
@@ -74,9 +79,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     weights, *xs = ctx.saved_tensors
-    w = weights.to(grad.dtype)
     grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
-    grad_xs = [grad * _per_sample(w[:, k], grad.ndim) for k in range(len(xs))]
+    wc = _columns(weights, grad.dtype, grad.ndim)
+    grad_xs = [grad * wc[k] for k in range(len(xs))]
     return grad_w, grad_xs
 
 
@@ -112,6 +117,7 @@ class _Recipe:
 class _RecomputeState(threading.local):
     def __init__(self) -> None:
         self.live: dict[int, tuple[weakref.ref, _Recipe]] | None = None
+        self.max_inputs: int | None = None
 
 
 _STATE = _RecomputeState()
@@ -190,12 +196,12 @@ class _AggregateTapped(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *xs = ctx.saved_tensors
-        w = weights.to(grad.dtype)
         grad_w = None
         if ctx.needs_input_grad[0]:
             grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
+        wc = _columns(weights, grad.dtype, grad.ndim)
         for k, slot in enumerate(ctx.slots):
-            slot.accumulate(grad, _per_sample(w[:, k], grad.ndim))
+            slot.accumulate(grad, wc[k])
         return (grad_w, None) + (None,) * len(xs)
 
 
@@ -217,7 +223,7 @@ def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] |
     else:
         out = _aggregate_op(weights, xs)
     live = _STATE.live
-    if live is not None and out.requires_grad:
+    if live is not None and out.requires_grad and (_STATE.max_inputs is None or len(xs) <= _STATE.max_inputs):
         live[out.data_ptr()] = (weakref.ref(out), _Recipe(weights.detach(), [x.detach() for x in xs]))
     return out
 
@@ -248,18 +254,22 @@ def _unpack(p):
 
 
 @contextmanager
-def recompute_aggregations(enabled: bool = True) -> Iterator[None]:
+def recompute_aggregations(enabled: bool = True, max_inputs: int | None = None) -> Iterator[None]:
     """Do not keep aggregated node inputs for backward; recompute them from their recipe.
 
     Each node input ``x'_j = sum_i a_ij x_i`` is a new tensor that the block's first
     convolution would otherwise save, one extra activation per block. The predecessors
-    ``x_i`` are kept alive by the graph anyway, so keeping only the weights costs nothing
-    and the sum is recomputed (``K`` multiply-adds per element) in backward.
+    ``x_i`` are kept alive by the graph anyway, so keeping only the weights costs nothing.
+    The sum is recomputed (``K`` multiply-adds per element) in backward. That costs ``K``
+    passes over the node's input, so with ``max_inputs`` only nodes with at most that many
+    predecessors are recomputed: early stages (large maps, few blocks) save the most memory per
+    pass, nodes deep in a long stage cost the most time.
     """
     if not enabled or _STATE.live is not None:
         yield
         return
     _STATE.live = {}
+    _STATE.max_inputs = max_inputs
     try:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             yield

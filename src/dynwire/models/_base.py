@@ -99,7 +99,7 @@ class GraphNet(nn.Module):
         """Outputs of every graph stage (for FPN-style detection heads), see ``feature_info``."""
         self.check_input(x)
         outs = []
-        with recompute_aggregations(self._recompute_enabled()):
+        with recompute_aggregations(self._recompute_enabled(), self.wiring.recompute_max_inputs):
             x = self.forward_stem(x)
             for _, stage in self.graph_stages():
                 x = stage(x)
@@ -108,7 +108,7 @@ class GraphNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        with recompute_aggregations(self._recompute_enabled()):
+        with recompute_aggregations(self._recompute_enabled(), self.wiring.recompute_max_inputs):
             x = self.forward_stem(x)
             for _, stage in self.graph_stages():
                 x = stage(x)
