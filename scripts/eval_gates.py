@@ -30,6 +30,20 @@ def main() -> None:
         model.set_eval_gate(gate)
         r = evaluate_model(model, make_eval_loader(val, args.batch_size), device=torch.device("cpu"))
         print(f"{gate:<7} top1 {r['top1']:.2f}  top5 {r['top5']:.2f}  loss {r['loss']:.4f}  ({r['images']} images)")
+    # share of existing edges that Eq. 5 closes (alpha < tau), per stage, over the same images
+    model.set_eval_gate("masked")
+    model.eval()
+    closed: dict[str, list[float]] = {}
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        for x, _ in make_eval_loader(val, args.batch_size):
+            model(x)
+            for name, stage in model.graph_stages():
+                exists = stage.graph.edge_mask_matrix().bool()
+                shut = (rec[name] == 0) & exists
+                c = closed.setdefault(name, [0.0, 0.0])
+                c[0] += shut.sum().item()
+                c[1] += exists.sum().item() * x.shape[0]
+    print("closed edges: " + ", ".join(f"{n} {100 * a / b:.2f}%" for n, (a, b) in closed.items()))
 
 
 if __name__ == "__main__":
