@@ -201,3 +201,18 @@ def test_bf16_channels_last_clip_and_label_smoothing_run(tmp_path: Path) -> None
     ckpt = load_checkpoint(tmp_path / "bf16" / "last.pt")
     assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # autocast keeps fp32 weights
     assert any(".graph.edge_logits" in k for k in ckpt["model"])
+
+
+def test_shipped_cifar_config_trains_on_pickle_layout(tmp_path: Path) -> None:
+    """The CPU-sized CIFAR-10 recipe runs end to end on a fixture in the real pickle layout."""
+    from test_data import make_cifar10
+
+    make_cifar10(tmp_path / "cifar", per_batch=8)
+    cfg = load_config("cifar10_resnet20", [
+        f"data.root={tmp_path / 'cifar'}", f"output.dir={tmp_path}", "output.name=c10",
+        "data.subset=null", "data.batch_size=8", "schedule.epochs=1", "train.num_threads=1",
+    ])
+    assert cfg.data.name == "cifar10" and cfg.model.name == "cifar_resnet20"
+    final = train(cfg)
+    assert final["global_step"] == 5 and final["val"]["images"] == 5
+    assert final["input_size"] == [3, 32, 32]
