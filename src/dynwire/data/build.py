@@ -180,7 +180,7 @@ def build_dataset(
     return ds, info
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     """Seed numpy / random in a DataLoader worker from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -242,6 +242,6 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        worker_init_fn=seed_worker if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
     )

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.build import seed_worker
 
 __all__ = ["EpochBatchSampler", "ShardSampler", "make_train_loader", "make_eval_loader", "seed_worker"]
 
@@ -97,15 +98,6 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.world_size))
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy in a DataLoader worker from the torch seed the loader gave it."""
-    import random
-
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
 
 
 def make_train_loader(
