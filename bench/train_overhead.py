@@ -12,6 +12,7 @@ stored) and ``dynamic-stack`` (naive ``torch.stack`` aggregation, for reference)
     python bench/train_overhead.py                       # resnet50 b8 + resnet101 b4, 224x224
     python bench/train_overhead.py --models resnet18:8 --steps 2 --out /tmp/x.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> 
 
     torch.manual_seed(0)
     if variant == "dynamic-stack":
+
         def naive(w, xs, slots=None):
             s = torch.stack(list(xs), 1)
             return (s * w.to(s.dtype).view(*w.shape, *([1] * (s.ndim - 2)))).sum(1)
@@ -58,8 +60,12 @@ def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> 
         if i > 0:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"step_s": min(times), "step_s_all": times, "peak_rss_bytes": rss_kb * 1024,
-            "pre_train_rss_bytes": base_kb * 1024}
+    return {
+        "step_s": min(times),
+        "step_s_all": times,
+        "peak_rss_bytes": rss_kb * 1024,
+        "pre_train_rss_bytes": base_kb * 1024,
+    }
 
 
 def main() -> None:
@@ -89,7 +95,10 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 runs[v].append(r)
-                print(f"{name} b{batch} {v:<20} rep {rep}: step {r['step_s']:.3f}s  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                print(
+                    f"{name} b{batch} {v:<20} rep {rep}: step {r['step_s']:.3f}s  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+                    flush=True,
+                )
         base_t = min(r["step_s"] for r in runs["sequential"])
         base_m = min(r["peak_rss_bytes"] for r in runs["sequential"])
         for v in args.variants:
@@ -97,30 +106,47 @@ def main() -> None:
             mem = min(r["peak_rss_bytes"] for r in runs[v])
             train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs[v])
             base_train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs["sequential"])
-            results.append({
-                "model": name, "batch": int(batch), "input": args.size, "variant": v,
-                "step_s": round(t, 4), "peak_rss_gib": round(mem / 2**30, 3),
-                "time_ratio": round(t / base_t, 3), "memory_ratio": round(mem / base_m, 3),
-                "train_rss_gib": round(train_mem / 2**30, 3), "train_memory_ratio": round(train_mem / base_train_mem, 3),
-                "raw": runs[v],
-            })
+            results.append(
+                {
+                    "model": name,
+                    "batch": int(batch),
+                    "input": args.size,
+                    "variant": v,
+                    "step_s": round(t, 4),
+                    "peak_rss_gib": round(mem / 2**30, 3),
+                    "time_ratio": round(t / base_t, 3),
+                    "memory_ratio": round(mem / base_m, 3),
+                    "train_rss_gib": round(train_mem / 2**30, 3),
+                    "train_memory_ratio": round(train_mem / base_train_mem, 3),
+                    "raw": runs[v],
+                }
+            )
     doc = {
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
         "goal": "dynamic <= 1.05x time and <= 1.10x peak memory of sequential",
         "notes": "memory_ratio: whole-process peak RSS; train_memory_ratio: peak RSS minus the RSS before the "
-                 "first step (runtime, model and batch), i.e. what training adds. Step time: best of all timed steps.",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "first step (runtime, model and batch), i.e. what training adds. Step time: best of all timed steps.",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time':>7} {'peak GiB':>9} {'x mem':>6} {'train GiB':>10} {'x train mem':>12}")
+    print(
+        f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time':>7} {'peak GiB':>9} {'x mem':>6} {'train GiB':>10} {'x train mem':>12}"
+    )
     for r in results:
-        print(f"{r['model']:<10} {r['variant']:<20} {r['step_s']:>7.3f} {r['time_ratio']:>7.3f} {r['peak_rss_gib']:>9.3f} "
-              f"{r['memory_ratio']:>6.3f} {r['train_rss_gib']:>10.3f} {r['train_memory_ratio']:>12.3f}")
+        print(
+            f"{r['model']:<10} {r['variant']:<20} {r['step_s']:>7.3f} {r['time_ratio']:>7.3f} {r['peak_rss_gib']:>9.3f} "
+            f"{r['memory_ratio']:>6.3f} {r['train_rss_gib']:>10.3f} {r['train_memory_ratio']:>12.3f}"
+        )
     print(f"wrote {args.out}")
 
 

@@ -7,6 +7,7 @@ Each run is a real `dynwire train` process (so its run directory records the exa
 resolved config, seed and versions). Afterwards a side-by-side table is printed and written,
 with the training curves, to the output folder (and copied to --results when given).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S")))
     ap.add_argument("--results", help="also copy summary, curves and metrics here (e.g. experiments/...)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
-                    help="train both wirings at once, one core each (default: when >= 2 CPUs)")
+    ap.add_argument(
+        "--parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train both wirings at once, one core each (default: when >= 2 CPUs)",
+    )
     args = ap.parse_args()
 
     parallel = args.parallel if args.parallel is not None else (os.cpu_count() or 1) >= 2
@@ -66,8 +71,20 @@ def main() -> int:
     t0 = time.time()
     for wiring in WIRINGS:
         name = f"{args.config}_{wiring}"
-        cmd = [sys.executable, "-m", "dynwire.cli", "train", "--config", args.config, "--output-dir", args.out,
-               "--set", f"model.wiring={wiring}", f"output.name={name}", *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dynwire.cli",
+            "train",
+            "--config",
+            args.config,
+            "--output-dir",
+            args.out,
+            "--set",
+            f"model.wiring={wiring}",
+            f"output.name={name}",
+            *args.overrides,
+        ]
         run_dirs[wiring] = os.path.join(args.out, name)
         commands[wiring] = " ".join(["dynwire", *cmd[3:]])
         if parallel:
@@ -88,7 +105,7 @@ def main() -> int:
     wall = round(time.time() - t0, 1)
 
     lines = [
-        f"| wiring | test top-1 (%) | params | MACs (M) | train images/s | train time (s) | run directory |",
+        "| wiring | test top-1 (%) | params | MACs (M) | train images/s | train time (s) | run directory |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for wiring in WIRINGS:
@@ -102,8 +119,15 @@ def main() -> int:
     val = finals[WIRINGS[0]]["val"]
     print(f"(test top-1 on {val['images']} Fashion-MNIST test images)")
     print(f"\n{'both runs in parallel' if parallel else 'runs one after the other'}: {wall:.0f} s wall")
-    summary = {"config": args.config, "overrides": args.overrides, "parallel": parallel, "wall_time_s": wall,
-               "demo_command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "commands": commands, "final": finals}
+    summary = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "parallel": parallel,
+        "wall_time_s": wall,
+        "demo_command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "commands": commands,
+        "final": finals,
+    }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

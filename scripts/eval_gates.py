@@ -1,18 +1,19 @@
 """Evaluate one checkpoint with each evaluation gate (hard / soft / masked, see README).
 
-    python scripts/eval_gates.py runs/<run>/last.pt [--split val] [--subset N]
+python scripts/eval_gates.py runs/<run>/last.pt [--split val] [--subset N]
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
 
+import dynwire
 from dynwire.engine import load_checkpoint
 from dynwire.engine.config import config_from_dict
 from dynwire.engine.sampler import make_eval_loader
 from dynwire.engine.trainer import build_split, evaluate_model
-import dynwire
 
 
 def main() -> None:
@@ -23,8 +24,13 @@ def main() -> None:
     ck = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(ck["config"])
     val, info = build_split(cfg, "val", train=False)
-    model = dynwire.create_model(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
-                                 wiring=cfg.model.wiring, **(cfg.model.wiring_kwargs or {}))
+    model = dynwire.create_model(
+        cfg.model.name,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        wiring=cfg.model.wiring,
+        **(cfg.model.wiring_kwargs or {}),
+    )
     model.load_state_dict(ck["model"])
     for gate in ("hard", "masked", "soft"):
         model.set_eval_gate(gate)

@@ -5,6 +5,7 @@
 Counts come from dynwire.analysis.profile (meta device, torch's FLOP counter) at each model's
 default input size with 1000 classes. Review the diff before committing it.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,10 +1,11 @@
 """The aggregation op (Eq. 3, 8-10): gradients, FLOP formula, recomputation."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynwire
-from dynwire.layers.aggregation import aggregate, aggregate_reference, recompute_aggregations, tap
+from dynwire.layers.aggregation import aggregate, aggregate_reference, tap
 
 
 def _inputs(k=3, dtype=torch.float64, channels_last=False):
@@ -69,8 +70,9 @@ def test_recompute_frees_node_inputs(recompute, max_inputs, expected_alive):
     """Node inputs (aggregated tensors) are freed after forward only when recomputed."""
     import weakref
 
-    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", recompute=recompute,
-                             recompute_max_inputs=max_inputs)
+    m = dynwire.create_model(
+        "cifar_resnet20", num_classes=10, wiring="dynamic", recompute=recompute, recompute_max_inputs=max_inputs
+    )
     refs = []
     for _, stage in m.graph_stages():
         for b in stage.blocks()[1:]:

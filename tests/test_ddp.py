@@ -62,7 +62,9 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "ddp")],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=ENV, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single")], env=ENV, capture_output=True, text=True, timeout=300
+    )
     out, err = ddp.communicate(timeout=300)
     assert ddp.returncode == 0, err[-4000:]
     assert single.returncode == 0, single.stderr[-4000:]
@@ -91,7 +93,9 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
             torch.testing.assert_close(a["ema"]["weights"][k], v, rtol=1e-4, atol=2e-5, msg=f"ema.{k}")
     # Training moved the weights far more than the DDP/single difference (not trivially equal).
     seed_everything(0)
-    init = dynwire.create_model("cifar_resnet20", num_classes=10, in_chans=1, norm_layer=functools.partial(nn.GroupNorm, 4)).state_dict()
+    init = dynwire.create_model(
+        "cifar_resnet20", num_classes=10, in_chans=1, norm_layer=functools.partial(nn.GroupNorm, 4)
+    ).state_dict()
     moved = max((b["model"][k] - init[k]).abs().max().item() for k in init if init[k].is_floating_point())
     assert moved > 1e-2
     # Sharded evaluation counts every image exactly once and agrees with one process.

@@ -1,4 +1,5 @@
 """Bad input gets a ValueError that names the problem."""
+
 import pytest
 import torch
 

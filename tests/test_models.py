@@ -1,12 +1,12 @@
 """Every registered model x wiring: shapes, finiteness, gradients; torchvision parity."""
+
 import pytest
 import torch
+from conftest import small_size
 
 import dynwire
 from dynwire.analysis.profile import count_params
 from dynwire.models import load_torchvision_state_dict, torchvision_reference
-
-from conftest import small_size
 
 MODELS = dynwire.list_models()
 TV_MODELS = [n for n in MODELS if dynwire.get_model_cfg(n).family != "resnet" or not n.startswith("cifar")]
@@ -88,6 +88,7 @@ def test_registry_refuses_duplicates():
     from dynwire import register_model
 
     with pytest.raises(ValueError, match="already registered"):
+
         @register_model(family="resnet")
         def resnet50(**kwargs):  # noqa: F811
             pass

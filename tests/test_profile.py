@@ -1,4 +1,5 @@
 """Parameters and MACs: golden values for every model x wiring, the paper's overhead targets."""
+
 import json
 import os
 
@@ -22,7 +23,9 @@ def test_golden_covers_registry():
 def test_golden_params_and_macs(name, wiring):
     row = profile_model(name, wiring)
     want = GOLDEN["models"][name][wiring]
-    assert (row.params, row.macs) == (want["params"], want["macs"]), "architecture changed: review and run scripts/regen_golden.py"
+    assert (row.params, row.macs) == (want["params"], want["macs"]), (
+        "architecture changed: review and run scripts/regen_golden.py"
+    )
 
 
 @pytest.mark.parametrize("name", dynwire.list_models())
@@ -39,7 +42,6 @@ def test_mac_count_matches_torchvision_resnet50():
 
 
 def test_macs_count_routers_and_aggregation():
-    import torch
 
     m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic")
     seq = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="sequential")

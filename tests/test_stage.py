@@ -1,4 +1,5 @@
 """Graph stage semantics: adjacency buffer, thresholds, wirings, random graphs."""
+
 import io
 
 import pytest
@@ -29,7 +30,7 @@ def test_adjacency_shape_and_semantics(gate):
         n = stage.num_nodes
         assert adj.shape == (5, n, n) == raw.shape
         assert torch.all(torch.triu(adj) == 0), "zeros on and above the diagonal"
-        assert torch.all(adj[:, 1:, :] .sum(-1) > 0), "every non-input node has an open input edge at init"
+        assert torch.all(adj[:, 1:, :].sum(-1) > 0), "every non-input node has an open input edge at init"
         # column i holds node i's output edges: the router of block i, applied to its output
         for i in range(stage.num_blocks):
             expected = stage.graph.routers[i](outputs[(name, i)])
@@ -113,14 +114,19 @@ def test_random_wiring_reproducible_and_restored(kind):
 
     a = dynwire.create_model("cifar_resnet56", num_classes=10, wiring=kind, graph_seed=1).eval()
     b = dynwire.create_model("cifar_resnet56", num_classes=10, wiring=kind, graph_seed=2).eval()
-    assert any(not torch.equal(sa.graph.edge_mask, sb.graph.edge_mask) for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages()))
+    assert any(
+        not torch.equal(sa.graph.edge_mask, sb.graph.edge_mask)
+        for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages())
+    )
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages()):
         assert torch.equal(sa.graph.edge_mask, sb.graph.edge_mask)
-        assert [sa.graph.predecessors(j) for j in range(sa.num_nodes)] == [sb.graph.predecessors(j) for j in range(sb.num_nodes)]
+        assert [sa.graph.predecessors(j) for j in range(sa.num_nodes)] == [
+            sb.graph.predecessors(j) for j in range(sb.num_nodes)
+        ]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x))
@@ -136,7 +142,9 @@ def test_random_graph_every_node_connected():
 
 
 def test_stage_accepts_any_same_shape_blocks():
-    blocks = [torch.nn.Conv2d(4, 8, 3, 2, 1)] + [torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.ReLU()) for _ in range(3)]
+    blocks = [torch.nn.Conv2d(4, 8, 3, 2, 1)] + [
+        torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.ReLU()) for _ in range(3)
+    ]
     stage = GraphStage(blocks, 8, WiringConfig("dynamic"))
     y = stage(torch.randn(2, 4, 16, 16))
     assert y.shape == (2, 8, 8, 8)

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import write_fmnist_fixture
 
 import dynwire
 from dynwire.engine import TrainingDiverged, evaluate, load_checkpoint, load_config, train
 from dynwire.engine.commands import main as engine_main
-
-from conftest import write_fmnist_fixture
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +61,16 @@ def cli_run(fmnist: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 def test_cli_train_writes_all_run_dir_artefacts(cli_run: tuple[Path, dict]) -> None:
     run_dir, final = cli_run
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.yaml", "run.json", "metrics.csv", "metrics.jsonl", "tb", "last.pt", "best.pt", "final.json"} <= names
+    assert {
+        "config.yaml",
+        "run.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "tb",
+        "last.pt",
+        "best.pt",
+        "final.json",
+    } <= names
     assert not [n for n in names if n.endswith((".partial", ".tmp"))]
 
     cfg = load_config(run_dir / "config.yaml")  # the resolved config is a valid config
@@ -110,7 +118,9 @@ def test_eval_command_reproduces_the_logged_metrics(cli_run: tuple[Path, dict], 
     assert engine_main(["eval", "--checkpoint", str(run_dir / "last.pt"), "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["images"] == 48
-    assert got["top1"] == pytest.approx(final["val"]["top1"]) and got["loss"] == pytest.approx(final["val"]["loss"], rel=1e-5)
+    assert got["top1"] == pytest.approx(final["val"]["top1"]) and got["loss"] == pytest.approx(
+        final["val"]["loss"], rel=1e-5
+    )
     ema = evaluate(run_dir / "last.pt", use_ema=True)
     assert ema["top1"] == pytest.approx(final["ema_val"]["top1"])
     soft = evaluate(run_dir / "last.pt", overrides=["model.wiring_kwargs.eval_gate=soft"], subset=20)
@@ -164,7 +174,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(fmnist: Path,
     )
 
     def model_fn(cfg, info):
-        m = dynwire.create_model("cifar_resnet20", num_classes=info.num_classes, in_chans=info.in_chans, wiring="dynamic")
+        m = dynwire.create_model(
+            "cifar_resnet20", num_classes=info.num_classes, in_chans=info.in_chans, wiring="dynamic"
+        )
         return _NaNAfter(m, at=5)
 
     with pytest.raises(TrainingDiverged) as exc:
@@ -208,10 +220,18 @@ def test_shipped_cifar_config_trains_on_pickle_layout(tmp_path: Path) -> None:
     from test_data import make_cifar10
 
     make_cifar10(tmp_path / "cifar", per_batch=8)
-    cfg = load_config("cifar10_resnet20", [
-        f"data.root={tmp_path / 'cifar'}", f"output.dir={tmp_path}", "output.name=c10",
-        "data.subset=null", "data.batch_size=8", "schedule.epochs=1", "train.num_threads=1",
-    ])
+    cfg = load_config(
+        "cifar10_resnet20",
+        [
+            f"data.root={tmp_path / 'cifar'}",
+            f"output.dir={tmp_path}",
+            "output.name=c10",
+            "data.subset=null",
+            "data.batch_size=8",
+            "schedule.epochs=1",
+            "train.num_threads=1",
+        ],
+    )
     assert cfg.data.name == "cifar10" and cfg.model.name == "cifar_resnet20"
     final = train(cfg)
     assert final["global_step"] == 5 and final["val"]["images"] == 5

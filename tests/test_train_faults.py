@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_fmnist_fixture
 
 from dynwire.engine import load_checkpoint
-
-from conftest import write_fmnist_fixture
 
 pytestmark = pytest.mark.slow
 
 # Single-threaded children: identical float reduction order in every run (and kind to 2 cores).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-CHILD = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from dynwire.cli import main; sys.exit(main())"]
+CHILD = [
+    sys.executable,
+    "-c",
+    "import sys, torch; torch.set_num_threads(1); from dynwire.cli import main; sys.exit(main())",
+]
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
@@ -68,9 +71,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     data = write_fmnist_fixture(tmp_path / "data", n_train=64, n_test=16)
     extra = ("schedule.epochs=3", "train.ckpt_every_steps=3")  # 24 steps; checkpoints at 3, 6, 8, 9, ...
     # Reference run, uninterrupted (runs while the other child is started and killed).
-    ref = subprocess.Popen(train_cmd(data, tmp_path / "ref", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(
+        train_cmd(data, tmp_path / "ref", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
-    killed = subprocess.Popen(train_cmd(data, tmp_path / "kill", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        train_cmd(data, tmp_path / "kill", *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     run_dir = tmp_path / "kill" / "run"
     wait_for(run_dir / "last.pt", killed)
     killed.kill()  # SIGKILL: no handler runs, nothing is flushed
@@ -105,4 +112,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     kinds = [json.loads(x)["kind"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epoch_steps = [s for s, k in zip(steps, kinds) if k == "epoch"]
     assert epoch_steps == [8, 16, 24]
-    assert len([s for s, k in zip(steps, kinds) if k == "train"]) == len(set(s for s, k in zip(steps, kinds) if k == "train"))
+    assert len([s for s, k in zip(steps, kinds) if k == "train"]) == len(
+        set(s for s, k in zip(steps, kinds) if k == "train")
+    )

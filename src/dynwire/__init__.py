@@ -1,14 +1,23 @@
 """dynwire: instance-aware connectivity (DG-Net, Differentiable Dynamic Wirings) for PyTorch."""
+
+from . import models  # noqa: F401  (registers the model zoo)
 from ._registry import create_model, get_model_cfg, list_models, register_model
+from .graph.adjacency import record_adjacency
 from .graph.stage import GraphStage
 from .graph.wiring import WIRINGS, WiringConfig
-from .graph.adjacency import record_adjacency
 from .layers.aggregation import aggregate
-from . import models  # noqa: F401  (registers the model zoo)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "create_model", "list_models", "get_model_cfg", "register_model", "GraphStage", "WiringConfig",
-    "WIRINGS", "record_adjacency", "aggregate", "__version__",
+    "create_model",
+    "list_models",
+    "get_model_cfg",
+    "register_model",
+    "GraphStage",
+    "WiringConfig",
+    "WIRINGS",
+    "record_adjacency",
+    "aggregate",
+    "__version__",
 ]

@@ -1,10 +1,12 @@
 """Model registry: ``@register_model``, ``create_model``, ``list_models``."""
+
 from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -39,7 +41,9 @@ def register_model(
         if name in _ENTRYPOINTS:
             raise ValueError(f"a model named '{name}' is already registered ({_ENTRYPOINTS[name].__module__})")
         _ENTRYPOINTS[name] = fn
-        _CFGS[name] = ModelCfg(name=name, family=family, input_size=tuple(input_size), torchvision=torchvision, paper=paper)
+        _CFGS[name] = ModelCfg(
+            name=name, family=family, input_size=tuple(input_size), torchvision=torchvision, paper=paper
+        )
         return fn
 
     return deco
@@ -69,7 +73,7 @@ def get_model_cfg(name: str) -> ModelCfg:
 def create_model(
     name: str,
     num_classes: int = 1000,
-    wiring: "str | WiringConfig | dict" = "dynamic",
+    wiring: str | WiringConfig | dict = "dynamic",
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.

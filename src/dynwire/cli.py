@@ -1,10 +1,11 @@
 """The ``dynwire`` command line: ``profile``, ``models``, ``train``, ``eval``."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from ._registry import get_model_cfg, list_models

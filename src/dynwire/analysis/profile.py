@@ -6,10 +6,11 @@ counts them, plus the aggregation op through its registered formula (``K`` MACs 
 element for ``K`` predecessors). Like the paper and torchvision, element-wise work (norms,
 activations, pooling, the residual additions of the original blocks) is not counted.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -53,7 +54,9 @@ class ProfileRow:
         return asdict(self)
 
 
-def profile_model(name: str, wiring: str = "dynamic", input_size: Sequence[int] | None = None, num_classes: int = 1000, **kwargs) -> ProfileRow:
+def profile_model(
+    name: str, wiring: str = "dynamic", input_size: Sequence[int] | None = None, num_classes: int = 1000, **kwargs
+) -> ProfileRow:
     """Build ``name`` on the meta device and count its parameters and MACs."""
     cfg = get_model_cfg(name)
     size = tuple(input_size) if input_size is not None else cfg.input_size

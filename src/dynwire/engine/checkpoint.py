@@ -13,8 +13,9 @@ import os
 import pickle
 import random
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

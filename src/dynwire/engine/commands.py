@@ -17,7 +17,9 @@ __all__ = ["register", "cmd_train", "cmd_eval", "build_parser", "main"]
 
 
 def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[], help=help)
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[], help=help
+    )
 
 
 def register(subparsers: Any) -> None:

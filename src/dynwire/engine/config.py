@@ -18,10 +18,11 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -301,8 +302,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 def _cross_check(cfg: RunConfig) -> None:
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ValueError(
-            f"schedule.warmup_epochs={cfg.schedule.warmup_epochs!r}: must be <= schedule.epochs "
-            f"({cfg.schedule.epochs})"
+            f"schedule.warmup_epochs={cfg.schedule.warmup_epochs!r}: must be <= schedule.epochs ({cfg.schedule.epochs})"
         )
     name = cfg.output.name
     if name is not None and (os.sep in name or name in (".", "..")):

@@ -59,7 +59,7 @@ class ModelEma(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> "ModelEma":
+    def train(self, mode: bool = True) -> ModelEma:
         # The average is only ever used for evaluation.
         super().train(False)
         return self

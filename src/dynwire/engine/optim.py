@@ -11,9 +11,7 @@ import torch.nn as nn
 __all__ = ["param_groups", "build_optimizer", "WarmupCosineSchedule", "lr_factor"]
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, *, no_decay_norm_bias: bool = True
-) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, *, no_decay_norm_bias: bool = True) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed and a decay-free group.
 
     With ``no_decay_norm_bias`` every parameter with ``ndim <= 1`` (norm
@@ -138,4 +136,3 @@ class WarmupCosineSchedule:
         self.base_lrs = [float(x) for x in state["base_lrs"]]
         self.cosine = bool(state["cosine"])
         self._apply()
-

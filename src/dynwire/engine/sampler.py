@@ -12,7 +12,7 @@ the single-process batch ``k`` at the same global batch size.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

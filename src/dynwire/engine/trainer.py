@@ -34,10 +34,11 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,7 +187,7 @@ class _SignalGuard:
             flush=True,
         )
 
-    def install(self) -> "_SignalGuard":
+    def install(self) -> _SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handler)
@@ -207,7 +208,9 @@ class _State:
     global_step: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
-    meter: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0})
+    meter: dict[str, float] = field(
+        default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0}
+    )
     train_times: list[float] = field(default_factory=list)  # seconds per finished epoch
     train_images: list[int] = field(default_factory=list)  # images per finished epoch (all ranks)
 
@@ -255,7 +258,14 @@ def evaluate_model(
         logits = logits.float()
         loss = F.cross_entropy(logits, target, reduction="sum")
         c1, c5 = _accuracy_counts(logits, target, (1, 5))
-        sums += torch.stack([loss.double(), c1.double(), c5.double(), torch.tensor(float(len(target)), device=device, dtype=torch.float64)])
+        sums += torch.stack(
+            [
+                loss.double(),
+                c1.double(),
+                c5.double(),
+                torch.tensor(float(len(target)), device=device, dtype=torch.float64),
+            ]
+        )
     all_reduce_sum(sums, info)
     model.train(was_training)
     loss_sum, top1, top5, n = sums.tolist()
@@ -577,7 +587,12 @@ class _Trainer:
             pin_memory=self.device.type == "cuda",
         )
         crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        bar = progress_bar(self.steps_per_epoch, enabled=self.is_main, desc=f"epoch {s.epoch + 1}/{cfg.schedule.epochs}", initial=s.step_in_epoch)
+        bar = progress_bar(
+            self.steps_per_epoch,
+            enabled=self.is_main,
+            desc=f"epoch {s.epoch + 1}/{cfg.schedule.epochs}",
+            initial=s.step_in_epoch,
+        )
         window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss_sum, correct, count
         t_window = time.perf_counter()
         t_epoch = time.perf_counter()
@@ -611,7 +626,13 @@ class _Trainer:
 
                 n = target.shape[0]
                 correct = (logits.detach().argmax(dim=1) == target).sum()
-                window += torch.stack([loss.detach().double() * n, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                window += torch.stack(
+                    [
+                        loss.detach().double() * n,
+                        correct.double(),
+                        torch.tensor(float(n), dtype=torch.float64, device=self.device),
+                    ]
+                )
                 s.step_in_epoch += 1
                 s.global_step += 1
                 bar.update(1)
@@ -688,7 +709,12 @@ class _Trainer:
                 is_best = False
                 if epoch_no % cfg.train.eval_every == 0 or epoch_no == cfg.schedule.epochs:
                     _broadcast_buffers(self.raw_model, self.dist)
-                    kw = dict(device=self.device, dist_info=self.dist, amp=cfg.train.amp, channels_last=cfg.train.channels_last)
+                    kw = dict(
+                        device=self.device,
+                        dist_info=self.dist,
+                        amp=cfg.train.amp,
+                        channels_last=cfg.train.channels_last,
+                    )
                     last_val = evaluate_model(self.eval_model, self.val_loader, **kw)
                     rec.update({f"val_{k}": v for k, v in last_val.items() if k != "images"})
                     if self.ema is not None:
@@ -699,7 +725,11 @@ class _Trainer:
                     rec["best_val_top1"] = s.best_metric
                 self.logger.log(rec)
                 if self.is_main:
-                    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if k not in ("kind",))
+                    shown = ", ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in rec.items()
+                        if k not in ("kind",)
+                    )
                     print(f"[dynwire] epoch {epoch_no}/{cfg.schedule.epochs}: {shown}", file=sys.stderr, flush=True)
                 s.epoch += 1
                 s.step_in_epoch = 0
@@ -718,7 +748,14 @@ class _Trainer:
             self.logger.close()
         if not last_val:  # resumed a finished run: evaluate once for the summary
             _broadcast_buffers(self.raw_model, self.dist)
-            last_val = evaluate_model(self.eval_model, self.val_loader, device=self.device, dist_info=self.dist, amp=cfg.train.amp, channels_last=cfg.train.channels_last)
+            last_val = evaluate_model(
+                self.eval_model,
+                self.val_loader,
+                device=self.device,
+                dist_info=self.dist,
+                amp=cfg.train.amp,
+                channels_last=cfg.train.channels_last,
+            )
         return self._final(last_val, last_ema)
 
     def _final(self, val: dict[str, float], ema_val: dict[str, float]) -> dict[str, Any]:
@@ -838,7 +875,9 @@ def evaluate(
     """
     ckpt = load_checkpoint(checkpoint_path, map_location="cpu")
     if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"checkpoint {str(checkpoint_path)!r}: no config/model entry; not a dynwire training checkpoint")
+        raise ValueError(
+            f"checkpoint {str(checkpoint_path)!r}: no config/model entry; not a dynwire training checkpoint"
+        )
     raw = apply_overrides(ckpt["config"], list(overrides))
     raw["data"] = dict(raw.get("data") or {})
     if data_dir is not None:
@@ -884,7 +923,9 @@ def _evaluate(
     model.to(dev)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = make_eval_loader(val_ds, cfg.data.batch_size, num_workers=cfg.data.num_workers, pin_memory=dev.type == "cuda")
+    loader = make_eval_loader(
+        val_ds, cfg.data.batch_size, num_workers=cfg.data.num_workers, pin_memory=dev.type == "cuda"
+    )
     t0 = time.perf_counter()
     metrics = evaluate_model(model, loader, device=dev, amp=cfg.train.amp, channels_last=cfg.train.channels_last)
     dt = time.perf_counter() - t0

@@ -1,8 +1,9 @@
 """Public access to the per-sample adjacency buffer of Sec. 3.4."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import Tensor, nn
 
@@ -43,7 +44,9 @@ class AdjacencyRecord:
     def __getitem__(self, name: str) -> Tensor:
         adj = self.adjacency
         if name not in adj:
-            raise KeyError(f"no adjacency recorded for stage '{name}'; stages: {list(self._stages)} (run a forward pass first)")
+            raise KeyError(
+                f"no adjacency recorded for stage '{name}'; stages: {list(self._stages)} (run a forward pass first)"
+            )
         return adj[name]
 
     def keys(self):

@@ -1,7 +1,8 @@
 """The graph stage: any list of same-shaped blocks wired as a DAG (paper Sec. 3, Fig. 1-2)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,9 @@ class StageWiring(nn.Module):
         """Per-edge weights shared by all samples (static and random wirings)."""
         return torch.sigmoid(self.edge_logits) if hasattr(self, "edge_logits") else None
 
-    def node_weights(self, j: int, router_out: Sequence[Tensor], static_alpha: Tensor | None, batch: int) -> tuple[Tensor, Tensor]:
+    def node_weights(
+        self, j: int, router_out: Sequence[Tensor], static_alpha: Tensor | None, batch: int
+    ) -> tuple[Tensor, Tensor]:
         """Raw and gated weights ``(B, k)`` of node ``j``'s input edges, in predecessor order."""
         preds = self._preds[j]
         if self.kind == "dynamic":
@@ -166,7 +169,10 @@ class GraphStage(nn.Module):
         xs: list[Tensor] = []
         slots: list[GradSlot] = []
         use_taps = (
-            self.fused_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            self.fused_grad
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
         )
         router_out: list[Tensor] = []
         for j in range(self.num_nodes):

@@ -6,11 +6,12 @@ changes resolution: it is the *input node*), node ``n`` is the *output node*, wh
 transformation and gathers its predecessors by weighted sum into the stage output.
 Edges go from a lower to a higher index, so the complete DAG has ``n (n + 1) / 2`` edges.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..layers.router import EVAL_GATES
@@ -75,7 +76,9 @@ class WiringConfig:
             raise ValueError(f"ws_k={self.ws_k!r}: the Watts-Strogatz K must be an even int >= 2")
         if not (0.0 <= self.ws_p <= 1.0):
             raise ValueError(f"ws_p={self.ws_p!r}: the Watts-Strogatz rewiring probability must be in [0, 1]")
-        if self.recompute_max_inputs is not None and (not isinstance(self.recompute_max_inputs, int) or self.recompute_max_inputs < 1):
+        if self.recompute_max_inputs is not None and (
+            not isinstance(self.recompute_max_inputs, int) or self.recompute_max_inputs < 1
+        ):
             raise ValueError(f"recompute_max_inputs={self.recompute_max_inputs!r} must be an int >= 1 or None")
         if not isinstance(self.graph_seed, int) or self.graph_seed < 0:
             raise ValueError(f"graph_seed={self.graph_seed!r} must be an int >= 0")
@@ -95,7 +98,7 @@ class WiringConfig:
 _FIELDS = {f.name for f in dataclasses.fields(WiringConfig)}
 
 
-def resolve_wiring(wiring: "str | WiringConfig | dict", **kwargs: Any) -> tuple[WiringConfig, dict[str, Any]]:
+def resolve_wiring(wiring: str | WiringConfig | dict, **kwargs: Any) -> tuple[WiringConfig, dict[str, Any]]:
     """Build a :class:`WiringConfig` from a name, config or dict plus flat kwargs.
 
     Returns the config and the kwargs that were not wiring options.

@@ -11,12 +11,13 @@ is active, an aggregated tensor that a later layer saves for backward is not kep
 recipe (weights plus references to the predecessors, which are alive anyway) is kept and the
 sum is recomputed when backward needs it.
 """
+
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor

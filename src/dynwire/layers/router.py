@@ -1,4 +1,5 @@
 """Router and edge gate of a DG-Net node (paper Sec. 3.3, Eq. 4-5, App. 6.2 and 6.4)."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -1,7 +1,9 @@
 """The interface shared by every dynwire model (timm-style)."""
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -1,10 +1,10 @@
 """Loading torchvision weights into dynwire models (any wiring)."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
-from typing import Mapping
 
-import torch
 from torch import Tensor, nn
 
 from ._base import GraphNet
@@ -27,7 +27,11 @@ def load_torchvision_state_dict(model: GraphNet, state_dict: Mapping[str, Tensor
     own = model.state_dict()
     missing = [k for k in own if k not in converted and ".graph." not in k]
     unexpected = [k for k in converted if k not in own]
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items() if k in own and v.shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in converted.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         raise ValueError(
             "the torchvision state_dict does not match this model: "

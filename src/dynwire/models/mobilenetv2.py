@@ -4,10 +4,11 @@ The architecture is the paper's ``[t, c, n, s]`` table; each row is a stage whos
 bottlenecks are the nodes of that stage's graph (paper App. 6.1). Blocks are torchvision's
 ``InvertedResidual``, so ``sequential`` wiring is torchvision's model exactly.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 from torchvision.models.mobilenetv2 import InvertedResidual, _make_divisible
@@ -70,7 +71,9 @@ class MobileNetV2(GraphNet):
             self.stage_names.append(name)
             self.feature_info.append(dict(num_chs=cout, reduction=reduction, module=name))
         self._block_counts = [int(row[2]) for row in setting]
-        self.conv_head = Conv2dNormActivation(cin, last, kernel_size=1, norm_layer=norm_layer, activation_layer=act_layer)
+        self.conv_head = Conv2dNormActivation(
+            cin, last, kernel_size=1, norm_layer=norm_layer, activation_layer=act_layer
+        )
         self._finish(last)
         self.fc = nn.Linear(last, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -5,12 +5,13 @@ The architecture is torchvision's ``BlockParams`` built from the published RegNe
 (``ResBottleneckBlock``) are the nodes of its graph (paper App. 6.1, Table 1 and Table 5:
 RegNet-X-600MF is DG-Net-A's base, RegNet-Y-600MF DG-Net-B's).
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +53,14 @@ class RegNet(GraphNet):
         for k, (w_out, stride, depth, group_width, bm) in enumerate(block_params._get_expanded_params()):
             blocks = [
                 ResBottleneckBlock(
-                    width if i == 0 else w_out, w_out, stride if i == 0 else 1, norm_layer, act_layer,
-                    group_width, bm, block_params.se_ratio,
+                    width if i == 0 else w_out,
+                    w_out,
+                    stride if i == 0 else 1,
+                    norm_layer,
+                    act_layer,
+                    group_width,
+                    bm,
+                    block_params.se_ratio,
                 )
                 for i in range(depth)
             ]

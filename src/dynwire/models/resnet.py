@@ -5,11 +5,12 @@ become the nodes of that stage's graph (paper App. 6.1: BasicBlock for ResNet-18
 for ResNet-50/101, aggregated Bottleneck for ResNeXt). Parameter names match torchvision, so a
 torchvision ``state_dict`` loads as is.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence, Type, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
-import torch
 from torch import Tensor, nn
 
 from .._registry import register_model
@@ -102,7 +103,7 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-BlockType = Type[Union[BasicBlock, Bottleneck]]
+BlockType = type[Union[BasicBlock, Bottleneck]]
 
 
 class ResNet(GraphNet):
