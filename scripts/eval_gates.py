@@ -44,7 +44,7 @@ def main() -> None:
         for x, _ in make_eval_loader(val, args.batch_size):
             model(x)
             for name, stage in model.graph_stages():
-                exists = stage.graph.edge_mask_matrix().bool()
+                exists = stage.edges.edge_mask_matrix().bool()
                 shut = (rec[name] == 0) & exists
                 c = closed.setdefault(name, [0.0, 0.0])
                 c[0] += shut.sum().item()

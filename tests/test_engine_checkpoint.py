@@ -143,7 +143,7 @@ def test_export_safetensors_from_checkpoint_round_trips(tmp_path: Path) -> None:
     export_safetensors(ckpt, tmp_path / "m.safetensors")
     loaded = load_file(str(tmp_path / "m.safetensors"))
     assert set(loaded) == set(model.state_dict())
-    assert any(".graph." in k for k in loaded)  # wiring parameters are exported too
+    assert any(".edges." in k for k in loaded)  # wiring parameters are exported too
     for k, v in model.state_dict().items():
         assert torch.equal(loaded[k], v), k
     other = _tiny_model()

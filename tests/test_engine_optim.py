@@ -29,9 +29,9 @@ def test_no_weight_decay_on_1d_params(model: nn.Module) -> None:
     free = set(by_wd[0.0]["param_names"])
     assert decayed | free == set(named) and not decayed & free
     assert all(named[n].ndim <= 1 for n in free) and all(named[n].ndim > 1 for n in decayed)
-    graph_1d = {n for n in free if ".graph." in n}
+    graph_1d = {n for n in free if ".edges." in n}
     assert graph_1d, "the dynamic wiring's 1-D parameters (router biases, tau) must be decay-free"
-    assert any(".graph." in n and n.endswith("weight") for n in decayed)  # router weights are decayed
+    assert any(".edges." in n and n.endswith("weight") for n in decayed)  # router weights are decayed
     assert any(n.endswith("bn1.weight") for n in free) and any(n.endswith("fc.bias") or "bias" in n for n in free)
     # every group holds the same tensors as the names say
     for g in groups:

@@ -24,14 +24,14 @@ def test_forward_backward(name, wiring):
     out.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
-    graph_params = [p for n, p in model.named_parameters() if ".graph." in n]
+    graph_params = [p for n, p in model.named_parameters() if ".edges." in n]
     if wiring == "sequential":
         assert not graph_params
     else:
         assert graph_params and all(torch.isfinite(p.grad).all() for p in graph_params)
     if wiring in ("dynamic", "static"):
         # thresholds and routers really learn: their gradient is not identically zero
-        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("graph.tau"))
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("edges.tau"))
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
@@ -98,3 +98,77 @@ def test_list_models_patterns():
     assert dynwire.list_models("resnet*") == ["resnet101", "resnet18", "resnet50"]
     assert "cifar_resnet20" in dynwire.list_models("cifar_*")
     assert dynwire.list_models("regnet*", exclude="*y*") == ["regnet_x_1_6gf", "regnet_x_600mf"]
+
+
+def _randomize_bn(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g)
+            m.running_mean = torch.randn(m.running_mean.shape, generator=g)
+            m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "mobilenet_v2", "regnet_y_600mf"])
+def test_sequential_matches_torchvision_with_trained_batchnorm(name):
+    """Non-default BN weights and running statistics, so a key-mapping mix-up cannot hide."""
+    tv = torchvision_reference(name, num_classes=10)
+    _randomize_bn(tv)
+    ours = dynwire.create_model(name, num_classes=10, wiring="sequential")
+    load_torchvision_state_dict(ours, tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for mode in ("eval", "train"):
+        getattr(tv, mode)()
+        getattr(ours, mode)()
+        if mode == "train":  # dropout is random: compare features, then BN running stats after the step
+            torch.testing.assert_close(ours.forward_features(x), _tv_features(tv, x), rtol=0, atol=0)
+            sd_tv = {ours.torchvision_key(k): v for k, v in tv.state_dict().items()}
+            for k, v in ours.state_dict().items():
+                torch.testing.assert_close(v, sd_tv[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x), tv(x), rtol=0, atol=0)
+
+
+def _tv_features(tv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(tv, "features"):  # mobilenet_v2
+        return tv.features(x)
+    if hasattr(tv, "trunk_output"):  # regnet
+        return tv.trunk_output(tv.stem(x))
+    x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+    return tv.layer4(tv.layer3(tv.layer2(tv.layer1(x))))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_router_init_survives_family_init(name):
+    """App. 6.4: every router starts with bias +3 and weights N(0, 0.01) in every family."""
+    m = dynwire.create_model(name, wiring="dynamic", router_bias=3.0)
+    weights = []
+    for _, stage in m.graph_stages():
+        for r in stage.edges.routers:
+            assert torch.all(r.fc.bias == 3.0)
+            weights.append(r.fc.weight.flatten())
+    w = torch.cat(weights)
+    assert abs(w.std().item() - 0.01) < 0.001 and abs(w.mean().item()) < 0.001
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v2", "regnet_x_600mf"])
+def test_same_seed_same_block_weights_in_every_wiring(name):
+    """Paired comparisons between wirings start from the same backbone weights."""
+    states = []
+    for wiring in dynwire.WIRINGS:
+        torch.manual_seed(7)
+        m = dynwire.create_model(name, num_classes=10, wiring=wiring)
+        states.append({k: v for k, v in m.state_dict().items() if ".edges." not in k})
+    for s in states[1:]:
+        assert s.keys() == states[0].keys()
+        for k in s:
+            assert torch.equal(s[k], states[0][k]), k
+
+
+def test_mobilenet_v2_honours_act_layer():
+    m = dynwire.create_model("mobilenet_v2", act_layer=torch.nn.SiLU)
+    acts = {type(mod) for mod in m.modules() if isinstance(mod, (torch.nn.ReLU6, torch.nn.SiLU))}
+    assert acts == {torch.nn.SiLU}
+    assert any(isinstance(mod, torch.nn.SiLU) for mod in m.stage2.modules())

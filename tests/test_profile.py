@@ -48,7 +48,7 @@ def test_macs_count_routers_and_aggregation():
     diff = count_macs(m, (3, 32, 32)) - count_macs(seq, (3, 32, 32))
     # aggregation: node j of a 3-block stage sums j inputs (1 + 2 + 3 per stage) of C*H*W elements
     agg = 6 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)
-    routers = sum(r.fc.in_features * r.fc.out_features for _, s in m.graph_stages() for r in s.graph.routers)
+    routers = sum(r.fc.in_features * r.fc.out_features for _, s in m.graph_stages() for r in s.edges.routers)
     assert diff == agg + routers
 
 
@@ -69,4 +69,4 @@ def test_cli_export_safetensors(tmp_path):
     assert main(["export", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "w.safetensors")]) == 0
     loaded = load_file(str(tmp_path / "w.safetensors"))
     assert set(loaded) == set(model.state_dict())
-    torch.testing.assert_close(loaded["layer2.graph.tau"], model.state_dict()["layer2.graph.tau"])
+    torch.testing.assert_close(loaded["layer2.edges.tau"], model.state_dict()["layer2.edges.tau"])

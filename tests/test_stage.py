@@ -1,6 +1,7 @@
 """Graph stage semantics: adjacency buffer, thresholds, wirings, random graphs."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -33,10 +34,10 @@ def test_adjacency_shape_and_semantics(gate):
         assert torch.all(adj[:, 1:, :].sum(-1) > 0), "every non-input node has an open input edge at init"
         # column i holds node i's output edges: the router of block i, applied to its output
         for i in range(stage.num_blocks):
-            expected = stage.graph.routers[i](outputs[(name, i)])
+            expected = stage.edges.routers[i](outputs[(name, i)])
             torch.testing.assert_close(raw[:, i + 1 :, i], expected)
         # row j holds node j's input edges, thresholded in eval (Eq. 5: closed where alpha < tau)
-        tau = stage.graph.tau.detach()
+        tau = stage.edges.tau.detach()
         for j in range(1, n):
             a = raw[:, j, :j]
             keep = a >= tau[j - 1]
@@ -67,8 +68,8 @@ def test_hard_threshold_closes_edges_below_tau():
     # put node 2's threshold between its two incoming weights for sample 0
     a, b = raw[0, 2, 0].item(), raw[0, 2, 1].item()
     with torch.no_grad():
-        stage.graph.tau[1] = (a + b) / 2
-        stage.graph.tau[0] = 2.0  # node 1: every edge closed
+        stage.edges.tau[1] = (a + b) / 2
+        stage.edges.tau[0] = 2.0  # node 1: every edge closed
     with dynwire.record_adjacency(m) as rec:
         out_hard = m(x)
     adj = rec["layer2"]
@@ -86,7 +87,7 @@ def test_hard_threshold_closes_edges_below_tau():
     with dynwire.record_adjacency(m) as rec:
         m(x)
     r = rec.router["layer2"][:, 2, :2]
-    torch.testing.assert_close(rec["layer2"][:, 2, :2], r * torch.sigmoid(r - stage.graph.tau[1].detach()))
+    torch.testing.assert_close(rec["layer2"][:, 2, :2], r * torch.sigmoid(r - stage.edges.tau[1].detach()))
 
 
 def test_static_wiring_is_sample_independent():
@@ -115,7 +116,7 @@ def test_random_wiring_reproducible_and_restored(kind):
     a = dynwire.create_model("cifar_resnet56", num_classes=10, wiring=kind, graph_seed=1).eval()
     b = dynwire.create_model("cifar_resnet56", num_classes=10, wiring=kind, graph_seed=2).eval()
     assert any(
-        not torch.equal(sa.graph.edge_mask, sb.graph.edge_mask)
+        not torch.equal(sa.edges.edge_mask, sb.edges.edge_mask)
         for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages())
     )
     buf = io.BytesIO()
@@ -123,9 +124,9 @@ def test_random_wiring_reproducible_and_restored(kind):
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for (_, sa), (_, sb) in zip(a.graph_stages(), b.graph_stages()):
-        assert torch.equal(sa.graph.edge_mask, sb.graph.edge_mask)
-        assert [sa.graph.predecessors(j) for j in range(sa.num_nodes)] == [
-            sb.graph.predecessors(j) for j in range(sb.num_nodes)
+        assert torch.equal(sa.edges.edge_mask, sb.edges.edge_mask)
+        assert [sa.edges.predecessors(j) for j in range(sa.num_nodes)] == [
+            sb.edges.predecessors(j) for j in range(sb.num_nodes)
         ]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -137,8 +138,8 @@ def test_random_graph_every_node_connected():
         m = dynwire.create_model("cifar_resnet56", wiring=kind, graph_seed=5)
         for _, s in m.graph_stages():
             for j in range(1, s.num_nodes):
-                assert s.graph.predecessors(j), f"{kind}: node {j} has no input"
-                assert all(i < j for i in s.graph.predecessors(j))
+                assert s.edges.predecessors(j), f"{kind}: node {j} has no input"
+                assert all(i < j for i in s.edges.predecessors(j))
 
 
 def test_stage_accepts_any_same_shape_blocks():
@@ -155,6 +156,92 @@ def test_stage_accepts_any_same_shape_blocks():
 
 def test_router_bias_init_configurable():
     m = _model(router_bias=-3.0)
-    r = m.layer1.graph.routers[0]
+    r = m.layer1.edges.routers[0]
     assert torch.all(r.fc.bias == -3.0)
-    assert torch.all(_model().layer1.graph.routers[0].fc.bias == 3.0)
+    assert torch.all(_model().layer1.edges.routers[0].fc.bias == 3.0)
+
+
+def test_hard_gate_closes_edges_and_changes_the_output():
+    """eval_gate='hard' with thresholds inside the router range: some edges really close."""
+    m = _model(eval_gate="hard").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with dynwire.record_adjacency(m) as rec:
+        m(x)
+    raw = rec.router["layer3"]
+    stage = m.layer3
+    with torch.no_grad():  # each threshold at the median of its node's incoming weights
+        for j in range(1, stage.num_nodes):
+            stage.edges.tau[j - 1] = raw[:, j, :j].median()
+    with dynwire.record_adjacency(m) as rec:
+        out = m(x)
+    adj, raw = rec["layer3"], rec.router["layer3"]
+    exists = torch.tril(torch.ones(4, 4), -1).bool().expand(4, -1, -1)
+    closed = exists & (adj == 0)
+    assert closed.any() and (exists & (adj > 0)).any()
+    tau_of_row = torch.cat([torch.zeros(1), stage.edges.tau.detach()]).view(1, 4, 1)  # row j: node j's tau
+    assert torch.equal(closed, exists & (raw < tau_of_row))
+    torch.testing.assert_close(adj[exists & (adj > 0)], raw[exists & (adj > 0)])  # open edges pass alpha
+    m.set_eval_gate("soft")
+    assert not torch.allclose(out, m(x))
+
+
+def test_node_with_all_inputs_closed_runs_on_zeros_today():
+    """Pins today's evaluation semantics (the inference issue changes it): a node whose input
+    edges are all closed still runs its block on a zero input and sends f(0) on."""
+    m = _model().eval()
+    stage = m.layer2
+    seen = {}
+    stage.blocks()[1].register_forward_hook(lambda mod, a, out: seen.update(inp=a[0].clone(), out=out.clone()))
+    with torch.no_grad():
+        stage.blocks()[1].bn2.bias.fill_(0.5)  # so that f(0) != 0
+        stage.edges.tau[0] = 2.0  # node 1's only input edge (from node 0) is closed: alpha <= 1 < 2
+        m(torch.randn(3, 3, 32, 32))
+    assert torch.equal(seen["inp"], torch.zeros_like(seen["inp"]))
+    with torch.no_grad():
+        f0 = stage.blocks()[1](torch.zeros_like(seen["inp"]))
+    assert f0.abs().sum() > 0 and torch.equal(seen["out"], f0)
+
+
+def _networkx_reference(kind: str, n: int, seed: int) -> set[tuple[int, int]]:
+    """RandWire's construction written out: the undirected generator graph oriented low -> high,
+    sources fed by the input node 0, sinks feeding the output node n."""
+    import networkx as nx
+
+    gen = {
+        "random-er": lambda: nx.erdos_renyi_graph(n, 0.2, seed=seed),
+        "random-ba": lambda: nx.barabasi_albert_graph(n, 5, seed=seed),
+        "random-ws": lambda: nx.watts_strogatz_graph(n, 4, 0.75, seed=seed),
+    }[kind]()
+    edges = {(min(u, v), max(u, v)) for u, v in gen.edges()}
+    for j in range(1, n):
+        if all(b != j for _, b in edges):
+            edges.add((0, j))
+    for i in range(n):
+        if all(a != i for a, _ in edges):
+            edges.add((i, n))
+    return edges
+
+
+@pytest.mark.parametrize("kind", ["random-er", "random-ba", "random-ws"])
+def test_random_masks_equal_the_networkx_graph(kind):
+    m = dynwire.create_model("cifar_resnet56", wiring=kind, graph_seed=4)  # 9-block stages: non-trivial
+    for k, (_, s) in enumerate(m.graph_stages()):
+        got = {(i, j) for j in range(1, s.num_nodes) for i in s.edges.predecessors(j)}
+        assert got == _networkx_reference(kind, 9, seed=4 + k)
+        assert len(got) < 9 * 10 // 2, "not the complete DAG"
+
+
+def test_collapsed_random_stage_warns_once_and_is_reported():
+    from dynwire.graph import edges as edges_mod
+    from dynwire.graph.edges import graph_stats
+
+    edges_mod._WARNED.clear()
+    with pytest.warns(UserWarning, match="stage 'layer1'.*same graph for every graph_seed"):
+        m = dynwire.create_model("resnet18", wiring="random-ba")
+    stats = graph_stats(m.layer1.edges)
+    assert stats == dict(kind="random-ba", nodes=3, edges=2, possible_edges=3, depth=2, seed_independent=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dynwire.create_model("resnet18", wiring="random-ba")  # once per stage, not per model
+        big = dynwire.create_model("cifar_resnet56", wiring="random-er")
+    assert not graph_stats(big.layer1.edges)["seed_independent"]

@@ -212,7 +212,7 @@ def test_bf16_channels_last_clip_and_label_smoothing_run(tmp_path: Path) -> None
     assert np.isfinite(final["val"]["loss"]) and final["global_step"] == 8
     ckpt = load_checkpoint(tmp_path / "bf16" / "last.pt")
     assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # autocast keeps fp32 weights
-    assert any(".graph.edge_logits" in k for k in ckpt["model"])
+    assert any(".edges.edge_logits" in k for k in ckpt["model"])
 
 
 def test_shipped_cifar_config_trains_on_pickle_layout(tmp_path: Path) -> None:

@@ -108,11 +108,12 @@ def aggregate_reference(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
 
 
 class _Recipe:
-    __slots__ = ("weights", "xs")
+    __slots__ = ("weights", "xs", "version")
 
-    def __init__(self, weights: Tensor, xs: list[Tensor]) -> None:
+    def __init__(self, weights: Tensor, xs: list[Tensor], version: int) -> None:
         self.weights = weights
         self.xs = xs
+        self.version = version  # the sum's version counter when it was made
 
 
 class _RecomputeState(threading.local):
@@ -143,18 +144,33 @@ def _check_inputs(weights: Tensor, xs: Sequence[Tensor]) -> None:
 
 
 class GradSlot:
-    """Gradient accumulator of one node output, shared by every aggregation that reads it."""
+    """Gradient accumulator of one node output, shared by every aggregation that reads it.
 
-    __slots__ = ("grad",)
+    The accumulated gradient belongs to one backward pass (autograd graph task). A pass that
+    runs an aggregation's backward but not the tap (``torch.autograd.grad`` with respect to a
+    threshold only, say) leaves a partial sum behind; it is tagged with that pass's id and
+    discarded by the next pass instead of being added to its gradient.
+    """
+
+    __slots__ = ("grad", "task")
 
     def __init__(self) -> None:
         self.grad: Tensor | None = None
+        self.task: int = -1
 
     def accumulate(self, g: Tensor, w: Tensor) -> None:
-        if self.grad is None:
+        task = torch._C._current_graph_task_id()
+        if self.grad is None or self.task != task:
             self.grad = g * w
+            self.task = task
         else:
             self.grad.addcmul_(g, w)
+
+    def take(self) -> Tensor | None:
+        """The gradient accumulated in the current backward pass (and empty the slot)."""
+        acc, task = self.grad, self.task
+        self.grad, self.task = None, -1
+        return acc if acc is not None and task == torch._C._current_graph_task_id() else None
 
 
 class _Tap(torch.autograd.Function):
@@ -168,7 +184,7 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor | None):
-        acc, ctx.slot.grad = ctx.slot.grad, None
+        acc = ctx.slot.take()
         if acc is None:
             return grad, None
         if grad is not None:
@@ -225,7 +241,7 @@ def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] |
         out = _aggregate_op(weights, xs)
     live = _STATE.live
     if live is not None and out.requires_grad and (_STATE.max_inputs is None or len(xs) <= _STATE.max_inputs):
-        live[out.data_ptr()] = (weakref.ref(out), _Recipe(weights.detach(), [x.detach() for x in xs]))
+        live[out.data_ptr()] = (weakref.ref(out), _Recipe(weights.detach(), [x.detach() for x in xs], out._version))
     return out
 
 
@@ -242,6 +258,9 @@ def _pack(t: Tensor):
                 and o.stride() == t.stride()
                 and o.dtype == t.dtype
                 and o.storage_offset() == t.storage_offset()
+                # an in-place op (a block starting with ReLU(inplace=True)) changed the sum:
+                # the recipe no longer describes the tensor, so keep the tensor itself
+                and t._version == recipe.version
             ):
                 return recipe
     return t

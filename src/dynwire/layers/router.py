@@ -35,7 +35,10 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # mean() rather than adaptive_avg_pool2d: its backward does not keep x alive.
         pooled = x.mean(dim=tuple(range(2, x.ndim))) if x.ndim > 2 else x
-        return torch.sigmoid(self.fc(pooled).float())
+        logits = self.fc(pooled)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # route in float32 under autocast; float64 models stay float64
+        return torch.sigmoid(logits)
 
 
 def edge_gate(alpha: Tensor, tau: Tensor, training: bool, eval_gate: str = "hard") -> Tensor:

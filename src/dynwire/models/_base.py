@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..graph.edges import warn_if_seed_independent
 from ..graph.stage import GraphStage
 from ..graph.wiring import WiringConfig
 from ..layers.aggregation import recompute_aggregations
@@ -18,9 +19,11 @@ __all__ = ["GraphNet"]
 class GraphNet(nn.Module):
     """Stem -> graph stages -> optional final conv -> pool -> dropout -> classifier.
 
-    Subclasses build ``self.<stage name>`` :class:`GraphStage` modules, list their names in
-    ``self.stage_names``, fill ``self.feature_info`` and implement :meth:`forward_stem` (and
-    :meth:`forward_final` when the family has a last conv after the stages).
+    A family builds its stem, calls :meth:`add_stage` once per stage with that stage's
+    blocks, then :meth:`build_head`; it implements :meth:`forward_stem` (and
+    :meth:`forward_final` when it has a last conv after the stages). Weight-init loops of a
+    family touch convolutions, norms and :meth:`get_classifier` only: the wiring initialises
+    itself (routers, thresholds, edge logits).
     """
 
     stage_names: list[str]
@@ -45,15 +48,21 @@ class GraphNet(nn.Module):
         self.feature_info = []
 
     # -- construction helpers -------------------------------------------------------------
-    def _finish(self, num_features: int) -> None:
+    def add_stage(self, name: str, blocks: list[nn.Module], channels: int, reduction: int) -> GraphStage:
+        """Wire ``blocks`` as graph stage ``name`` and record its ``feature_info``."""
+        stage = GraphStage(blocks, channels, self.wiring, stage_index=len(self.stage_names))
+        warn_if_seed_independent(stage.edges, name)
+        self.add_module(name, stage)
+        self.stage_names.append(name)
+        self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=name))
+        return stage
+
+    def build_head(self, num_features: int) -> None:
+        """Global pool, dropout and the classifier over ``num_features`` channels."""
         self.num_features = num_features
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(self.drop_rate) if self.drop_rate > 0 else nn.Identity()
-
-    def _reset_graph_parameters(self) -> None:
-        """Family weight init loops touch every Linear; routers get their own init back."""
-        for _, stage in self.graph_stages():
-            stage.graph.reset_parameters()
+        self.reset_classifier(self.num_classes)
 
     # -- the interface --------------------------------------------------------------------
     def graph_stages(self) -> Iterator[tuple[str, GraphStage]]:
@@ -88,6 +97,8 @@ class GraphNet(nn.Module):
         return x
 
     def _recompute_enabled(self) -> bool:
+        # Spans all stages, so a stage's output (the next stage's input) is recomputed too;
+        # each GraphStage also enables it on its own when used outside a GraphNet.
         return (
             self.training
             and torch.is_grad_enabled()
@@ -134,10 +145,10 @@ class GraphNet(nn.Module):
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.fc, nn.Linear):
-            self._init_classifier(self.fc)
+            self.init_classifier(self.fc)
 
-    def _init_classifier(self, fc: nn.Linear) -> None:
-        pass  # nn.Linear default init unless a family overrides it
+    def init_classifier(self, fc: nn.Linear) -> None:
+        """Initialise the classifier (``nn.Linear``'s default unless a family overrides it)."""
 
     def torchvision_key(self, key: str) -> str:
         """Map a torchvision ``state_dict`` key to this family's key (identity by default)."""

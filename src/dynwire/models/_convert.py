@@ -25,7 +25,7 @@ def load_torchvision_state_dict(model: GraphNet, state_dict: Mapping[str, Tensor
     """
     converted = convert_torchvision_state_dict(model, state_dict)
     own = model.state_dict()
-    missing = [k for k in own if k not in converted and ".graph." not in k]
+    missing = [k for k in own if k not in converted and ".edges." not in k]
     unexpected = [k for k in converted if k not in own]
     shapes = [
         f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"

@@ -1,8 +1,9 @@
 """MobileNetV2 (Sandler et al. 2018) with graph stages.
 
 The architecture is the paper's ``[t, c, n, s]`` table; each row is a stage whose inverted
-bottlenecks are the nodes of that stage's graph (paper App. 6.1). Blocks are torchvision's
-``InvertedResidual``, so ``sequential`` wiring is torchvision's model exactly.
+bottlenecks are the nodes of that stage's graph (paper App. 6.1). Blocks have torchvision's
+``InvertedResidual`` layout (and parameter names), so ``sequential`` wiring is torchvision's
+model exactly; unlike torchvision's they take ``act_layer`` (default ``nn.ReLU6``).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import re
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
-from torchvision.models.mobilenetv2 import InvertedResidual, _make_divisible
+from torchvision.models.mobilenetv2 import _make_divisible
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .._registry import register_model
-from ..graph.stage import GraphStage
 from ..graph.wiring import WiringConfig
 from ._base import GraphNet
 
-__all__ = ["MobileNetV2", "MBV2_SETTING"]
+__all__ = ["MobileNetV2", "InvertedResidual", "MBV2_SETTING"]
+
+LayerFn = Callable[..., nn.Module]
 
 # t (expansion), c (channels), n (blocks), s (stride of the first block)
 MBV2_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -31,6 +33,39 @@ MBV2_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise 3x3 -> project 1x1, residual when the shape is kept."""
+
+    def __init__(
+        self,
+        inp: int,
+        oup: int,
+        stride: int,
+        expand_ratio: int,
+        norm_layer: LayerFn = nn.BatchNorm2d,
+        act_layer: LayerFn = nn.ReLU6,
+    ) -> None:
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"InvertedResidual stride must be 1 or 2, got {stride}")
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden, 1, norm_layer=norm_layer, activation_layer=act_layer))
+        layers += [
+            Conv2dNormActivation(
+                hidden, hidden, stride=stride, groups=hidden, norm_layer=norm_layer, activation_layer=act_layer
+            ),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            norm_layer(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
 class MobileNetV2(GraphNet):
@@ -47,8 +82,8 @@ class MobileNetV2(GraphNet):
         round_nearest: int = 8,
         stem_width: int = 32,
         last_channel: int = 1280,
-        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU6,
+        norm_layer: LayerFn = nn.BatchNorm2d,
+        act_layer: LayerFn = nn.ReLU6,
     ) -> None:
         super().__init__(in_chans, num_classes, drop_rate, wiring)
         if width_mult <= 0:
@@ -63,19 +98,15 @@ class MobileNetV2(GraphNet):
             cout = _make_divisible(c * width_mult, round_nearest)
             blocks = []
             for i in range(int(n)):
-                blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, expand_ratio=t, norm_layer=norm_layer))
+                blocks.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, norm_layer, act_layer))
                 cin = cout
             reduction *= s
-            name = f"stage{k + 1}"
-            setattr(self, name, GraphStage(blocks, cout, wiring, stage_index=k))
-            self.stage_names.append(name)
-            self.feature_info.append(dict(num_chs=cout, reduction=reduction, module=name))
+            self.add_stage(f"stage{k + 1}", blocks, cout, reduction)
         self._block_counts = [int(row[2]) for row in setting]
         self.conv_head = Conv2dNormActivation(
             cin, last, kernel_size=1, norm_layer=norm_layer, activation_layer=act_layer
         )
-        self._finish(last)
-        self.fc = nn.Linear(last, num_classes) if num_classes > 0 else nn.Identity()
+        self.build_head(last)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -85,11 +116,8 @@ class MobileNetV2(GraphNet):
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                self._init_classifier(m)
-        self._reset_graph_parameters()
 
-    def _init_classifier(self, fc: nn.Linear) -> None:
+    def init_classifier(self, fc: nn.Linear) -> None:
         nn.init.normal_(fc.weight, 0, 0.01)
         nn.init.zeros_(fc.bias)
 

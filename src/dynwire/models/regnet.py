@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torchvision.models.regnet import BlockParams, ResBottleneckBlock, SimpleStemIN
 
 from .._registry import register_model
-from ..graph.stage import GraphStage
 from ..graph.wiring import WiringConfig
 from ._base import GraphNet
 
@@ -66,12 +65,8 @@ class RegNet(GraphNet):
             ]
             width = w_out
             reduction *= stride
-            name = f"s{k + 1}"
-            setattr(self, name, GraphStage(blocks, w_out, wiring, stage_index=k))
-            self.stage_names.append(name)
-            self.feature_info.append(dict(num_chs=w_out, reduction=reduction, module=name))
-        self._finish(width)
-        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+            self.add_stage(f"s{k + 1}", blocks, w_out, reduction)
+        self.build_head(width)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -80,11 +75,8 @@ class RegNet(GraphNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                self._init_classifier(m)
-        self._reset_graph_parameters()
 
-    def _init_classifier(self, fc: nn.Linear) -> None:
+    def init_classifier(self, fc: nn.Linear) -> None:
         nn.init.normal_(fc.weight, mean=0.0, std=0.01)
         nn.init.zeros_(fc.bias)
 

@@ -14,7 +14,6 @@ from typing import Union
 from torch import Tensor, nn
 
 from .._registry import register_model
-from ..graph.stage import GraphStage
 from ..graph.wiring import WiringConfig
 from ._base import GraphNet
 
@@ -164,13 +163,9 @@ class ResNet(GraphNet):
                     down = nn.Sequential(_conv1x1(inplanes, out, s), norm_layer(out))
                 blocks.append(block(inplanes, planes, s, down, groups, width_per_group, norm_layer, act_layer))
                 inplanes = out
-            name = f"layer{k + 1}"
             reduction *= stride
-            setattr(self, name, GraphStage(blocks, out, wiring, stage_index=k))
-            self.stage_names.append(name)
-            self.feature_info.append(dict(num_chs=out, reduction=reduction, module=name))
-        self._finish(inplanes)
-        self.fc = nn.Linear(inplanes, num_classes) if num_classes > 0 else nn.Identity()
+            self.add_stage(f"layer{k + 1}", blocks, out, reduction)
+        self.build_head(inplanes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -182,14 +177,14 @@ class ResNet(GraphNet):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     m.zero_init_last()
-        self._reset_graph_parameters()
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
-def _resnet(block: BlockType, layers: Sequence[int], **kwargs) -> ResNet:
-    return ResNet(block, layers, **kwargs)
+def _resnet(block: BlockType, layers: Sequence[int], /, **kwargs) -> ResNet:
+    """Build a ResNet; ``layers=`` (and ``block=``) in ``kwargs`` override the registered table."""
+    return ResNet(kwargs.pop("block", block), kwargs.pop("layers", layers), **kwargs)
 
 
 _PAPER = "Table 1, App. 6.1"

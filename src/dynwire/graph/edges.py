@@ -1,0 +1,268 @@
+"""Edge weights of a stage graph: one module per wiring, chosen once by :func:`build_edges`.
+
+Every implementation answers the same four questions for the stage's forward loop:
+
+* ``predecessors(j)``: which nodes feed node ``j``;
+* ``begin(batch)``: a fresh per-forward :class:`EdgeState`;
+* ``observe(state, i, y)``: node ``i`` produced ``y`` (a router reads it here, Eq. 4);
+* ``node_weights(state, j)``: raw and gated weights ``(B, k)`` of node ``j``'s input edges
+  (Eq. 5 gate applied), in predecessor order.
+
+A new edge-weight scheme (another router type of App. 6.2, a pruned executor's view) is a new
+subclass; the stage and the model families do not change.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.router import Router, edge_gate
+from .wiring import WiringConfig, complete_dag_edges, random_dag_edges
+
+__all__ = [
+    "EdgeState",
+    "EdgeWeights",
+    "ChainEdges",
+    "RoutedEdges",
+    "StaticEdges",
+    "RandomEdges",
+    "build_edges",
+    "graph_stats",
+]
+
+
+class EdgeState:
+    """Per-forward scratch space of an :class:`EdgeWeights` (router outputs, shared alphas)."""
+
+    __slots__ = ("batch", "router_out", "alpha")
+
+    def __init__(self, batch: int, alpha: Tensor | None = None) -> None:
+        self.batch = batch
+        self.router_out: list[Tensor] = []
+        self.alpha = alpha
+
+
+class EdgeWeights(nn.Module):
+    """Base class: the DAG of a stage with ``num_blocks`` blocks and ``num_blocks + 1`` nodes."""
+
+    kind: ClassVar[str] = ""
+    #: True when every node has exactly its previous node as input with weight 1 (a plain chain).
+    is_chain: ClassVar[bool] = False
+
+    def __init__(self, num_blocks: int, cfg: WiringConfig) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"a graph stage needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.num_nodes = num_blocks + 1
+        self.eval_gate = cfg.eval_gate
+        self.edges = complete_dag_edges(self.num_nodes)
+        self._preds: list[list[int]] = [list(range(j)) for j in range(self.num_nodes)]
+
+    # -- structure ----------------------------------------------------------------------
+    def predecessors(self, j: int) -> list[int]:
+        """Indices of the nodes feeding node ``j``."""
+        return self._preds[j]
+
+    def edge_mask_matrix(self) -> Tensor:
+        """``(N, N)`` 0/1 matrix of the edges that exist, row = receiver, column = sender."""
+        m = torch.zeros(self.num_nodes, self.num_nodes)
+        for j, preds in enumerate(self._preds):
+            m[j, preds] = 1.0
+        return m
+
+    def num_edges(self) -> int:
+        return sum(len(p) for p in self._preds)
+
+    # -- per-forward interface ------------------------------------------------------------
+    def begin(self, batch: int) -> EdgeState:
+        return EdgeState(batch)
+
+    def observe(self, state: EdgeState, i: int, y: Tensor) -> None:
+        """Node ``i`` produced ``y``; only routed wirings look at it."""
+
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Initialise the wiring's own parameters (none by default)."""
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, nodes={self.num_nodes}, edges={self.num_edges()}, eval_gate={self.eval_gate}"
+
+
+class ChainEdges(EdgeWeights):
+    """``sequential``: block ``j`` feeds block ``j + 1``, no parameters (the plain backbone)."""
+
+    kind = "sequential"
+    is_chain = True
+
+    def __init__(self, num_blocks: int, cfg: WiringConfig) -> None:
+        super().__init__(num_blocks, cfg)
+        self._preds = [[j - 1] if j else [] for j in range(self.num_nodes)]
+
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+        ones = torch.ones(state.batch, 1)
+        return ones, ones
+
+
+class _Thresholded(EdgeWeights):
+    """A learnable threshold ``tau`` per receiving node ``1 .. n`` (Eq. 5)."""
+
+    def __init__(self, num_blocks: int, cfg: WiringConfig) -> None:
+        super().__init__(num_blocks, cfg)
+        self._tau_init = float(cfg.tau_init)
+        self.tau = nn.Parameter(torch.full((num_blocks,), self._tau_init))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.tau, self._tau_init)
+
+    def gate(self, alpha: Tensor, j: int) -> Tensor:
+        return edge_gate(alpha, self.tau[j - 1], self.training, self.eval_gate)
+
+
+class RoutedEdges(_Thresholded):
+    """``dynamic`` (DG-Net, alpha_b): block ``i``'s router predicts its ``n - i`` output edges."""
+
+    kind = "dynamic"
+
+    def __init__(self, num_blocks: int, channels: int, cfg: WiringConfig) -> None:
+        super().__init__(num_blocks, cfg)
+        n = num_blocks
+        self.routers = nn.ModuleList(Router(channels, n - i, cfg.router_bias) for i in range(n))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for r in self.routers:
+            r.reset_parameters()
+
+    def observe(self, state: EdgeState, i: int, y: Tensor) -> None:
+        state.router_out.append(self.routers[i](y))
+
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+        ro = state.router_out
+        alpha = torch.stack([ro[i][:, j - i - 1] for i in self._preds[j]], dim=1)
+        return alpha, self.gate(alpha, j)
+
+
+class StaticEdges(_Thresholded):
+    """``static`` (Table 6's alpha): ``sigmoid(theta)`` per edge, shared by all samples."""
+
+    kind = "static"
+    thresholded: ClassVar[bool] = True
+
+    def __init__(self, num_blocks: int, cfg: WiringConfig) -> None:
+        super().__init__(num_blocks, cfg)
+        self._logit_init = float(cfg.router_bias)
+        self.edge_logits = nn.Parameter(torch.full((len(self.edges),), self._logit_init))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.constant_(self.edge_logits, self._logit_init)
+
+    def begin(self, batch: int) -> EdgeState:
+        return EdgeState(batch, torch.sigmoid(self.edge_logits))
+
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+        start = j * (j - 1) // 2
+        idx = [start + i for i in self._preds[j]]
+        alpha = state.alpha[idx].unsqueeze(0).expand(state.batch, len(idx))
+        return alpha, (self.gate(alpha, j) if self.thresholded else alpha)
+
+
+class RandomEdges(StaticEdges):
+    """``random-*`` (Table 4): a RandWire graph with learnable static weights, no thresholds.
+
+    The edge mask is a buffer, so a checkpoint restores exactly the same graph.
+    """
+
+    thresholded = False
+
+    def __init__(self, num_blocks: int, cfg: WiringConfig, stage_index: int = 0) -> None:
+        super().__init__(num_blocks, cfg)
+        del self.tau  # RandWire graphs have no thresholds
+        self.kind = cfg.kind
+        seed = cfg.graph_seed + stage_index
+        mask = random_dag_edges(num_blocks, cfg, seed=seed)
+        self.register_buffer("edge_mask", torch.tensor(mask, dtype=torch.bool))
+        self._set_preds(mask)
+        self.seed_independent = _seed_independent(num_blocks, cfg, mask, seed)
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.edge_logits, self._logit_init)
+
+    def _set_preds(self, mask: list[bool]) -> None:
+        self._preds = [[] for _ in range(self.num_nodes)]
+        for keep, (i, j) in zip(mask, self.edges):
+            if keep:
+                self._preds[j].append(i)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.edge_mask.device.type != "meta":
+            self._set_preds(self.edge_mask.tolist())
+
+
+_PROBE_SEEDS = 16
+_WARNED: set[tuple] = set()
+
+
+def _seed_independent(num_blocks: int, cfg: WiringConfig, mask: list[bool], seed: int) -> bool:
+    """True when the generator gives this same graph for every probed seed."""
+    return all(random_dag_edges(num_blocks, cfg, seed=seed + s) == mask for s in range(1, _PROBE_SEEDS))
+
+
+def warn_if_seed_independent(edges: EdgeWeights, stage_name: str) -> None:
+    """Warn (once per model, wiring and stage) that a random stage cannot vary with the seed."""
+    if not getattr(edges, "seed_independent", False) or edges.num_blocks < 2:
+        return  # a one-block stage has one possible graph in every wiring
+    key = (edges.kind, edges.num_blocks, stage_name)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"stage '{stage_name}': {edges.kind} over {edges.num_blocks} blocks gives the same graph for every "
+        f"graph_seed ({edges.num_edges()} edges); the stage is too small for this generator to vary "
+        "(see `dynwire graphs MODEL --wiring ...`)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def build_edges(num_blocks: int, channels: int, cfg: WiringConfig, stage_index: int = 0) -> EdgeWeights:
+    """The edge-weight module of a stage for wiring ``cfg`` (the one place that branches on it)."""
+    # Every wiring takes exactly one draw from the global RNG and builds its parameters from a
+    # private stream seeded by it: the same seed then gives the same block weights in every
+    # wiring (paired comparisons between wirings are real), and router weights do not reuse the
+    # random numbers of the blocks built after them.
+    seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        if cfg.kind == "sequential":
+            return ChainEdges(num_blocks, cfg)
+        if cfg.kind == "dynamic":
+            return RoutedEdges(num_blocks, channels, cfg)
+        if cfg.kind == "static":
+            return StaticEdges(num_blocks, cfg)
+        if cfg.is_random:
+            return RandomEdges(num_blocks, cfg, stage_index)
+    raise ValueError(f"no edge-weight implementation for wiring '{cfg.kind}'")
+
+
+def graph_stats(edges: EdgeWeights) -> dict:
+    """Nodes, edges, depth (longest input-to-output path) and seed dependence of one stage."""
+    depth = [0] * edges.num_nodes
+    for j in range(1, edges.num_nodes):
+        depth[j] = 1 + max(depth[i] for i in edges.predecessors(j))
+    return dict(
+        kind=edges.kind,
+        nodes=edges.num_nodes,
+        edges=edges.num_edges(),
+        possible_edges=len(edges.edges),
+        depth=depth[-1],
+        seed_independent=bool(getattr(edges, "seed_independent", False)),
+    )
