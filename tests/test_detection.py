@@ -19,9 +19,11 @@ from dynwire.detection import (
     CocoFormatError,
     collate_detection,
     default_returned_stages,
+    detect_images,
     draw_detections,
     drop_crowd,
     evaluate_coco,
+    evaluate_detector_checkpoint,
     fasterrcnn_fpn,
     hflip,
     load_detector,
@@ -430,7 +432,7 @@ def _recipe(root: Path, iters: int, **extra):
         },
         "optim": {"lr": 0.01, "reference_batch": 2},
         "schedule": {"iters": iters, "warmup_iters": 2, "steps": [iters - 1]},
-        "train": {"log_every": 1, "ckpt_every_iters": 1, "progress": False, "num_threads": 1},
+        "train": {"log_every": 1, "ckpt_every_iters": 1, "progress": False, "num_threads": 1, "device": "cpu"},
     }
     for k, v in extra.items():
         cfg[k].update(v)
@@ -462,6 +464,10 @@ def test_end_to_end_train_evaluate_reload(tmp_path, scenes):
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64)])
     assert set(out[0]) == {"boxes", "labels", "scores"}
+    ev2 = evaluate_detector_checkpoint(tmp_path / "run" / "last.pt", device="cpu")
+    assert ev2["AP"] == pytest.approx(ev["AP"]) and Path(ev2["detections_json"]).name == "last_detections.json"
+    drawn = detect_images(model, [scenes / "val" / "000001.png"], tmp_path / "drawn", ckpt["class_names"], 0.0)
+    assert Image.open(drawn[0]).size == (64, 64)
     with pytest.raises(ValueError, match="already holds a run"):
         train_detector(_recipe(scenes, 3), tmp_path / "run", resume=False)
 

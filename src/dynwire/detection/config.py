@@ -35,7 +35,8 @@ __all__ = [
 class DetModelConfig:
     name: str = "resnet50"  # backbone: any dynwire.list_models() name
     wiring: str = "dynamic"
-    wiring_kwargs: dict[str, Any] = field(default_factory=dict)
+    wiring_kwargs: dict[str, Any] = field(default_factory=dict)  # router_bias, eval_gate, ...
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # family options: stem, stem_width, ...
     norm: str = "frozen_bn"  # frozen_bn | bn | sync_bn
     trainable_stages: int = 3
     returned_stages: list[Any] | None = None

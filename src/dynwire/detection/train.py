@@ -132,7 +132,7 @@ def build_detector(cfg: DetectionConfig, num_classes: int, backbone_weights: boo
         min_size=tuple(int(s) for s in d.train_min_size),
         max_size=d.max_size,
         backbone_weights=m.backbone_weights if backbone_weights else None,
-        backbone_kwargs=m.wiring_kwargs,
+        backbone_kwargs={**m.wiring_kwargs, **m.backbone_kwargs},
         fpn_channels=m.fpn_channels,
         anchor_sizes=m.anchor_sizes,
         representation_size=m.representation_size,
