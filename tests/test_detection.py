@@ -78,7 +78,7 @@ def test_every_family_trains_and_detects(name):
     # a trainable stage's routers get gradients, a frozen one's do not exist
     body = model.backbone.body
     last = getattr(body, body.feature_info[-1]["module"])
-    assert last.graph.tau.grad is not None
+    assert last.edges.tau.grad is not None
     model.eval()
     with torch.no_grad():
         out = model(images)
@@ -99,8 +99,8 @@ def test_defaults_follow_detectron2_r50_fpn():
     for stage in ("layer2", "layer3", "layer4"):
         s = getattr(body, stage)
         assert all(p.requires_grad for p in s.parameters())
-        assert s.graph.tau.requires_grad and s.graph.routers[0].fc.weight.requires_grad
-    assert not body.layer1.graph.tau.requires_grad and not body.layer1.graph.routers[0].fc.weight.requires_grad
+        assert s.edges.tau.requires_grad and s.edges.routers[0].fc.weight.requires_grad
+    assert not body.layer1.edges.tau.requires_grad and not body.layer1.edges.routers[0].fc.weight.requires_grad
     sizes = model.rpn.anchor_generator.sizes
     assert sizes == ((32,), (64,), (128,), (256,), (512,))
     assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
@@ -160,7 +160,7 @@ def test_backbone_from_classification_checkpoint_and_torchvision_file(tmp_path):
     body = det.backbone.body
     assert torch.equal(body.layer3.blocks()[1].conv2.weight, cls.layer3.blocks()[1].conv2.weight)
     assert torch.equal(body.bn1.running_mean, cls.bn1.running_mean)  # statistics into FrozenBatchNorm2d
-    assert torch.equal(body.layer2.graph.tau, cls.layer2.graph.tau)  # a dynamic checkpoint keeps its wiring
+    assert torch.equal(body.layer2.edges.tau, cls.layer2.edges.tau)  # a dynamic checkpoint keeps its wiring
 
     tv = tmp_path / "resnet18_tv.pth"
     ref = torchvision_reference("resnet18")

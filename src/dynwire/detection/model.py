@@ -279,7 +279,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> dict[str, Any]:
                 v = v.expand(-1, own[k].shape[1], -1, -1) / own[k].shape[1]
                 adapted.append(f"{k}: 1 -> {own[k].shape[1]} input channels")
         sd[k] = v
-    missing = [k for k in own if k not in sd and ".graph." not in k and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in sd and ".edges." not in k and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shapes = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
