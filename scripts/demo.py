@@ -38,7 +38,7 @@ class RunMonitor:
     printed to ``stream`` prefixed with the run's name.
     """
 
-    BAR = "{desc:<11}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}"
+    BAR = "{desc:<11}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}]{postfix}"
 
     def __init__(self, name: str, log: IO[str], *, position: int, tty: bool, stream: IO[str] | None = None) -> None:
         self.name, self.log, self.tty = name, log, tty

@@ -321,3 +321,31 @@ def test_wiring_option_typo_fails_before_a_run_folder_exists(fmnist: Path, tmp_p
     assert err.startswith("dynwire train: error: model.wiring_kwargs.tau_int: unknown wiring option")
     assert "did you mean 'tau_init'" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_demo_draws_one_live_bar_per_run_from_the_progress_lines(tmp_path: Path) -> None:
+    """#9: scripts/demo.py follows each child's output: log file, bar (terminal) or prefixed lines."""
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[1] / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    lines = [
+        "[dynwire] epoch 1/2 step 2/4 loss 2.3000 acc 10.0% 300 img/s eta 0:01:05\n",
+        "some other output\n",
+        "[dynwire] epoch 1/2: train_loss=2.1, val_top1=30.5\n",
+        "[dynwire] epoch 2/2 step 2/4 loss 1.5000 acc 40.0% 310 img/s eta 0:00:07\n",
+    ]
+    term, log = io.StringIO(), io.StringIO()
+    mon = demo.RunMonitor("dynamic", log, position=0, tty=True, stream=term)
+    mon.follow(lines)
+    assert log.getvalue() == "".join(lines)
+    assert (mon.bar.n, mon.bar.total) == (6, 8)
+    assert mon.bar.postfix == "epoch 2/2 step 2/4 loss 1.500 310 img/s eta 0:00:07"
+    assert "dynamic: [dynwire] epoch 1/2: train_loss=2.1" in term.getvalue()
+    mon.close()
+
+    plain, log = io.StringIO(), io.StringIO()
+    demo.RunMonitor("sequential", log, position=1, tty=False, stream=plain).follow(lines)
+    assert plain.getvalue().splitlines() == ["[sequential] " + line.rstrip() for line in lines if "other" not in line]
