@@ -4,8 +4,11 @@
                            [--set key=value ...]
 
 Each run is a real `dynwire train` process (so its run directory records the exact command,
-resolved config, seed and versions). Afterwards a side-by-side table is printed and written,
-with the training curves, to the output folder (and copied to --results when given).
+resolved config, seed and versions). While they train, the terminal shows one live bar per run
+(epoch, step, loss, images/s, ETA), drawn from the plain progress lines each run writes to its
+log (`<out>/<run>.log`); without a terminal those lines are printed, prefixed with the wiring.
+Afterwards a side-by-side table is printed and written, with the training curves, to the output
+folder (and copied to --results when given).
 """
 
 from __future__ import annotations
@@ -16,9 +19,70 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from dynwire.engine.logging import parse_progress
 
 WIRINGS = ("sequential", "dynamic")
+
+
+class RunMonitor:
+    """Follows one run's output: copies every line to its log and shows its progress.
+
+    On a terminal (``tty``) a tqdm bar at ``position`` tracks the run's progress lines and
+    epoch summaries are printed above the bars; otherwise every progress or epoch line is
+    printed to ``stream`` prefixed with the run's name.
+    """
+
+    BAR = "{desc:<11}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}]{postfix}"
+
+    def __init__(self, name: str, log: IO[str], *, position: int, tty: bool, stream: IO[str] | None = None) -> None:
+        self.name, self.log, self.tty = name, log, tty
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar: Any = None
+        if tty:
+            self.bar = tqdm(
+                total=1, desc=name, position=position, bar_format=self.BAR, file=self.stream, dynamic_ncols=True
+            )
+            self.bar.set_postfix_str("starting")
+
+    def feed(self, line: str) -> None:
+        self.log.write(line)
+        self.log.flush()
+        text = line.rstrip("\n")
+        rec = parse_progress(text)
+        if rec is None:
+            if text.startswith(("[dynwire] epoch", "[dynwire] resumed", "dynwire train: error")):
+                self._print(text)
+            return
+        if self.bar is None:
+            self._print(text)
+            return
+        eta = rec["eta_s"]
+        self.bar.total = rec["epochs"] * rec["steps"]
+        self.bar.n = (rec["epoch"] - 1) * rec["steps"] + rec["step"]
+        self.bar.set_postfix_str(
+            f"epoch {rec['epoch']}/{rec['epochs']} step {rec['step']}/{rec['steps']} loss {rec['loss']:.3f} "
+            f"{rec['img_per_s']} img/s eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        )
+
+    def _print(self, text: str) -> None:
+        if self.bar is not None:
+            tqdm.write(f"{self.name}: {text}", file=self.stream)
+        else:
+            print(f"[{self.name}] {text}", file=self.stream, flush=True)
+
+    def follow(self, lines: Any) -> None:
+        for line in lines:
+            self.feed(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -67,9 +131,24 @@ def main() -> int:
 
     parallel = args.parallel if args.parallel is not None else (os.cpu_count() or 1) >= 2
     os.makedirs(args.out, exist_ok=True)
-    run_dirs, finals, commands, procs = {}, {}, {}, {}
+    run_dirs, finals, commands = {}, {}, {}
+    tty = sys.stderr.isatty()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    for wiring in WIRINGS:
+    running: list[tuple[str, subprocess.Popen, threading.Thread, RunMonitor, IO[str]]] = []
+
+    def wait(jobs: list) -> None:
+        for wiring, proc, thread, monitor, log in jobs:
+            thread.join()
+            code = proc.wait()
+            monitor.close()
+            log.close()
+            if code != 0:
+                for other in jobs:
+                    other[1].terminate()  # the other run saves last.pt and stops (SIGTERM)
+                raise SystemExit(f"the {wiring} run failed (exit {code}); see {log.name}")
+
+    for position, wiring in enumerate(WIRINGS):
         name = f"{args.config}_{wiring}"
         cmd = [
             sys.executable,
@@ -87,18 +166,18 @@ def main() -> int:
         ]
         run_dirs[wiring] = os.path.join(args.out, name)
         commands[wiring] = " ".join(["dynwire", *cmd[3:]])
-        if parallel:
-            # one single-threaded run per core; each run's progress goes to its log file
-            log = open(os.path.join(args.out, f"{name}.log"), "w")
-            print(f"=== {wiring}: {commands[wiring]}  (log: {log.name})", flush=True)
-            procs[wiring] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-        else:
-            print(f"\n=== {wiring}: {commands[wiring]}", flush=True)
-            subprocess.run(cmd, check=True)
-    for wiring, (proc, log) in procs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f"the {wiring} run failed (exit {proc.returncode}); see {log.name}")
-        log.close()
+        log = open(os.path.join(args.out, f"{name}.log"), "w")
+        print(f"=== {wiring}: {commands[wiring]}  (log: {log.name})", flush=True)
+        # one single-threaded run per core (parallel); its output is followed line by line
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        monitor = RunMonitor(wiring, log, position=position if parallel else 0, tty=tty)
+        thread = threading.Thread(target=monitor.follow, args=(proc.stdout,), daemon=True)
+        thread.start()
+        running.append((wiring, proc, thread, monitor, log))
+        if not parallel:
+            wait(running)
+            running.clear()
+    wait(running)
     for wiring in WIRINGS:
         with open(os.path.join(run_dirs[wiring], "final.json")) as f:
             finals[wiring] = json.load(f)

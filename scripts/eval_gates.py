@@ -6,14 +6,13 @@ python scripts/eval_gates.py runs/<run>/last.pt [--split val] [--subset N]
 from __future__ import annotations
 
 import argparse
+import types
 
 import torch
 
 import dynwire
-from dynwire.engine import load_checkpoint
-from dynwire.engine.config import config_from_dict
-from dynwire.engine.sampler import make_eval_loader
-from dynwire.engine.trainer import build_split, evaluate_model
+from dynwire.data import build_loader
+from dynwire.engine import build_model, build_split, config_from_dict, evaluate_model, load_checkpoint
 
 
 def main() -> None:
@@ -23,25 +22,20 @@ def main() -> None:
     args = ap.parse_args()
     ck = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(ck["config"])
-    val, info = build_split(cfg, "val", train=False)
-    model = dynwire.create_model(
-        cfg.model.name,
-        num_classes=info.num_classes,
-        in_chans=info.in_chans,
-        wiring=cfg.model.wiring,
-        **(cfg.model.wiring_kwargs or {}),
-    )
+    saved = ck.get("data_info")  # classes and input size the model was trained with
+    val, info = build_split(cfg, "val", train=False, info=types.SimpleNamespace(**saved) if saved else None)
+    model = build_model(cfg, info)
     model.load_state_dict(ck["model"])
     for gate in ("hard", "masked", "soft"):
         model.set_eval_gate(gate)
-        r = evaluate_model(model, make_eval_loader(val, args.batch_size), device=torch.device("cpu"))
+        r = evaluate_model(model, build_loader(val, args.batch_size, train=False), device=torch.device("cpu"))
         print(f"{gate:<7} top1 {r['top1']:.2f}  top5 {r['top5']:.2f}  loss {r['loss']:.4f}  ({r['images']} images)")
     # share of existing edges that Eq. 5 closes (alpha < tau), per stage, over the same images
     model.set_eval_gate("masked")
     model.eval()
     closed: dict[str, list[float]] = {}
     with torch.no_grad(), dynwire.record_adjacency(model) as rec:
-        for x, _ in make_eval_loader(val, args.batch_size):
+        for x, _ in build_loader(val, args.batch_size, train=False):
             model(x)
             for name, stage in model.graph_stages():
                 exists = stage.edges.edge_mask_matrix().bool()

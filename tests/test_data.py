@@ -486,3 +486,68 @@ def test_real_fashion_mnist_test_split():
     assert len(ds) == 10000 and len(ds.classes) == 10
     assert sorted(ds.targets.unique().tolist()) == list(range(10))
     assert torch.bincount(ds.targets).tolist() == [1000] * 10
+
+
+# --------------------------------------------------------------------------- own class folders
+
+
+def _png_classes(root: Path, counts: dict[str, int], size=(10, 8)) -> None:
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / name / f"{k}.png")
+
+
+def test_imagefolder_derives_classes_and_size_from_the_data(tmp_path):
+    _png_classes(tmp_path / "train", {"b": 3, "a": 2}, size=(10, 8))
+    _png_classes(tmp_path / "val", {"a": 1}, size=(10, 8))
+    train, info = build_dataset("imagefolder", tmp_path, "train")
+    assert info.classes == ("a", "b") and info.num_classes == 2 and info.input_size == (3, 8, 8)
+    assert len(train) == 5 and train[0][0].shape == (3, 8, 8)
+    val, vinfo = build_dataset("imagefolder", tmp_path, "val")
+    assert vinfo == info and len(val) == 1 and val[0][1] == 0  # labels follow the train classes
+    _, big = build_dataset("imagefolder", tmp_path, "train", image_size=16)
+    assert big.input_size == (3, 16, 16)
+    with pytest.raises(ValueError, match="imagefolder.*data.root"):
+        build_dataset("imagefolder", None, "train")
+    with pytest.raises(ValueError, match="unknown class"):
+        build_dataset("imagefolder", tmp_path, "val", classes=["x", "y"])
+
+
+def test_imagefolder_without_val_splits_one_folder_by_seed(tmp_path):
+    _png_classes(tmp_path, {"a": 10, "b": 10})
+    tr, info = build_dataset("imagefolder", tmp_path, "train", subset_seed=1)
+    va, _ = build_dataset("imagefolder", tmp_path, "val", subset_seed=1)
+    assert info.classes == ("a", "b") and len(tr) == 18 and len(va) == 2
+    assert sorted(va.targets) == [0, 1]  # stratified: one of each class
+    assert not set(tr.indices) & set(va.indices) and sorted(tr.indices + va.indices) == list(range(20))
+    again, _ = build_dataset("imagefolder", tmp_path, "val", subset_seed=1)
+    other, _ = build_dataset("imagefolder", tmp_path, "val", subset_seed=2)
+    assert again.indices == va.indices and other.indices != va.indices
+
+
+@pytest.mark.parametrize("alias", ["fmnist", "fashion-mnist", "Fashion_MNIST", "FashionMNIST"])
+def test_dataset_aliases(alias, fmnist_dir):
+    folder, _ = fmnist_dir
+    assert build_dataset(alias, folder, "val")[1].name == "fashion_mnist"
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(fmnist_dir):
+    """Workers, resume position and the global RNG do not change a sample's augmentation."""
+    from dynwire.data import SeededDataset
+
+    folder, _ = fmnist_dir
+    ds, _ = build_dataset("fashion_mnist", folder, "train")
+    seeded = SeededDataset(ds, seed=3)
+    torch.manual_seed(0)
+    a = seeded[(1, 4)][0]
+    torch.manual_seed(123)
+    assert torch.equal(seeded[(1, 4)][0], a)
+    assert not all(torch.equal(seeded[(e, 4)][0], a) for e in range(2, 8))  # epochs differ
+    state = torch.get_rng_state()
+    seeded[(0, 0)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
+    loaders = [build_loader(ds, 4, train=True, num_workers=w, seed=3) for w in (0, 2)]
+    got = [[x for x, _ in loader] for loader in loaders]
+    assert all(torch.equal(p, q) for p, q in zip(*got))

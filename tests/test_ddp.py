@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 import dynwire
-from dynwire.engine import load_checkpoint
-from dynwire.engine.trainer import seed_everything, state_dict_sha256
+from dynwire.engine import load_checkpoint, seed_everything, state_dict_sha256
 
 pytestmark = pytest.mark.slow
 

@@ -14,15 +14,14 @@ from safetensors.torch import load_file
 
 import dynwire
 from dynwire.engine.checkpoint import (
-    TMP_SUFFIX,
     CheckpointError,
     atomic_torch_save,
     capture_rng_state,
     export_safetensors,
     load_checkpoint,
-    remove_stale_temp_files,
     restore_rng_state,
 )
+from dynwire.engine.files import TMP_SUFFIX, atomic_link, atomic_write, atomic_write_json, remove_stale_temp_files
 
 
 def _tiny_model(wiring: str = "dynamic") -> nn.Module:
@@ -57,6 +56,33 @@ def test_failed_save_keeps_old_checkpoint_and_removes_partial_file(tmp_path: Pat
     assert path.read_bytes() == before
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_every_writer_uses_one_temp_suffix_that_cleanup_knows(tmp_path: Path, monkeypatch) -> None:
+    """Text, JSON, links and checkpoints all write through atomic_write's `.partial` temp files."""
+    seen: list[str] = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append(Path(src).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    atomic_write(tmp_path / "config.yaml", "a: 1\n")
+    atomic_write_json(tmp_path / "run.json", {"a": 1})
+    atomic_torch_save({"a": torch.ones(1)}, tmp_path / "last.pt")
+    atomic_link(tmp_path / "last.pt", tmp_path / "best.pt")
+    export_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    assert len(seen) == 5 and all(n.startswith(".") and n.endswith(TMP_SUFFIX) for n in seen), seen
+    assert (tmp_path / "run.json").read_text() == '{\n  "a": 1\n}\n'
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt",
+        "config.yaml",
+        "last.pt",
+        "run.json",
+        "w.safetensors",
+    ]
 
 
 def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:

@@ -194,3 +194,67 @@ def test_config_dict_has_only_plain_values() -> None:
 
     walk(config_to_dict(load_config("imagenet_resnet50")))
     assert re.match(r"^[a-z]", load_config("fmnist_resnet20").run_name)
+
+
+# --------------------------------------------------------------------------- run names, aliases, wiring options
+def test_run_name_is_derived_from_the_config() -> None:
+    """#8: the README's `--set model.wiring=sequential` must not train into the dynamic run's folder."""
+    seq = load_config("fmnist_resnet20", ["model.wiring=sequential"])
+    assert seq.run_dir == Path("runs") / "fashion_mnist_cifar_resnet20_sequential"
+    assert load_config("fmnist_resnet20").run_name == "fashion_mnist_cifar_resnet20_dynamic"
+    assert load_config("fmnist_resnet20", ["output.name=mine"]).run_name == "mine"
+    for name in shipped_configs():
+        cfg = load_config(name)
+        assert cfg.output.name is None, name
+        assert cfg.run_name == f"{cfg.data.name}_{cfg.model.name}_{cfg.model.wiring}"
+
+
+@pytest.mark.parametrize("alias", ["fmnist", "fashion-mnist", "fashion_mnist", "FashionMNIST", "Fashion-MNIST"])
+def test_dataset_aliases_are_accepted_and_stored_canonical(alias: str) -> None:
+    cfg = load_config(None, [f"data.name={alias}"])
+    assert cfg.data.name == "fashion_mnist"
+    assert config_to_dict(cfg)["data"]["name"] == "fashion_mnist"
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        (
+            "model.wiring_kwargs.tau_int=0.5",
+            r"^model\.wiring_kwargs\.tau_int: unknown wiring option \(did you mean 'tau_init'\?\); allowed: .*router_bias",
+        ),
+        ("model.wiring_kwargs.eval_gate=sometimes", r"^model\.wiring_kwargs=\{'eval_gate': 'sometimes'\}: .*eval_gate"),
+        ("model.wiring_kwargs.er_p=0.0", r"^model\.wiring_kwargs=\{'er_p': 0\.0\}: .*er_p"),
+    ],
+)
+def test_wiring_kwargs_are_validated_when_the_config_loads(override: str, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        load_config("fmnist_resnet20", [override, "model.wiring=random-er"])
+
+
+def test_recipes_hold_only_what_differs() -> None:
+    """Each shipped recipe names a base and the dozen keys that define it; the saved config is complete."""
+    from importlib import resources
+
+    root = resources.files("dynwire") / "configs"
+    for name in shipped_configs():
+        raw = yaml.safe_load((root / f"{name}.yaml").read_text())
+        leaves = [(s, k) for s, sec in raw.items() if isinstance(sec, dict) for k in sec]
+        assert len(leaves) <= 12, (name, leaves)
+        assert "output" not in raw, name
+    full = config_to_dict(load_config("imagenet_resnet50"))
+    assert set(full) == {"model", "data", "optim", "schedule", "train", "output"}
+    assert full["train"]["amp"] == "bf16" and full["data"]["num_workers"] == 8 and full["output"]["dir"] == "runs"
+
+
+def test_base_recipe_is_merged_first_and_cycles_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.3\n  momentum: 0.8\nschedule:\n  epochs: 4\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\noptim:\n  lr: 0.5\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.schedule.epochs) == (0.5, 0.8, 4)
+    (tmp_path / "base.yaml").write_text("_base_: child.yaml\n")
+    with pytest.raises(ValueError, match="_base_ cycle"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("_base_: nowhere\n")
+    with pytest.raises(ValueError, match=r"_base_.*nowhere"):
+        load_config(tmp_path / "child.yaml")

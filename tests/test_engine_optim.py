@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 import dynwire
+from dynwire.data import EpochBatchSampler, ShardSampler
 from dynwire.engine.ema import ModelEma
 from dynwire.engine.optim import WarmupCosineSchedule, build_optimizer, lr_factor, param_groups
-from dynwire.engine.sampler import EpochBatchSampler, ShardSampler
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,9 @@
-"""The ``dynwire`` command line: ``profile``, ``models``, ``train``, ``eval``."""
+"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``models``.
+
+Every command reports bad input the same way: ``dynwire <command>: error: <message>`` on
+stderr and exit status 2 (3 when training diverged, 128 + signal when it was interrupted).
+Runs under ``torchrun`` too: ``torchrun --nproc_per_node=N -m dynwire.cli train ...``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._registry import get_model_cfg, list_models
+from .engine import TrainingDiverged, TrainingInterrupted, evaluate, export_safetensors, load_config, train
 from .graph.wiring import WIRINGS
 
 
@@ -54,9 +60,37 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from .engine.checkpoint import export_safetensors
+def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.root={json.dumps(str(args.data_dir))}")
+    if args.output_dir:
+        overrides.append(f"output.dir={json.dumps(str(args.output_dir))}")
+    if args.resume:
+        overrides.append("train.resume=auto")
+    final = train(load_config(args.config, overrides))
+    summary = {k: final.get(k) for k in ("run_dir", "val", "best_val_top1", "params", "macs", "train_images_per_s")}
+    print(json.dumps(summary, indent=2))
+    return 0
 
+
+def _eval(args: argparse.Namespace) -> int:
+    result = evaluate(
+        args.checkpoint,
+        data_dir=args.data_dir,
+        split=args.split,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        subset=args.subset,
+        use_ema=args.ema,
+        device=args.device,
+        overrides=args.overrides,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
     out = export_safetensors(args.checkpoint, args.out, use_ema=args.ema)
     print(f"wrote {out}")
     return 0
@@ -66,6 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynwire", description="Dynamic Graph Networks (DG-Net) for PyTorch")
     p.add_argument("--version", action="version", version=f"dynwire {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train a model. Works in one process or under torchrun "
+        "(torchrun --nproc_per_node=N -m dynwire.cli train ...); data.batch_size is the global batch.",
+    )
+    tr.add_argument("--config", required=True, help="YAML config path or a shipped config name (fmnist_resnet20)")
+    _add_set(tr, "override config entries, e.g. --set optim.lr=0.05 schedule.epochs=3 (values parsed as YAML)")
+    tr.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory if present")
+    tr.add_argument("--data-dir", help="dataset folder (sets data.root)")
+    tr.add_argument("--output-dir", help="parent folder of the run directory (sets output.dir)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a training checkpoint.")
+    ev.add_argument("--checkpoint", required=True, help="path to last.pt / best.pt")
+    ev.add_argument("--data-dir", help="dataset folder (overrides the checkpoint's data.root)")
+    ev.add_argument("--split", default="val", help="dataset split to evaluate (default: val)")
+    ev.add_argument("--batch-size", type=int, help="evaluation batch size")
+    ev.add_argument("--num-workers", type=int, help="data loader workers")
+    ev.add_argument("--subset", type=int, help="evaluate on this many images")
+    ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    _add_set(ev, "override the checkpoint's stored config, e.g. --set model.wiring_kwargs.eval_gate=soft")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("profile", help="parameters and MACs of backbones, baseline vs DG-Net (Table 1)")
     pr.add_argument("names", nargs="*", help="model names or patterns (default: all)")
@@ -84,24 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output .safetensors path")
     ex.add_argument("--ema", action="store_true", help="export the EMA weights")
     ex.set_defaults(func=_export)
-
-    try:
-        from .engine import commands as engine_commands
-    except ImportError:
-        engine_commands = None
-    if engine_commands is not None and hasattr(engine_commands, "register"):
-        engine_commands.register(sub)
     return p
 
 
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[], help=help
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns the exit status (errors reported as ``dynwire <cmd>: error: ...``)."""
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dynwire {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, TrainingDiverged, TrainingInterrupted) as e:  # incl. CheckpointError
+        code = 3 if isinstance(e, TrainingDiverged) else e.exit_code if isinstance(e, TrainingInterrupted) else 2
+        print(f"dynwire {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Data layer: Fashion-MNIST / CIFAR / ImageNet datasets read from local files, plus loader factories.
+"""Data layer: Fashion-MNIST / CIFAR / ImageNet / own class folders read from local files, and the loader.
 
 Nothing is ever downloaded. Roots default to ``$DYNWIRE_DATA_DIR`` and ``./data`` (and, for
 Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` from the Debian package
@@ -12,7 +12,6 @@ from .build import (
     DatasetInfo,
     LabeledSubset,
     build_dataset,
-    build_loader,
     canonical_dataset_name,
     get_dataset_info,
 )
@@ -27,6 +26,7 @@ from .imagefolder import (
     find_imagenet_split_dir,
     imagenet_transforms,
 )
+from .loader import EpochBatchSampler, SeededDataset, ShardSampler, build_loader, sample_seed, seed_worker
 
 __all__ = [
     "BAD_IMAGE_MODES",
@@ -38,11 +38,14 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DatasetInfo",
+    "EpochBatchSampler",
     "FashionMNIST",
     "ImageNetFolder",
     "LabeledSubset",
     "RestrictedUnpickler",
     "SafeImageFolder",
+    "SeededDataset",
+    "ShardSampler",
     "UnsafePickleError",
     "build_dataset",
     "build_loader",
@@ -53,4 +56,6 @@ __all__ = [
     "imagenet_transforms",
     "read_idx",
     "safe_load_pickle",
+    "sample_seed",
+    "seed_worker",
 ]

@@ -1,21 +1,31 @@
-"""Dataset / DataLoader factories used by the training engine and the CLI."""
+"""Dataset factory used by the training engine and the CLI: ``build_dataset`` and ``DatasetInfo``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 
 from ._paths import PathLike
 from .cifar import CIFAR10, CIFAR100
 from .fashion_mnist import FashionMNIST
-from .imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder, check_bad_image_mode, imagenet_transforms
+from .imagefolder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageNetFolder,
+    SafeImageFolder,
+    check_bad_image_mode,
+    first_image_side,
+    holdout_split,
+    imagenet_transforms,
+    list_classes,
+)
 from .transforms import tensor_transforms
 
 __all__ = [
@@ -23,7 +33,6 @@ __all__ = [
     "DatasetInfo",
     "LabeledSubset",
     "build_dataset",
-    "build_loader",
     "canonical_dataset_name",
     "get_dataset_info",
 ]
@@ -41,6 +50,7 @@ class DatasetInfo:
     input_size: tuple[int, int, int]  # (C, H, W) fed to the model
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] = ()  # class names by label (filled by build_dataset)
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,10 @@ _SPECS: dict[str, _Spec] = {
     "cifar100": _Spec(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), padding=4),
     "imagenet": _Spec(1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
 }
-DATASET_NAMES: tuple[str, ...] = tuple(_SPECS)
+#: ``imagefolder``: your own class folders; class count, names and input size come from the data.
+DATASET_NAMES: tuple[str, ...] = (*_SPECS, "imagefolder")
 _ALIASES = {
+    "image_folder": "imagefolder",
     "fmnist": "fashion_mnist",
     "fashionmnist": "fashion_mnist",
     "cifar_10": "cifar10",
@@ -77,7 +89,7 @@ def canonical_dataset_name(name: str) -> str:
         raise ValueError(f"dataset name must be a string, got {name!r}; valid names: {list(DATASET_NAMES)}")
     key = name.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
-    if key not in _SPECS:
+    if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {list(DATASET_NAMES)}")
     return key
 
@@ -94,6 +106,8 @@ def get_dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
     """:class:`DatasetInfo` for ``name`` without touching the disk."""
     key = canonical_dataset_name(name)
     _check_positive_int(image_size, "image_size", allow_none=True)
+    if key not in _SPECS:
+        raise ValueError(f"{key}: class count and input size come from the data; use build_dataset")
     spec = _SPECS[key]
     side = image_size if image_size is not None else spec.native_size
     return DatasetInfo(key, spec.num_classes, spec.in_chans, (spec.in_chans, side, side), spec.mean, spec.std)
@@ -134,15 +148,22 @@ def build_dataset(
     on_bad_image: str = "raise",
     subset: int | None = None,
     subset_seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> tuple[Dataset, DatasetInfo]:
     """Build a dataset with its standard transforms and return it with its :class:`DatasetInfo`.
 
-    ``name``: one of ``fashion_mnist``, ``cifar10``, ``cifar100``, ``imagenet``.
+    ``name``: one of :data:`DATASET_NAMES` (aliases such as ``fmnist`` / ``fashion-mnist`` work).
     ``split``: ``"train"`` or ``"val"`` (the test split for Fashion-MNIST/CIFAR; ``"test"`` is an alias).
     ``augment``: random crop/flip on the train split (never on val).
-    ``image_size``: model input side; defaults to 28 / 32 / 224 (small images are resized if it differs).
-    ``on_bad_image``: ``"raise"`` or ``"skip"`` unreadable image files (ImageNet only).
+    ``image_size``: model input side; defaults to 28 / 32 / 224 (small images are resized if it differs);
+    for ``imagefolder`` the smaller side of the first training image, at most 224.
+    ``on_bad_image``: ``"raise"`` or ``"skip"`` unreadable image files (class-folder datasets).
     ``subset``: keep a deterministic random subset of that many samples (seeded by ``subset_seed``).
+    ``classes`` (``imagefolder``): the class names of a trained model, so labels match its outputs.
+
+    ``imagefolder`` reads ``root/train`` and ``root/val`` class folders or, without ``val/``, the
+    class folders of ``root`` (or ``root/train``) split per class: 10% of each class (at least one
+    image) for val, chosen by ``subset_seed``.
     """
     key = canonical_dataset_name(name)
     if split not in _SPLITS:
@@ -151,20 +172,24 @@ def build_dataset(
     check_bad_image_mode(on_bad_image)
     _check_positive_int(subset, "subset", allow_none=True)
     _check_positive_int(subset_seed, "subset_seed", minimum=0)
-    info = get_dataset_info(key, image_size)
-    spec = _SPECS[key]
+    _check_positive_int(image_size, "image_size", allow_none=True)
     train_tf = split == "train" and bool(augment)
-    ds: Dataset
-    if key == "imagenet":
-        tf = imagenet_transforms(train=train_tf, image_size=info.input_size[1], mean=spec.mean, std=spec.std)
+    ds: Any
+    if key == "imagefolder":
+        ds, info = _imagefolder(root, split, train_tf, image_size, on_bad_image, subset_seed, classes)
+    elif key == "imagenet":
+        info = get_dataset_info(key, image_size)
+        tf = imagenet_transforms(train=train_tf, image_size=info.input_size[1], mean=info.mean, std=info.std)
         ds = ImageNetFolder(root, split, transform=tf, on_bad_image=on_bad_image)
-        if len(ds.classes) != spec.num_classes:
+        if len(ds.classes) != info.num_classes:
             logger.warning(
-                "ImageNet %s split at '%s' has %d class folders (expected %d); "
-                "labels follow the sorted folder names",
-                split, ds.root, len(ds.classes), spec.num_classes,
-            )
+                "ImageNet %s split at '%s' has %d class folders (expected %d); labels follow the sorted "
+                "folder names. For your own class folders use data.name=imagefolder",
+                split, ds.root, len(ds.classes), info.num_classes,
+            )  # fmt: skip
     else:
+        info = get_dataset_info(key, image_size)
+        spec = _SPECS[key]
         tf = tensor_transforms(
             train=train_tf,
             native_size=spec.native_size,
@@ -175,73 +200,38 @@ def build_dataset(
         )
         cls = {"fashion_mnist": FashionMNIST, "cifar10": CIFAR10, "cifar100": CIFAR100}[key]
         ds = cls(root, "train" if split == "train" else "test", transform=tf)
+    if not info.classes:
+        info = dataclasses.replace(info, classes=tuple(ds.classes))
     if subset is not None:
         ds = _take_subset(ds, subset, subset_seed)
     return ds, info
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy / random in a DataLoader worker from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def build_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    train: bool,
-    num_workers: int = 0,
-    distributed: bool = False,
-    seed: int = 0,
-    drop_last: bool | None = None,
-) -> DataLoader:
-    """DataLoader with reproducible shuffling.
-
-    Not distributed: shuffles (when ``train``) with a ``torch.Generator`` seeded by ``seed``; the
-    same generator seeds the workers, so order and worker-side augmentation repeat run to run
-    (with ``num_workers=0`` augmentation uses the global torch RNG: call ``torch.manual_seed``).
-    Distributed: ``DistributedSampler(shuffle=train, seed=seed)``; the caller must call
-    ``loader.sampler.set_epoch(epoch)`` each epoch. ``drop_last`` defaults to ``train`` unless
-    that would leave no batch. ``pin_memory`` only if CUDA is available; persistent workers
-    when ``num_workers > 0``.
-    """
-    _check_positive_int(batch_size, "batch_size")
-    _check_positive_int(num_workers, "num_workers", minimum=0)
-    _check_positive_int(seed, "seed", minimum=0)
-    if drop_last is not None and not isinstance(drop_last, bool):
-        raise ValueError(f"drop_last={drop_last!r} is not valid; expected True, False or None")
-    generator = torch.Generator()
-    sampler: DistributedSampler | None = None
-    if distributed:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "build_loader(distributed=True) needs an initialised torch.distributed process group "
-                "(call torch.distributed.init_process_group first)"
-            )
-        sampler = DistributedSampler(dataset, shuffle=bool(train), seed=seed)
-        n_local = sampler.num_samples
-        generator.manual_seed(seed + dist.get_rank())  # distinct worker RNG streams per rank
-    else:
-        n_local = len(dataset)  # type: ignore[arg-type]
-        generator.manual_seed(seed)
-    if drop_last is None:
-        drop_last = bool(train) and n_local >= batch_size
-    elif drop_last and n_local < batch_size:
+def _imagefolder(
+    root: PathLike | None,
+    split: str,
+    train_tf: bool,
+    image_size: int | None,
+    on_bad_image: str,
+    seed: int,
+    classes: Sequence[str] | None,
+) -> tuple[Dataset, DatasetInfo]:
+    if root is None:
         raise ValueError(
-            f"drop_last=True with batch_size={batch_size} but only {n_local} samples per process: "
-            "the loader would yield no batches; lower batch_size or pass drop_last=False"
+            "data.name=imagefolder needs data.root (or --data-dir): a folder with train/ and val/ class folders, "
+            "or class folders to split"
         )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=bool(train) and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        generator=generator,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
-    )
+    base = Path(root).expanduser()
+    if (base / "val").is_dir() and not (base / "train").is_dir():
+        raise FileNotFoundError(f"imagefolder '{base}': found val/ but no train/ next to it")
+    train_dir = base / "train" if (base / "train").is_dir() else base
+    val_dir = base / "val" if (base / "val").is_dir() else None
+    names = list(classes) if classes is not None else list_classes(train_dir)
+    side = image_size or first_image_side(train_dir, list_classes(train_dir))
+    info = DatasetInfo("imagefolder", len(names), 3, (3, side, side), IMAGENET_MEAN, IMAGENET_STD, tuple(names))
+    tf = imagenet_transforms(train=train_tf, image_size=side)
+    folder = val_dir if split == "val" and val_dir is not None else train_dir
+    ds = SafeImageFolder(folder, transform=tf, on_bad_image=on_bad_image, classes=names)
+    if val_dir is None:
+        ds = LabeledSubset(ds, holdout_split(ds.targets, seed)[split])
+    return ds, info

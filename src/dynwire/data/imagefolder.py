@@ -14,14 +14,17 @@ stays empty; use ``num_workers=0`` (or scan the files up front) to collect them 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 
 from ._paths import PathLike, candidate_roots, format_searched
 
@@ -31,6 +34,9 @@ __all__ = [
     "IMAGENET_STD",
     "SafeImageFolder",
     "check_bad_image_mode",
+    "first_image_side",
+    "holdout_split",
+    "list_classes",
     "ImageNetFolder",
     "find_imagenet_split_dir",
     "imagenet_transforms",
@@ -56,6 +62,8 @@ class SafeImageFolder(ImageFolder):
 
     ``on_bad_image="raise"`` (default) raises ``ValueError("cannot read image '<path>': ...")``;
     ``"skip"`` substitutes the next readable sample and records the path (see module docs).
+    ``classes``: fixed class names for labels ``0..n-1`` (e.g. a trained model's); folders may be
+    missing, an unknown folder is an error. Default: the sorted sub-folder names.
     """
 
     def __init__(
@@ -66,12 +74,30 @@ class SafeImageFolder(ImageFolder):
         loader: Callable[[str], Any] = default_loader,
         is_valid_file: Callable[[str], bool] | None = None,
         on_bad_image: str = "raise",
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.on_bad_image = check_bad_image_mode(on_bad_image)
+        self._fixed_classes = None if classes is None else list(classes)
         super().__init__(
-            str(root), transform=transform, target_transform=target_transform, loader=loader, is_valid_file=is_valid_file
+            str(root),
+            transform=transform,
+            target_transform=target_transform,
+            loader=loader,
+            is_valid_file=is_valid_file,
+            allow_empty=classes is not None,
         )
         self.bad_images: list[str] = []
+
+    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+        found, mapping = find_classes(directory)
+        if self._fixed_classes is None:
+            return found, mapping
+        unknown = sorted(set(found) - set(self._fixed_classes))
+        if unknown:
+            raise ValueError(
+                f"'{directory}' has unknown class folder(s) {unknown}; expected only {self._fixed_classes}"
+            )
+        return list(self._fixed_classes), {c: i for i, c in enumerate(self._fixed_classes)}
 
     @property
     def num_bad_images(self) -> int:
@@ -174,3 +200,51 @@ def imagenet_transforms(
     if resize < image_size:
         raise ValueError(f"resize_size={resize} must be >= image_size={image_size}")
     return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def list_classes(directory: PathLike) -> list[str]:
+    """Sorted class-folder names under ``directory`` (a clear error if there are none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder '{directory}' not found (pass --data-dir / set data.root)")
+    try:
+        return find_classes(directory)[0]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"image folder '{directory}' has no class folders: expected '<root>/<class>/<image>' "
+            "(or '<root>/train/<class>/...' and '<root>/val/<class>/...')"
+        ) from None
+
+
+def first_image_side(directory: PathLike, classes: Sequence[str], cap: int = 224) -> int:
+    """The smaller side of the first image (sorted) in the first non-empty class folder, at most ``cap``."""
+    for name in classes:
+        folder = Path(directory) / name
+        if not folder.is_dir():
+            continue
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+                try:
+                    with Image.open(entry.path) as img:
+                        return min(cap, *img.size)
+                except Exception:  # an unreadable file: try the next one
+                    continue
+    raise FileNotFoundError(f"image folder '{directory}': no readable image ({', '.join(IMG_EXTENSIONS)})")
+
+
+def holdout_split(targets: Sequence[int], seed: int, fraction: float = 0.1) -> dict[str, list[int]]:
+    """Per-class split of sample indices into ``train`` / ``val``, a pure function of ``seed``.
+
+    Each class with at least two images gives ``ceil(fraction * n)`` (>= 1) random images to val.
+    """
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(int(t), []).append(i)
+    val: list[int] = []
+    for c in sorted(by_class):
+        idx = by_class[c]
+        k = math.ceil(fraction * len(idx)) if len(idx) >= 2 else 0
+        val += [idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()]
+    held = set(val)
+    return {"train": [i for i in range(len(targets)) if i not in held], "val": sorted(val)}

@@ -1,18 +1,17 @@
-"""Checkpoints: atomic saves, weights-only loading, RNG state capture, safetensors export.
+"""Checkpoints: atomic saves, weights-only loading, RNG state capture, digests, safetensors export.
 
 A checkpoint is a plain dict of tensors and Python scalars/containers, so it
 loads with ``torch.load(..., weights_only=True)``; loading never unpickles
-arbitrary objects. Saves go to a temporary file in the same folder which is
-flushed, fsync'ed and then renamed over the target with :func:`os.replace`,
+arbitrary objects. Saves go through :func:`dynwire.engine.files.atomic_write`,
 so a crash mid-write never leaves a truncated ``last.pt``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,70 +20,37 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .files import atomic_write
+
 __all__ = [
     "CheckpointError",
     "atomic_torch_save",
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
+    "state_dict_sha256",
     "unwrap_model",
     "export_safetensors",
-    "remove_stale_temp_files",
-    "TMP_SUFFIX",
 ]
-
-#: Temporary files written by :func:`atomic_torch_save` end with this suffix.
-TMP_SUFFIX = ".partial"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or not loadable as weights only."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + ``os.replace`` + dir fsync).
-
-    If anything fails, the temp file is removed and an existing ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save`` to ``path`` atomically (see :func:`~dynwire.engine.files.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete temp files left by a save that was killed mid-write; returns them."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Digest of a state dict's names, dtypes, shapes and bytes (independent of device and key order)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{k}|{t.dtype}|{tuple(state[k].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
@@ -179,7 +145,7 @@ def export_safetensors(
     so every key of the state dict is present and loads back with
     ``load_state_dict``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     obj: Any = model_or_ckpt
     if isinstance(obj, (str, os.PathLike)):
@@ -206,14 +172,5 @@ def export_safetensors(
             raise ValueError(f"export_safetensors: entry {k!r} is {type(v).__name__}, not a tensor")
         # clone(): breaks storage sharing, which save_file refuses.
         tensors[k] = v.detach().to("cpu").contiguous().clone()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, save(tensors, metadata=meta))

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "all_reduce_sum", "barrier"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "cleanup_distributed",
+    "pick_device",
+    "all_reduce_sum",
+    "all_gather_objects",
+    "broadcast_buffers",
+    "barrier",
+]
 
 
 @dataclass
@@ -114,6 +123,22 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm stats drift apart under plain DDP)."""
+    if info.distributed:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
 
 
 def barrier(info: DistInfo) -> None:

@@ -1,4 +1,11 @@
-"""Rank-0 metric logging: ``metrics.csv`` + ``metrics.jsonl`` + TensorBoard, and a tqdm bar."""
+"""Rank-0 logging: ``metrics.csv`` + ``metrics.jsonl`` + TensorBoard, and live progress.
+
+Live progress (:class:`Progress`) is a tqdm bar when stderr is a terminal; otherwise (a log
+file, a pipe) one plain line every ``train.log_every`` steps, in a fixed format that
+:func:`parse_progress` reads back (``scripts/demo.py`` draws its bars from them)::
+
+    [dynwire] epoch 2/4 step 120/468 loss 0.4123 acc 85.2% 312 img/s eta 0:05:31
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,16 @@ import io
 import json
 import math
 import os
+import re
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-__all__ = ["MetricsLogger", "progress_bar"]
+from .files import atomic_write
+
+__all__ = ["MetricsLogger", "Progress", "format_progress", "parse_progress"]
 
 
 def _clean(v: Any) -> Any:
@@ -70,14 +81,11 @@ class MetricsLogger:
             self._add_fields(rec)
         self._rewrite()
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self._writer = None
-            else:
-                # Hide events past the resume point (or all old events on a fresh start).
-                purge = resume_step + 1 if resume_step is not None else 0
-                self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Hide events past the resume point (or all old events on a fresh start).
+            purge = resume_step + 1 if resume_step is not None else 0
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
 
     def _add_fields(self, rec: Mapping[str, Any]) -> bool:
         new = [k for k in rec if k not in self._fields]
@@ -90,13 +98,8 @@ class MetricsLogger:
         w.writeheader()
         for rec in self._records:
             w.writerow(rec)
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, self.csv_path)
-        with open(self.jsonl_path.with_name(self.jsonl_path.name + ".tmp"), "w", encoding="utf-8") as f:
-            for rec in self._records:
-                f.write(json.dumps(rec) + "\n")
-        os.replace(self.jsonl_path.with_name(self.jsonl_path.name + ".tmp"), self.jsonl_path)
+        atomic_write(self.csv_path, buf.getvalue())
+        atomic_write(self.jsonl_path, "".join(json.dumps(rec) + "\n" for rec in self._records))
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Write one record (``kind``, ``epoch``, ``step`` plus metrics)."""
@@ -130,16 +133,95 @@ class MetricsLogger:
             self._writer = None
 
 
-def progress_bar(total: int, *, enabled: bool, desc: str = "", initial: int = 0) -> Any:
-    """A tqdm bar (shown only when ``enabled`` and stderr is a terminal)."""
-    from tqdm.auto import tqdm
+_PROGRESS = re.compile(
+    r"^\[dynwire\] epoch (?P<epoch>\d+)/(?P<epochs>\d+) step (?P<step>\d+)/(?P<steps>\d+) "
+    r"loss (?P<loss>\S+) acc (?P<acc>\S+)% (?P<img_per_s>\d+) img/s eta (?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)$"
+)
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        disable=not (enabled and sys.stderr.isatty()),
-        dynamic_ncols=True,
-        leave=False,
-        unit="step",
+
+def format_progress(
+    *, epoch: int, epochs: int, step: int, steps: int, loss: float, acc: float, img_per_s: float, eta_s: float
+) -> str:
+    """One plain progress line (``epoch`` and ``step`` 1-based)."""
+    eta = int(round(eta_s))
+    return (
+        f"[dynwire] epoch {epoch}/{epochs} step {step}/{steps} loss {loss:.4f} acc {acc:.1f}% "
+        f"{img_per_s:.0f} img/s eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
     )
+
+
+def parse_progress(line: str) -> dict[str, Any] | None:
+    """The fields of a :func:`format_progress` line (``eta_s`` in seconds), or None for other lines."""
+    m = _PROGRESS.match(line.strip())
+    if m is None:
+        return None
+    g = m.groupdict()
+    out: dict[str, Any] = {k: int(g[k]) for k in ("epoch", "epochs", "step", "steps", "img_per_s")}
+    out.update(loss=float(g["loss"]), acc=float(g["acc"]), eta_s=int(g["h"]) * 3600 + int(g["m"]) * 60 + int(g["s"]))
+    return out
+
+
+class Progress:
+    """Live training progress on rank 0: a tqdm bar per epoch on a terminal, else plain lines.
+
+    ``report`` is called at each log point; the ETA extrapolates the time per step measured in
+    this process (evaluation included) over the steps left in the run.
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        epochs: int,
+        steps_per_epoch: int,
+        start_step: int,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = epochs * steps_per_epoch
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self._bar: Any = None
+
+    def start_epoch(self, epoch: int, step_in_epoch: int) -> None:
+        """``epoch`` 0-based; ``step_in_epoch`` steps of it already done."""
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=step_in_epoch,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=False,
+                unit="step",
+            )
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def report(self, *, epoch: int, step: int, global_step: int, loss: float, acc: float, img_per_s: float) -> None:
+        """Progress after ``step`` (1-based) of ``epoch`` (1-based), ``global_step`` steps in all."""
+        if not self.enabled:
+            return
+        done = max(global_step - self.start_step, 1)
+        eta = (self.total_steps - global_step) * (time.perf_counter() - self.t0) / done
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", img_s=f"{img_per_s:.0f}")
+            return
+        line = format_progress(
+            epoch=epoch, epochs=self.epochs, step=step, steps=self.steps_per_epoch,
+            loss=loss, acc=acc, img_per_s=img_per_s, eta_s=eta,
+        )  # fmt: skip
+        print(line, file=self.stream, flush=True)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

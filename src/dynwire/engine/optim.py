@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups", "build_optimizer", "WarmupCosineSchedule", "lr_factor"]
+__all__ = ["param_groups", "build_optimizer", "WarmupCosineSchedule", "lr_factor", "grad_norm"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, no_decay_norm_bias: bool = True) -> list[dict[str, Any]]:
@@ -58,6 +58,15 @@ def build_optimizer(
         raise ValueError("optim.nesterov=true needs optim.momentum > 0")
     groups = param_groups(model, weight_decay, no_decay_norm_bias=no_decay_norm_bias)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def grad_norm(model: nn.Module, max_norm: float | None = None) -> torch.Tensor:
+    """Total 2-norm of all gradients (one fused computation), clipping them to ``max_norm`` if given.
+
+    The result is NaN/Inf when any gradient is, which the trainer checks after every step.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    return nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cosine: bool = True) -> float:
