@@ -245,3 +245,13 @@ def test_collapsed_random_stage_warns_once_and_is_reported():
         dynwire.create_model("resnet18", wiring="random-ba")  # once per stage, not per model
         big = dynwire.create_model("cifar_resnet56", wiring="random-er")
     assert not graph_stats(big.layer1.edges)["seed_independent"]
+
+
+def test_graphs_command_reports_collapsed_stages(capsys):
+    from dynwire.cli import main
+
+    assert main(["graphs", "resnet50", "--wiring", "random-ba", "random-er", "--seeds", "4"]) == 0
+    out = capsys.readouterr().out
+    ba, er = out.split("resnet50, random-er")
+    assert ba.count("| no |") == 4  # BA with M=5 on 3-6 blocks: one star graph whatever the seed
+    assert "| layer3 | random-er | 7 |" in er and "| yes |" in er

@@ -1,4 +1,4 @@
-"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``models``.
+"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``.
 
 Every command reports bad input the same way: ``dynwire <command>: error: <message>`` on
 stderr and exit status 2 (3 when training diverged, 128 + signal when it was interrupted).
@@ -96,6 +96,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graphs(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .analysis.graphs import describe_graphs, graphs_table
+
+    get_model_cfg(args.name)  # unknown names: ValueError with suggestions
+    for wiring in args.wiring:
+        print(f"{args.name}, {wiring} (graph_seed {args.graph_seed}..{args.graph_seed + args.seeds - 1}):")
+        with warnings.catch_warnings():  # the table's last column says it
+            warnings.simplefilter("ignore")
+            rows = describe_graphs(args.name, wiring, seeds=args.seeds, graph_seed=args.graph_seed)
+        print(graphs_table(rows) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynwire", description="Dynamic Graph Networks (DG-Net) for PyTorch")
     p.add_argument("--version", action="version", version=f"dynwire {__version__}")
@@ -137,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("models", help="list registered models")
     ls.add_argument("pattern", nargs="?", default="*")
     ls.set_defaults(func=_models)
+
+    gr = sub.add_parser("graphs", help="each stage's graph for a wiring: nodes, edges, depth, seed dependence")
+    gr.add_argument("name", help="model name")
+    gr.add_argument("--wiring", nargs="+", default=["random-er", "random-ba", "random-ws"], choices=WIRINGS)
+    gr.add_argument("--seeds", type=int, default=8, help="graph seeds to build (counts distinct graphs)")
+    gr.add_argument("--graph-seed", type=int, default=0, help="first graph seed")
+    gr.set_defaults(func=_graphs)
 
     ex = sub.add_parser("export", help="write a checkpoint's weights as .safetensors")
     ex.add_argument("--checkpoint", required=True, help="last.pt / best.pt of a run")
