@@ -14,12 +14,14 @@ import dynwire
 from dynwire.analysis.connectivity import (
     ConnectivityAccumulator,
     StageStats,
+    _engine,
     derive_removed_nodes,
     main_analyze,
 )
-from dynwire.engine import load_config
-from dynwire.engine.config import config_to_dict
-from dynwire.engine.trainer import build_model, build_split
+
+_ENG = _engine()
+load_config, config_to_dict = _ENG["load_config"], _ENG["config_to_dict"]
+build_model, build_split = _ENG["build_model"], _ENG["build_split"]
 
 
 @pytest.fixture(autouse=True)

@@ -206,7 +206,7 @@ def sample_grid(
         y=1.0,
         va="bottom",
     )
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=75, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ def _accuracy(summary: dict[str, Any], path: Path) -> None:
     widths = [max(2.0, 0.9 * len(g["cells"]) + 1.0) for g in groups]
     fig, axes = plt.subplots(1, len(groups), figsize=(sum(widths) + 0.5, 4.2), squeeze=False, width_ratios=widths)
     rng = np.random.default_rng(0)
-    for ax, g in zip(axes[0], groups):
+    for ax, g, width in zip(axes[0], groups, widths):
         for x, c in enumerate(g["cells"]):
             vals = list(c["top1_by_seed"].values())
             if vals:
@@ -56,7 +57,7 @@ def _accuracy(summary: dict[str, Any], path: Path) -> None:
             ha="right",
             fontsize=8,
         )
-        ax.set_title(g["title"], fontsize=9)
+        ax.set_title(textwrap.fill(g["title"], max(16, int(width * 12))), fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("test top-1 (%)")
     fig.suptitle("Accuracy per cell: mean with 95% t interval, dots = seeds", fontsize=10)
@@ -137,8 +138,9 @@ def _curves(study: Study, group: Any, rows: dict[str, Any], path: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
-    axes[0].set(title=f"{group.title}: training loss (mean ± std over seeds)", xlabel="step", ylabel="loss")
+    axes[0].set(title="training loss (mean ± std over seeds)", xlabel="step", ylabel="loss")
     axes[1].set(title="test top-1 per evaluated epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 (%)")
+    fig.suptitle(group.title, fontsize=10)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

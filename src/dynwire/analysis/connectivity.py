@@ -536,8 +536,9 @@ def analyze_model(
     return acc
 
 
-def _engine():
-    """The engine's builders (top-level names when the engine exports them)."""
+def _engine() -> dict[str, Any]:
+    """The engine functions this module needs: top-level ``dynwire.engine`` names when exported there,
+    else from the engine module that defines them today (the engine is being split into modules)."""
     import dynwire.engine as eng
 
     def get(name: str, module: str) -> Any:
@@ -550,6 +551,8 @@ def _engine():
     return {
         "load_checkpoint": get("load_checkpoint", "checkpoint"),
         "config_from_dict": get("config_from_dict", "config"),
+        "config_to_dict": get("config_to_dict", "config"),
+        "load_config": get("load_config", "config"),
         "apply_overrides": get("apply_overrides", "config"),
         "build_split": get("build_split", "trainer"),
         "build_model": get("build_model", "trainer"),

@@ -364,12 +364,12 @@ def load_study(path: str | os.PathLike[str], *, output: str | None = None, resul
 # --------------------------------------------------------------------------- run state
 def expected_config(study: Study, run: RunSpec) -> dict[str, Any]:
     """The resolved config a run of this study trains with (as ``config.yaml`` stores it)."""
-    from dynwire.engine import load_config
-    from dynwire.engine.config import config_to_dict
+    from .connectivity import _engine
 
+    eng = _engine()
     cmd = study.command(run)
     overrides = cmd[cmd.index("--set") + 1 :]
-    return config_to_dict(load_config(study.recipe, overrides))
+    return eng["config_to_dict"](eng["load_config"](study.recipe, overrides))
 
 
 def _strip_volatile(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -682,7 +682,10 @@ def run_study(
         now = time.monotonic()
         done_n = sum(1 for r in runs if (study.run_dir(r) / "final.json").is_file())
         remaining = [est(r) for r in pending]
-        remaining += [None if est(a.run) is None else max(est(a.run) - (now - a.start), 0.0) for a in active.values()]
+        # a run past its estimate is assumed to need another tenth of it
+        remaining += [
+            None if est(a.run) is None else max(est(a.run) - (now - a.start), 0.1 * est(a.run)) for a in active.values()
+        ]
         eta = None if any(x is None for x in remaining) else sum(remaining) / jobs
         running = ", ".join(f"{n} ({_fmt_s(now - a.start)})" for n, a in active.items())
         print(
@@ -955,11 +958,12 @@ def _summary_md(s: dict[str, Any]) -> str:
         lines += [f"## {g['title']}", ""]
         if g.get("note"):
             lines += [g["note"], ""]
-        diff_keys: list[str] = []
+        diff_keys: list[str] = ["vs sequential", "vs static"]
         for c in g["cells"]:
             for k in c["diffs"]:
                 if k not in diff_keys:
                     diff_keys.append(k)
+        diff_keys = [k for k in diff_keys if any(k in c["diffs"] for c in g["cells"])]
         head = ["model", "cell", "n", "top-1 mean ± std", "95% CI of mean"]
         head += [f"Δ {k} [95% CI]" for k in diff_keys]
         head += ["params", "MMACs", "train s", "paper"]
