@@ -1,0 +1,288 @@
+"""Study runner: grid expansion, statistics on hand-made runs, a tiny grid end to end, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_fmnist_fixture
+
+from dynwire.analysis.study import (
+    STATUS_FILE,
+    _lock_busy,
+    aggregate,
+    expected_config,
+    load_study,
+    main_study,
+    run_status,
+    study_from_dict,
+)
+
+GRID = {
+    "name": "unit",
+    "recipe": {"config": "fmnist_resnet20", "set": ["schedule.epochs=1"]},
+    "groups": [
+        {"name": "core", "models": ["cifar_resnet20"], "wirings": ["sequential", "static", "dynamic"], "seeds": 3},
+        {
+            "name": "bias",
+            "models": ["cifar_resnet20"],
+            "wirings": ["dynamic"],
+            "options": {"bias +3": [], "bias -3": ["model.wiring_kwargs.router_bias=-3"]},
+            "seeds": [0, 1],
+            "reference": "bias +3",
+        },
+    ],
+}
+
+
+def _study(tmp_path: Path, raw: dict | None = None):
+    return study_from_dict(raw or GRID, output=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+
+
+# --------------------------------------------------------------------------- grid
+def test_grid_expansion_names_dedupe_and_seed_order(tmp_path: Path) -> None:
+    st = _study(tmp_path)
+    names = [r.name for r in st.runs]
+    # bias +3 has no overrides: the same runs as core's dynamic seeds 0, 1 (shared, not duplicated)
+    assert len(names) == len(set(names)) == 3 * 3 + 2
+    assert names[:4] == [
+        "cifar_resnet20__sequential__s0",
+        "cifar_resnet20__static__s0",
+        "cifar_resnet20__dynamic__s0",
+        "cifar_resnet20__dynamic__router_bias=-3__s0",
+    ]
+    assert [r.seed for r in st.runs] == sorted(r.seed for r in st.runs)  # seeds first: a cut study has whole seeds
+    cmd = st.command(st.runs[3])
+    assert cmd[1:4] == ["-m", "dynwire.cli", "train"] and "--resume" in cmd
+    sets = cmd[cmd.index("--set") + 1 :]
+    assert sets[0] == "schedule.epochs=1"
+    for want in ("model.wiring=dynamic", "model.wiring_kwargs.router_bias=-3", "train.seed=0", "train.num_threads=1"):
+        assert want in sets
+    assert (
+        f"output.dir={tmp_path / 'runs'}" in sets and "output.name=cifar_resnet20__dynamic__router_bias=-3__s0" in sets
+    )
+    cfg = expected_config(st, st.runs[3])
+    assert cfg["model"]["wiring_kwargs"] == {"router_bias": -3} and cfg["train"]["seed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"wirings": ["dynamc"]}, "unknown wiring"),
+        ({"seeds": 0}, "must be >= 1"),
+        ({"seeds": [1, 1]}, "repeated seeds"),
+        ({"options": {"a": ["train.seed=3"]}}, "set by the study runner"),
+        ({"options": {"a": ["nonsense"]}}, "section.key=value"),
+        ({"reference": "nope"}, "reference"),
+        ({"colour": 1}, "unknown key"),
+    ],
+)
+def test_grid_validation_errors(tmp_path: Path, patch: dict, message: str) -> None:
+    raw = json.loads(json.dumps(GRID))
+    raw["groups"][0].update(patch)
+    with pytest.raises(ValueError, match=message):
+        _study(tmp_path, raw)
+
+
+# --------------------------------------------------------------------------- aggregation
+TOP1 = {
+    "sequential": [90.0, 91.0, 92.0],
+    "static": [90.0, 91.5, 92.0],
+    "dynamic": [90.5, 91.0, 93.0],
+}
+
+
+def _fake_run(st, run, top1: float, wall: float = 100.0) -> None:
+    d = st.run_dir(run)
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(expected_config(st, run)))
+    final = {"val": {"top1": top1, "loss": 0.3, "top5": 99.0}, "params": 1000, "macs": 2_000_000, "train_time_s": 90.0}
+    (d / "final.json").write_text(json.dumps(final))
+    (d / STATUS_FILE).write_text(json.dumps({"attempts": [{"wall_s": wall, "outcome": "done"}], "wall_s_total": wall}))
+
+
+def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
+    st = _study(tmp_path)
+    for r in st.runs:
+        if not r.overrides:
+            _fake_run(st, r, TOP1[r.wiring][r.seed])
+    # bias -3: only seed 0 finished; seed 1 never started
+    _fake_run(st, next(r for r in st.runs if r.overrides and r.seed == 0), 89.0)
+    s = aggregate(st, plots=False)
+    assert s["runs_done"] == 10 and s["status_counts"] == {"done": 10, "new": 1}
+    core = {c["wiring"]: c for c in s["groups"][0]["cells"]}
+    seq = core["sequential"]["top1"]
+    assert seq["n"] == 3 and seq["mean"] == pytest.approx(91.0) and seq["std"] == pytest.approx(1.0)
+    assert seq["ci_half_width"] == pytest.approx(4.3027 * 1.0 / math.sqrt(3), abs=1e-3)  # t(0.975, 2) = 4.303
+    d = core["dynamic"]["diffs"]["vs sequential"]  # diffs 0.5, 0.0, 1.0: mean 0.5, s 0.5
+    assert d["diffs"] == pytest.approx([0.5, 0.0, 1.0])
+    assert d["mean"] == pytest.approx(0.5) and d["std"] == pytest.approx(0.5)
+    assert d["ci_half_width"] == pytest.approx(4.3027 * 0.5 / math.sqrt(3), abs=1e-3)  # 1.242
+    d = core["dynamic"]["diffs"]["vs static"]  # 0.5, -0.5, 1.0: mean 1/3, s = sqrt(7/12)
+    assert d["mean"] == pytest.approx(1 / 3) and d["std"] == pytest.approx(math.sqrt(7 / 12))
+    assert "vs sequential" not in core["sequential"]["diffs"] and "vs static" in core["sequential"]["diffs"]
+    bias = {c["option"]: c for c in s["groups"][1]["cells"]}
+    assert bias["bias +3"]["top1_by_seed"] == {"0": 90.5, "1": 91.0}  # shared with core's dynamic runs
+    d = bias["bias -3"]["diffs"]["vs bias +3"]
+    assert d["n"] == 1 and d["mean"] == pytest.approx(-1.5) and d["ci_half_width"] is None
+    rows = (st.results / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 11 and rows[0].startswith("run,model,wiring,options,seed,status,top1")
+    md = (st.results / "summary.md").read_text()
+    assert "+0.50 [-0.74, +1.74] (n=3)" in md and "91.00 ± 1.00" in md
+
+    # a run whose stored config no longer matches the study is stale: excluded and never rerun
+    r = st.runs[0]
+    cfg = yaml.safe_load((st.run_dir(r) / "config.yaml").read_text())
+    cfg["optim"]["lr"] = 0.3
+    (st.run_dir(r) / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_status(st, r) == "stale"
+    s = aggregate(st, plots=False)
+    assert s["groups"][0]["cells"][0]["top1"]["n"] == 2
+
+
+def test_dry_run_lists_status_and_estimate(tmp_path: Path, capsys) -> None:
+    raw = dict(GRID, estimates_s={"cifar_resnet20": 300})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    assert main_study(["--config", str(path), "--dry-run", "--jobs", "2", *out]) == 0
+    text = capsys.readouterr().out
+    assert "11 runs (new 11)" in text and "to run: 55m00s of single-core time" in text and "27m30s wall" in text
+    assert main_study(["--config", str(path), "--dry-run", "--only", "*__s2", *out]) == 0
+    assert "3 runs (new 3)" in capsys.readouterr().out
+    assert main_study(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+# --------------------------------------------------------------------------- end to end
+TINY_SET = [
+    "data.subset=null",
+    "data.val_subset=null",
+    "data.image_size=12",
+    "data.batch_size=32",
+    "schedule.epochs=1",
+    "schedule.warmup_epochs=0.1",
+    "train.log_every=2",
+    "train.ckpt_every_steps=2",
+]
+
+
+def _write_study(tmp_path: Path, data: Path, recipe_set: list[str], seeds: int, curves: bool = False) -> Path:
+    raw = {
+        "name": "tiny",
+        "recipe": {"config": "fmnist_resnet20", "set": recipe_set},
+        "data_dir": str(data),
+        "output": str(tmp_path / "runs"),
+        "results": str(tmp_path / "results"),
+        "estimates_s": {"cifar_resnet20": 10},
+        "groups": [
+            {
+                "name": "core",
+                "models": ["cifar_resnet20"],
+                "wirings": ["sequential", "dynamic"],
+                "seeds": seeds,
+                "curves": curves,
+            }
+        ],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fmnist256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fmnist_fixture(tmp_path_factory.mktemp("fmnist"), n_train=256, n_test=64)
+
+
+def _attempts(study, run) -> list[dict]:
+    return json.loads((study.run_dir(run) / STATUS_FILE).read_text())["attempts"]
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end_two_jobs(tmp_path: Path, fmnist256: Path, capsys) -> None:
+    path = _write_study(tmp_path, fmnist256, TINY_SET, seeds=2, curves=True)
+    assert main_study(["--config", str(path), "--jobs", "2", "--progress-every", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 0 done, 4 to run, 2 job(s)" in out and "done 4/4" in out
+    st = load_study(path)
+    rows = (st.results / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(",done," in r for r in rows[1:])
+    s = json.loads((st.results / "summary.json").read_text())
+    dyn = s["groups"][0]["cells"][1]
+    assert dyn["top1"]["n"] == 2 and dyn["diffs"]["vs sequential"]["n"] == 2
+    assert set(s["figures"]) == {"accuracy", "paired_diffs", "curves_core"}
+    for f in s["figures"].values():
+        assert (st.results / f).stat().st_size > 1000
+    for r in st.runs:
+        cfg = yaml.safe_load((st.run_dir(r) / "config.yaml").read_text())
+        assert cfg["train"]["seed"] == r.seed and cfg["train"]["num_threads"] == 1
+        assert "===== " in (st.run_dir(r) / "study.log").read_text()
+    mtimes = {r.name: (st.run_dir(r) / "final.json").stat().st_mtime_ns for r in st.runs}
+
+    # a second invocation reruns nothing
+    assert main_study(["--config", str(path), "--jobs", "2"]) == 0
+    assert "4 runs, 4 done, 0 to run" in capsys.readouterr().out
+    assert {r.name: (st.run_dir(r) / "final.json").stat().st_mtime_ns for r in st.runs} == mtimes
+    assert all(len(_attempts(st, r)) == 1 for r in st.runs)
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_trainer_and_killed_runner_resume(tmp_path: Path, fmnist256: Path, capsys) -> None:
+    """SIGKILL one trainer and then the runner itself; a new invocation finishes both runs by resuming."""
+    recipe = [*TINY_SET[:3], "data.batch_size=8", "schedule.epochs=2", *TINY_SET[5:]]  # 64 steps per run
+    path = _write_study(tmp_path, fmnist256, recipe, seeds=1)
+    st = load_study(path)
+    seq, dyn = st.runs
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "dynwire.analysis.study", "--config", str(path), "--jobs", "2", "--no-aggregate"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        _wait(lambda: all((st.run_dir(r) / "last.pt").is_file() for r in st.runs), 120, "both runs to checkpoint")
+        assert not any((st.run_dir(r) / "final.json").exists() for r in st.runs), "runs too short for this test"
+        pid = json.loads((st.run_dir(dyn) / STATUS_FILE).read_text())["running"]["pid"]
+        os.kill(pid, signal.SIGKILL)  # a trainer dies without saving
+        _wait(lambda: not _lock_busy(st.run_dir(dyn)), 30, "the killed trainer's lock to drop")
+        runner.kill()  # the runner dies too: its other trainer gets SIGTERM and saves last.pt
+        runner.wait(timeout=30)
+        _wait(lambda: not _lock_busy(st.run_dir(seq)), 60, "the orphaned trainer to save and exit")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert not any((st.run_dir(r) / "final.json").exists() for r in st.runs)
+    assert {run_status(st, r) for r in st.runs} == {"partial"}
+    assert "SIGTERM" in (st.run_dir(seq) / "study.log").read_text()
+
+    assert main_study(["--config", str(path), "--jobs", "2", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[study] resume ") == 2 and "done 2/2" in out
+    for r in st.runs:
+        run = json.loads((st.run_dir(r) / "run.json").read_text())
+        assert run.get("resumes"), f"{r.name} was restarted from scratch"
+        final = json.loads((st.run_dir(r) / "final.json").read_text())
+        assert final["global_step"] == 64
+        assert _attempts(st, r)[-1]["outcome"] == "done" and _attempts(st, r)[-1]["resumed"] is True
+    assert main_study(["--config", str(path), "--jobs", "2", "--no-aggregate"]) == 0
+    assert "2 runs, 2 done, 0 to run" in capsys.readouterr().out
