@@ -498,7 +498,7 @@ def analyze_model(
 
     device = torch.device(device)
     stages = graph_stages(model)
-    masks = {n: s.graph.edge_mask_matrix().numpy() > 0 for n, s in stages.items()}
+    masks = {n: s.edges.edge_mask_matrix().numpy() > 0 for n, s in stages.items()}
     acc = ConnectivityAccumulator(masks, num_classes, per_class=per_class, top_k=top_k)
     was_training = model.training
     model.eval()

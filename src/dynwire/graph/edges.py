@@ -5,8 +5,9 @@ Every implementation answers the same four questions for the stage's forward loo
 * ``predecessors(j)``: which nodes feed node ``j``;
 * ``begin(batch)``: a fresh per-forward :class:`EdgeState`;
 * ``observe(state, i, y)``: node ``i`` produced ``y`` (a router reads it here, Eq. 4);
-* ``node_weights(state, j)``: raw and gated weights ``(B, k)`` of node ``j``'s input edges
-  (Eq. 5 gate applied), in predecessor order.
+* ``node_weights(state, j)``: raw weights ``(B, k)`` of node ``j``'s input edges, the value
+  each carries when open, and the boolean mask of open edges (Eq. 5; ``None`` when nothing can
+  be closed), in predecessor order.
 
 A new edge-weight scheme (another router type of App. 6.2, a pruned executor's view) is a new
 subclass; the stage and the model families do not change.
@@ -85,8 +86,12 @@ class EdgeWeights(nn.Module):
     def observe(self, state: EdgeState, i: int, y: Tensor) -> None:
         """Node ``i`` produced ``y``; only routed wirings look at it."""
 
-    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def can_close(self) -> bool:
+        """Whether edges can be closed (and nodes removed) in the current mode."""
+        return False
 
     def reset_parameters(self) -> None:
         """Initialise the wiring's own parameters (none by default)."""
@@ -105,9 +110,9 @@ class ChainEdges(EdgeWeights):
         super().__init__(num_blocks, cfg)
         self._preds = [[j - 1] if j else [] for j in range(self.num_nodes)]
 
-    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         ones = torch.ones(state.batch, 1)
-        return ones, ones
+        return ones, ones, None
 
 
 class _Thresholded(EdgeWeights):
@@ -115,14 +120,18 @@ class _Thresholded(EdgeWeights):
 
     def __init__(self, num_blocks: int, cfg: WiringConfig) -> None:
         super().__init__(num_blocks, cfg)
+        self.train_gate = cfg.train_gate
         self._tau_init = float(cfg.tau_init)
         self.tau = nn.Parameter(torch.full((num_blocks,), self._tau_init))
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.tau, self._tau_init)
 
-    def gate(self, alpha: Tensor, j: int) -> Tensor:
-        return edge_gate(alpha, self.tau[j - 1], self.training, self.eval_gate)
+    def can_close(self) -> bool:
+        return self.train_gate == "hard" if self.training else self.eval_gate != "soft"
+
+    def gate(self, alpha: Tensor, j: int) -> tuple[Tensor, Tensor | None]:
+        return edge_gate(alpha, self.tau[j - 1], self.training, self.eval_gate, self.train_gate)
 
 
 class RoutedEdges(_Thresholded):
@@ -143,10 +152,10 @@ class RoutedEdges(_Thresholded):
     def observe(self, state: EdgeState, i: int, y: Tensor) -> None:
         state.router_out.append(self.routers[i](y))
 
-    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         ro = state.router_out
         alpha = torch.stack([ro[i][:, j - i - 1] for i in self._preds[j]], dim=1)
-        return alpha, self.gate(alpha, j)
+        return (alpha, *self.gate(alpha, j))
 
 
 class StaticEdges(_Thresholded):
@@ -167,11 +176,14 @@ class StaticEdges(_Thresholded):
     def begin(self, batch: int) -> EdgeState:
         return EdgeState(batch, torch.sigmoid(self.edge_logits))
 
-    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor]:
+    def can_close(self) -> bool:
+        return self.thresholded and super().can_close()
+
+    def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         start = j * (j - 1) // 2
         idx = [start + i for i in self._preds[j]]
         alpha = state.alpha[idx].unsqueeze(0).expand(state.batch, len(idx))
-        return alpha, (self.gate(alpha, j) if self.thresholded else alpha)
+        return (alpha, *self.gate(alpha, j)) if self.thresholded else (alpha, alpha, None)
 
 
 class RandomEdges(StaticEdges):

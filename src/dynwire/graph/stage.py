@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.aggregation import GradSlot, aggregate, recompute_aggregations, tap
+from ..layers.aggregation import GradSlot, aggregate, aggregate_reference, recompute_aggregations, tap
 from ..layers.router import EVAL_GATES
 from .edges import EdgeWeights, build_edges
 from .wiring import WiringConfig
@@ -56,8 +57,14 @@ class GraphStage(nn.Module):
         self.edges: EdgeWeights = build_edges(len(blocks), channels, wiring, stage_index)
         self.record_adjacency = False
         self.fused_grad = True  # accumulate node-output gradients in place (see layers.aggregation.tap)
+        #: ``"pruned"`` runs each block only for the samples where it is alive (removed nodes are
+        #: skipped); ``"dense"`` runs every block on the whole batch and zeroes removed samples
+        #: (the reference, and what compile / ONNX use). Same outputs either way.
+        self.executor = "pruned"
         self.adjacency: Tensor | None = None
         self.router_adjacency: Tensor | None = None
+        self.removed: Tensor | None = None
+        self.macs: Tensor | None = None
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     @property
@@ -90,34 +97,129 @@ class GraphStage(nn.Module):
     def _forward_graph(self, x: Tensor, blocks: list[nn.Module]) -> Tensor:
         g = self.edges
         batch = x.shape[0]
+        n = self.num_blocks
         state = g.begin(batch)
         record = self.record_adjacency
+        removal = g.can_close()
+        pruned = removal and self.executor == "pruned" and not _tracing()
         if record:
             adj = x.new_zeros(batch, self.num_nodes, self.num_nodes, dtype=torch.float32)
             raw = adj.clone()
+            macs = _MacCounter(batch)
         xs: list[Tensor] = []
         slots: list[GradSlot] = []
+        alive: list[Tensor] = []  # (B,) bool per node, when nodes can be removed
         use_taps = self.fused_grad and torch.is_grad_enabled() and not _tracing()
         h = x
         for j in range(self.num_nodes):
+            node_alive = None
             if j:
                 preds = g.predecessors(j)
-                alpha, gated = g.node_weights(state, j)
+                alpha, value, open_ = g.node_weights(state, j)
+                if removal:
+                    open_, node_alive = _close_removed(alpha, open_, [alive[i] for i in preds], output=j == n)
+                    weights = value * open_.to(value.dtype)
+                else:
+                    weights = value
                 if record:
-                    adj[:, j, preds] = gated.detach().float()
+                    adj[:, j, preds] = weights.detach().float()
                     raw[:, j, preds] = alpha.detach().float()
-                h = aggregate(gated, [xs[i] for i in preds], [slots[i] for i in preds] if use_taps else None)
-            if j == self.num_blocks:
+                cols = list(range(len(preds)))
+                if pruned:  # predecessors removed for every sample of the batch are not read
+                    any_alive = torch.stack([alive[i] for i in preds], 1).any(0).tolist()
+                    cols = [c for c, keep in enumerate(any_alive) if keep]
+                    if j < n and not bool(node_alive.any()):
+                        cols = []  # nothing to compute for this node
+                if cols:
+                    w = weights if len(cols) == len(preds) else weights[:, cols]
+                    ins = [xs[preds[c]] for c in cols]
+                    if torch.onnx.is_in_onnx_export():  # standard ops only in an exported graph
+                        h = aggregate_reference(w, ins)
+                    else:
+                        h = aggregate(w, ins, [slots[preds[c]] for c in cols] if use_taps else None)
+                    if record:
+                        macs.add_all(len(cols) * ins[0][0].numel())
+            if j == n:
                 break
-            y = blocks[j](h)
-            if use_taps:
+            if node_alive is None:
+                y = macs.run(blocks[j], h) if record else blocks[j](h)
+            else:
+                y = self._run_block(blocks[j], h if cols else None, node_alive, pruned, macs if record else None, xs[0])
+                alive.append(node_alive)
+            if j == 0 and removal:
+                alive.append(torch.ones(batch, dtype=torch.bool, device=x.device))
+            if use_taps and y.requires_grad:
                 y, slot = tap(y)
-                slots.append(slot)
+            else:
+                slot = GradSlot()
+            slots.append(slot)
             xs.append(y)
             g.observe(state, j, y)
+            if record and hasattr(g, "routers"):
+                macs.add_all(g.routers[j].fc.in_features * g.routers[j].fc.out_features)
         if record:
             self.adjacency, self.router_adjacency = adj, raw
+            self.removed = ~torch.stack(alive, 1) if removal else torch.zeros(batch, self.num_nodes, dtype=torch.bool)
+            if removal:
+                self.removed = torch.cat([self.removed, self.removed.new_zeros(batch, 1)], 1)  # output node
+            self.macs = macs.total
         return h
+
+    @staticmethod
+    def _run_block(
+        block: nn.Module, h: Tensor | None, alive: Tensor, pruned: bool, macs: _MacCounter | None, like: Tensor
+    ) -> Tensor:
+        """Run ``block`` for the samples where it is alive; removed samples get a zero output."""
+        run = macs.run if macs is not None else (lambda b, t, idx=None: b(t))
+        if not pruned:  # dense reference: compute everything, zero the removed samples
+            y = run(block, h)
+            return y * alive.view(-1, *([1] * (y.ndim - 1))).to(y.dtype)
+        if h is None:
+            return torch.zeros_like(like)
+        count = int(alive.sum())
+        if count == alive.numel():
+            return run(block, h)
+        idx = alive.nonzero().squeeze(1)
+        y = run(block, h.index_select(0, idx), idx)
+        return y.new_zeros((alive.numel(), *y.shape[1:])).index_copy(0, idx, y)
+
+
+def _close_removed(
+    alpha: Tensor, open_: Tensor | None, pred_alive: list[Tensor], output: bool
+) -> tuple[Tensor, Tensor]:
+    """Close the edges of removed predecessors; say per sample whether the node is alive.
+
+    A block none of whose input edges is open is removed (Sec. 3.3). The output node is never
+    removed: when all its edges are closed it keeps its strongest edge from a live node.
+    """
+    live = torch.stack(pred_alive, 1)
+    open_ = live if open_ is None else open_ & live
+    any_open = open_.any(1)
+    if not output:
+        return open_, any_open
+    strongest = alpha.detach().masked_fill(~live, float("-inf")).argmax(1, keepdim=True)
+    forced = torch.zeros_like(open_).scatter_(1, strongest, True) & ~any_open.unsqueeze(1)
+    return open_ | forced, torch.ones_like(any_open)
+
+
+class _MacCounter:
+    """Multiply-adds executed per sample in one stage forward, counted with torch's FLOP counter."""
+
+    def __init__(self, batch: int) -> None:
+        self.total = torch.zeros(batch, dtype=torch.float64)
+
+    def add_all(self, per_sample: float) -> None:
+        self.total += per_sample
+
+    def run(self, block: nn.Module, h: Tensor, idx: Tensor | None = None) -> Tensor:
+        with FlopCounterMode(display=False) as fc:
+            y = block(h)
+        per_sample = fc.get_total_flops() / 2 / h.shape[0]
+        if idx is None:
+            self.total += per_sample
+        else:
+            self.total.index_add_(0, idx.cpu(), torch.full((idx.numel(),), per_sample, dtype=torch.float64))
+        return y
 
 
 def _rename_legacy_keys(state_dict, prefix, *args) -> None:

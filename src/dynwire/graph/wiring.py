@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..layers.router import EVAL_GATES
+from ..layers.router import EVAL_GATES, TRAIN_GATES
 
 __all__ = ["WiringConfig", "WIRINGS", "resolve_wiring", "random_dag_edges", "complete_dag_edges"]
 
@@ -35,7 +35,11 @@ class WiringConfig:
         eval_gate: how evaluation applies Eq. 5: ``masked`` (default: edges with
             ``alpha < tau`` closed, open edges keep the training value
             ``alpha * sigmoid(alpha - tau)``), ``hard`` (literal Eq. 5: open edges pass ``alpha``,
-            a train/test scale gap) or ``soft`` (the training surrogate, nothing closed).
+            a train/test scale gap) or ``soft`` (the training surrogate, nothing closed). In
+            evaluation a block none of whose input edges is open is removed (Sec. 3.3).
+        train_gate: ``soft`` (default: the paper's surrogate, nothing closed in training) or
+            ``hard`` (closed edges exactly 0 and nodes removed in training too, with a
+            straight-through gradient), so the training forward matches evaluation.
         er_p, ba_m, ws_k, ws_p: RandWire generator parameters (defaults: Table 4).
         graph_seed: seed of the random generators; stage ``k`` uses ``graph_seed + k``.
         recompute: recompute aggregated node inputs in backward instead of storing them.
@@ -47,6 +51,7 @@ class WiringConfig:
     router_bias: float = 3.0
     tau_init: float = 0.0
     eval_gate: str = "masked"
+    train_gate: str = "soft"
     er_p: float = 0.2
     ba_m: int = 5
     ws_k: int = 4
@@ -68,6 +73,8 @@ class WiringConfig:
                 raise ValueError(f"wiring {name}={v!r} must be a finite number")
         if self.eval_gate not in EVAL_GATES:
             raise ValueError(f"eval_gate={self.eval_gate!r} is not valid; choose one of {', '.join(EVAL_GATES)}")
+        if self.train_gate not in TRAIN_GATES:
+            raise ValueError(f"train_gate={self.train_gate!r} is not valid; choose one of {', '.join(TRAIN_GATES)}")
         if not (0.0 < self.er_p <= 1.0):
             raise ValueError(f"er_p={self.er_p!r}: the Erdos-Renyi edge probability must be in (0, 1]")
         if not isinstance(self.ba_m, int) or self.ba_m < 1:

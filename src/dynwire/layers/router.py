@@ -7,10 +7,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Router", "edge_gate", "EVAL_GATES"]
+__all__ = ["Router", "edge_gate", "EVAL_GATES", "TRAIN_GATES"]
 
 EvalGate = Literal["hard", "soft", "masked"]
 EVAL_GATES: tuple[str, ...] = ("hard", "soft", "masked")
+TRAIN_GATES: tuple[str, ...] = ("soft", "hard")
 
 
 class Router(nn.Module):
@@ -41,17 +42,30 @@ class Router(nn.Module):
         return torch.sigmoid(logits)
 
 
-def edge_gate(alpha: Tensor, tau: Tensor, training: bool, eval_gate: str = "hard") -> Tensor:
+def edge_gate(
+    alpha: Tensor, tau: Tensor, training: bool, eval_gate: str = "masked", train_gate: str = "soft"
+) -> tuple[Tensor, Tensor | None]:
     """Threshold the edge weights ``alpha`` of one node with its threshold ``tau`` (Eq. 5).
 
-    Training uses the differentiable surrogate ``alpha * sigmoid(alpha - tau)``. Evaluation
-    with ``"hard"`` applies Eq. 5 literally (``alpha`` where ``alpha >= tau``, else 0),
-    ``"soft"`` keeps the training surrogate, and ``"masked"`` keeps the surrogate's values on
-    open edges and zeroes closed ones (no train/test scale gap).
+    Returns ``(value, open)``: ``value`` is what an open edge carries and ``open`` the boolean
+    mask of open edges (``None``: every edge open, nothing can be closed).
+
+    * training, ``train_gate="soft"``: the differentiable surrogate ``alpha * sigmoid(alpha - tau)``,
+      nothing closed;
+    * training, ``train_gate="hard"``: the same value on edges with ``alpha >= tau``, closed edges
+      exactly 0, with a straight-through gradient (backward sees the soft surrogate, so a
+      closed edge can open again);
+    * evaluation, ``eval_gate="masked"`` (default): open where ``alpha >= tau``, carrying the
+      surrogate's value (what training saw); ``"hard"``: the literal Eq. 5 (open edges carry
+      ``alpha``); ``"soft"``: the surrogate, nothing closed.
     """
-    if training or eval_gate == "soft":
-        return alpha * torch.sigmoid(alpha - tau)
-    keep = (alpha >= tau).to(alpha.dtype)
-    if eval_gate == "hard":
-        return alpha * keep
-    return alpha * torch.sigmoid(alpha - tau) * keep
+    if training:
+        soft = alpha * torch.sigmoid(alpha - tau)
+        if train_gate == "soft":
+            return soft, None
+        keep = alpha >= tau
+        return soft - (soft * (~keep).to(soft.dtype)).detach(), keep
+    if eval_gate == "soft":
+        return alpha * torch.sigmoid(alpha - tau), None
+    keep = alpha >= tau
+    return (alpha if eval_gate == "hard" else alpha * torch.sigmoid(alpha - tau)), keep

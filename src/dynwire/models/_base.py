@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..graph.edges import warn_if_seed_independent
 from ..graph.stage import GraphStage
@@ -46,6 +47,8 @@ class GraphNet(nn.Module):
         self.wiring = wiring
         self.stage_names = []
         self.feature_info = []
+        self.record_macs = False  # set by dynwire.record_adjacency: count stem and head MACs per sample
+        self.recorded_macs: Tensor | None = None
 
     # -- construction helpers -------------------------------------------------------------
     def add_stage(self, name: str, blocks: list[nn.Module], channels: int, reduction: int) -> GraphStage:
@@ -108,12 +111,23 @@ class GraphNet(nn.Module):
             and not torch.jit.is_tracing()
         )
 
+    def _counted(self, fn, x: Tensor) -> Tensor:
+        """``fn(x)``; while recording, its multiply-adds are added to every sample's count."""
+        if not self.record_macs:
+            return fn(x)
+        with FlopCounterMode(display=False) as fc:
+            y = fn(x)
+        per_sample = torch.full((x.shape[0],), fc.get_total_flops() / 2 / x.shape[0], dtype=torch.float64)
+        self.recorded_macs = per_sample if self.recorded_macs is None else self.recorded_macs + per_sample
+        return y
+
     def forward_intermediates(self, x: Tensor) -> list[Tensor]:
         """Outputs of every graph stage (for FPN-style detection heads), see ``feature_info``."""
         self.check_input(x)
+        self.recorded_macs = None
         outs = []
         with recompute_aggregations(self._recompute_enabled(), self.wiring.recompute_max_inputs):
-            x = self.forward_stem(x)
+            x = self._counted(self.forward_stem, x)
             for _, stage in self.graph_stages():
                 x = stage(x)
                 outs.append(x)
@@ -121,13 +135,17 @@ class GraphNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        self.recorded_macs = None
         with recompute_aggregations(self._recompute_enabled(), self.wiring.recompute_max_inputs):
-            x = self.forward_stem(x)
+            x = self._counted(self.forward_stem, x)
             for _, stage in self.graph_stages():
                 x = stage(x)
-        return self.forward_final(x)
+        return self._counted(self.forward_final, x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self._counted(lambda t: self._head(t, pre_logits), x)
+
+    def _head(self, x: Tensor, pre_logits: bool) -> Tensor:
         x = self.global_pool(x).flatten(1)
         x = self.dropout(x)
         return x if pre_logits else self.fc(x)

@@ -1,0 +1,159 @@
+"""Evaluation that removes closed nodes (Sec. 3.3): semantics, pruned executor, executed MACs."""
+
+import pytest
+import torch
+from conftest import small_size
+
+import dynwire
+from dynwire.analysis.profile import count_macs
+
+MODELS = dynwire.list_models()
+
+
+def _set_thresholds(model, x, share: float) -> None:
+    """Put every node's threshold at the ``share`` quantile of its incoming router weights."""
+    with dynwire.record_adjacency(model) as rec:
+        model(x)
+    with torch.no_grad():
+        for name, stage in model.graph_stages():
+            raw = rec.router[name]
+            for j in range(1, stage.num_nodes):
+                stage.edges.tau[j - 1] = torch.quantile(raw[:, j, :j].flatten(), share)
+
+
+def _executor(model, kind: str) -> None:
+    for _, s in model.graph_stages():
+        s.executor = kind
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pruned_executor_equals_dense_reference(name):
+    torch.manual_seed(0)
+    model = dynwire.create_model(name, num_classes=10, wiring="dynamic").eval()
+    x = torch.randn(6, *small_size(name))
+    _set_thresholds(model, x, 0.6)
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        pruned = model(x)
+    removed = torch.cat([r[:, 1:-1].flatten() for r in rec.removed.values()])
+    assert removed.any(), "the thresholds remove some nodes"
+    _executor(model, "dense")
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec_dense:
+        dense = model(x)
+    assert (pruned - dense).abs().max() <= 1e-5
+    for k in rec.removed:
+        assert torch.equal(rec.removed[k], rec_dense.removed[k])
+    # the dense reference executes every block: more multiply-adds for samples with removals
+    assert torch.all(rec.macs <= rec_dense.macs) and torch.any(rec.macs < rec_dense.macs)
+
+
+def test_removed_node_is_not_computed_and_outputs_zero():
+    m = dynwire.create_model("cifar_resnet20", num_classes=10).eval()
+    stage = m.layer2
+    calls = []
+    stage.blocks()[1].register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        stage.edges.tau[0] = 2.0  # node 1's only input edge (from node 0) closes: alpha < 1 < 2
+        with dynwire.record_adjacency(m) as rec:
+            m(x)
+    assert calls == [], "the removed block never runs"
+    assert rec.removed["layer2"][:, 1].all() and not rec.removed["layer2"][:, [0, 2, 3]].any()
+    adj = rec["layer2"]
+    assert torch.all(adj[:, 1, :] == 0) and torch.all(adj[:, :, 1] == 0), "its input and output edges are closed"
+
+
+def test_partial_removal_runs_the_block_on_the_live_samples_only():
+    m = dynwire.create_model("cifar_resnet20", num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with dynwire.record_adjacency(m) as rec:
+        m(x)
+    raw = rec.router["layer2"][:, 1, 0]
+    with torch.no_grad():
+        m.layer2.edges.tau[0] = raw.median()
+    calls = []
+    m.layer2.blocks()[1].register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
+    with torch.no_grad(), dynwire.record_adjacency(m) as rec:
+        m(x)
+    live = int((raw >= raw.median()).sum())
+    assert 0 < live < 8 and calls == [live]
+    assert torch.equal(rec.removed["layer2"][:, 1], raw < raw.median())
+
+
+def test_output_node_keeps_its_strongest_edge_when_all_are_closed():
+    m = dynwire.create_model("cifar_resnet20", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        m.layer3.edges.tau[-1] = 2.0  # every input edge of layer3's output node is closed
+        with dynwire.record_adjacency(m) as rec:
+            out = m(x)
+    adj, raw = rec["layer3"][:, -1, :-1], rec.router["layer3"][:, -1, :-1]
+    assert torch.isfinite(out).all()
+    assert torch.equal((adj > 0).sum(1), torch.ones(2, dtype=torch.long))
+    assert torch.equal(adj.argmax(1), raw.argmax(1))
+
+
+def test_executed_macs_count_what_ran():
+    m = dynwire.create_model("cifar_resnet56", num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), dynwire.record_adjacency(m) as rec:
+        m(x)
+    dense = count_macs(m, (3, 32, 32))
+    assert torch.all(rec.macs == dense), "nothing closed at init: every sample runs the dense model"
+    # remove layer1's node 1 for every sample: each sample saves that block (and the
+    # aggregations that no longer read it), counted with torch's FLOP counter
+    blk = m.layer1.blocks()[1]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        blk(torch.zeros(1, 16, 32, 32))
+    block_macs = fc.get_total_flops() // 2
+    with torch.no_grad():
+        m.layer1.edges.tau[0] = 2.0
+        with dynwire.record_adjacency(m) as rec:
+            m(x)
+    saved = dense - rec.macs
+    assert torch.all(saved >= block_macs) and torch.all(saved < 1.2 * block_macs)
+
+
+def test_batch_of_one_skips_removed_nodes_outright():
+    m = dynwire.create_model("cifar_resnet20", num_classes=10).eval()
+    with torch.no_grad():
+        m.layer1.edges.tau[0] = 2.0
+    calls = []
+    m.layer1.blocks()[1].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        m(torch.randn(1, 3, 32, 32))
+    assert not calls
+
+
+def test_hard_train_gate_matches_evaluation_forward_and_trains_thresholds():
+    """train_gate='hard': closed edges exactly 0 and removed nodes output 0 in training too."""
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard")
+    x = torch.randn(8, 3, 32, 32)
+    _set_thresholds(m.eval(), x, 0.5)
+    m.train()
+    with dynwire.record_adjacency(m) as rec:
+        out = m(x)
+    for name, stage in m.graph_stages():
+        open_ = rec[name] > 0
+        raw = rec.router[name]
+        exists = torch.tril(torch.ones_like(raw[0]), -1).bool()
+        closed = exists & ~open_
+        assert torch.all(rec[name][closed] == 0)
+        out_edges = rec[name].transpose(1, 2)  # [b, i, :] = output edges of node i
+        assert torch.all(out_edges[rec.removed[name]] == 0), "a removed node's output edges are closed"
+    assert any(r.any() for r in rec.removed.values()), "some nodes removed in training"
+    out.square().mean().backward()
+    taus = [s.edges.tau.grad for _, s in m.graph_stages()]
+    assert all(t is not None and torch.isfinite(t).all() for t in taus)
+    assert any(t.abs().sum() > 0 for t in taus), "straight-through: thresholds get a gradient"
+
+
+def test_soft_eval_gate_removes_nothing():
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, eval_gate="soft").eval()
+    with torch.no_grad():
+        m.layer1.edges.tau[:] = 2.0
+        with dynwire.record_adjacency(m) as rec:
+            m(torch.randn(2, 3, 32, 32))
+    assert not any(r.any() for r in rec.removed.values())
