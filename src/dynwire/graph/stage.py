@@ -101,7 +101,7 @@ class GraphStage(nn.Module):
         state = g.begin(batch)
         record = self.record_adjacency
         removal = g.can_close()
-        pruned = removal and self.executor == "pruned" and not _tracing()
+        pruned = removal and self.executor == "pruned" and not _tracing() and x.device.type != "meta"
         if record:
             adj = x.new_zeros(batch, self.num_nodes, self.num_nodes, dtype=torch.float32)
             raw = adj.clone()
