@@ -65,6 +65,11 @@ class GraphStage(nn.Module):
         self.router_adjacency: Tensor | None = None
         self.removed: Tensor | None = None
         self.macs: Tensor | None = None
+        # compute budget (graph.budget.ComputeBudget sets the temperature): per-sample MACs of each
+        # block, counted once, and the expected MACs of blocks 1..n-1 in the last training forward
+        self.cost_temperature: float | None = None
+        self.block_macs: list[float] | None = None
+        self.expected_block_macs: Tensor | None = None
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     @property
@@ -110,12 +115,19 @@ class GraphStage(nn.Module):
         slots: list[GradSlot] = []
         alive: list[Tensor] = []  # (B,) bool per node, when nodes can be removed
         use_taps = self.fused_grad and torch.is_grad_enabled() and not _tracing()
+        cost = self.training and self.cost_temperature is not None and hasattr(g, "tau")
+        if cost:
+            count = self.block_macs is None
+            self.block_macs = [] if count else self.block_macs
+            p_open: list[Tensor] = [x.new_empty(0)]
         h = x
         for j in range(self.num_nodes):
             node_alive = None
             if j:
                 preds = g.predecessors(j)
                 alpha, value, open_ = g.node_weights(state, j)
+                if cost:
+                    p_open.append(torch.sigmoid((alpha - g.tau[j - 1]) / self.cost_temperature))
                 if removal:
                     open_, node_alive = _close_removed(alpha, open_, [alive[i] for i in preds], output=j == n)
                     weights = value * open_.to(value.dtype)
@@ -141,6 +153,8 @@ class GraphStage(nn.Module):
                         macs.add_all(len(cols) * ins[0][0].numel())
             if j == n:
                 break
+            if cost and count:
+                self.block_macs.append(_block_macs(blocks[j], h))
             if node_alive is None:
                 y = macs.run(blocks[j], h) if record else blocks[j](h)
             else:
@@ -157,6 +171,9 @@ class GraphStage(nn.Module):
             g.observe(state, j, y)
             if record and hasattr(g, "routers"):
                 macs.add_all(g.routers[j].fc.in_features * g.routers[j].fc.out_features)
+        if cost:
+            p_alive = alive_probabilities(p_open, [g.predecessors(j) for j in range(self.num_nodes)], batch)
+            self.expected_block_macs = sum(p_alive[j] * self.block_macs[j] for j in range(1, n)) if n > 1 else 0.0
         if record:
             self.adjacency, self.router_adjacency = adj, raw
             self.removed = ~torch.stack(alive, 1) if removal else torch.zeros(batch, self.num_nodes, dtype=torch.bool)
@@ -182,6 +199,32 @@ class GraphStage(nn.Module):
         idx = alive.nonzero().squeeze(1)
         y = run(block, h.index_select(0, idx), idx)
         return y.new_zeros((alive.numel(), *y.shape[1:])).index_copy(0, idx, y)
+
+
+def alive_probabilities(p_open: list[Tensor], preds: list[list[int]], batch: int) -> list[Tensor]:
+    """``P(block j alive)`` per sample, ``j = 0 .. n-1``, from edge-open probabilities.
+
+    ``p_open[j]`` is ``(B, k_j)`` for node ``j``'s input edges from ``preds[j]``: the removal rule of
+    Sec. 3.3 with independent edges (node 0 always runs; the output node is not a block).
+    """
+    alive = [torch.ones(batch, dtype=p_open[-1].dtype, device=p_open[-1].device)]
+    for j in range(1, len(p_open) - 1):
+        live = torch.stack([alive[i] for i in preds[j]], 1)
+        alive.append(1 - torch.prod(1 - p_open[j] * live, dim=1))
+    return alive
+
+
+def _block_macs(block: nn.Module, h: Tensor) -> float:
+    """Per-sample MACs of ``block`` on inputs like ``h``: one counted call, in eval mode so that
+    no BatchNorm statistics move."""
+    was = block.training
+    block.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            block(h[:1].detach())
+    finally:
+        block.train(was)
+    return fc.get_total_flops() / 2
 
 
 def _close_removed(
