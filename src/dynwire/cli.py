@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,7 +113,8 @@ def _train_detection(args: argparse.Namespace) -> int:
     cfg = load_detection_config(args.config, overrides)
     final = train_detector(cfg, resume=args.resume)
     summary = {k: final.get(k) for k in ("run_dir", "iters", "completed", "eval", "s_per_iter", "world_size")}
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -194,7 +194,14 @@ def _pick_device(name: str | torch.device) -> torch.device:
 
 def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A detection checkpoint, loaded weights-only (``CheckpointError``, a ``ValueError``, otherwise)."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # e.g. IndexError from the weights-only unpickler on a text file
+        raise CheckpointError(
+            f"checkpoint '{path}': unreadable, not a torch file ({type(exc).__name__}: {exc})"
+        ) from exc
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint '{path}': not a dynwire detection checkpoint ({CHECKPOINT_FORMAT})")
     return ckpt
