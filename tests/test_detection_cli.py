@@ -297,3 +297,21 @@ def test_ddp_two_ranks_on_gloo(tmp_path, scenes):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["iter"]) for r in recs] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
     assert proc.stdout.count('"run_dir"') == 1  # the summary is printed by rank 0 only
+
+
+def test_detection_recipes_are_shipped_apart_from_classification_ones():
+    from dynwire.detection import is_detection_recipe, load_detection_config
+    from dynwire.engine import shipped_configs
+
+    det = shipped_configs(task="detection")
+    assert det == [
+        "coco_fasterrcnn_r101_fpn_1x",
+        "coco_fasterrcnn_r50_fpn_1x",
+        "coco_fasterrcnn_x50_fpn_1x",
+        "det_fmnist_scenes",
+    ]
+    assert not set(det) & set(shipped_configs()) and set(det) < set(shipped_configs(task=None))
+    assert all(is_detection_recipe(n) and load_detection_config(n).task == "detection" for n in det)
+    assert not is_detection_recipe("fmnist_resnet20")
+    with pytest.raises(ValueError, match="did you mean 'det_fmnist_scenes'"):
+        is_detection_recipe("det_fmnist_scene")

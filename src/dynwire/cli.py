@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,22 +33,25 @@ def _profile_detector(args: argparse.Namespace) -> int:
     if len(args.size) != 2 or min(args.size) < 32:
         raise ValueError(f"--size takes H W (each >= 32), got {args.size}")
     rows = []
-    for wiring in (args.baseline, args.wiring):
-        rows.append(profile_detector(args.detector, wiring, tuple(args.size), detector=not args.backbone_only))
+    with warnings.catch_warnings():  # frozen BN at its initial statistics: irrelevant for counting
+        warnings.filterwarnings("ignore", message="fasterrcnn_fpn: norm='frozen_bn' without backbone_weights")
+        for wiring in (args.baseline, args.wiring):
+            rows.append(profile_detector(args.detector, wiring, tuple(args.size), detector=not args.backbone_only))
     h, w = args.size
     print(f"Faster R-CNN + FPN, {args.detector} backbone, one {h}x{w} image (GFLOPs = 2 x GMACs, as Table 2)")
-    cols = ["backbone"] + ([] if args.backbone_only else ["fpn", "rpn", "roi_heads", "detector"])
-    print("| wiring | " + " | ".join(f"{c} GMACs | {c} GFLOPs" for c in cols) + " |")
-    print("| --- |" + " ---: |" * (2 * len(cols)))
+    cols = [("backbone", True)]
+    if not args.backbone_only:
+        cols += [("fpn", False), ("rpn", False), ("roi_heads", False), ("detector", True)]
+    head = [f"{c} GMACs" + (f" | {c} GFLOPs" if flops else "") for c, flops in cols]
+    print("| wiring | " + " | ".join(head) + " |")
+    print("| --- |" + " ---: |" * sum(2 if flops else 1 for _, flops in cols))
     base = rows[0]
     for r in rows:
         cells = []
-        for c in cols:
-            v = r[f"{c}_gmacs"]
-            extra = ""
-            if r is not base and c in ("backbone", "detector") and base[f"{c}_gmacs"]:
-                extra = f" ({100 * (v / base[f'{c}_gmacs'] - 1):+.2f}%)"
-            cells += [f"{v:.2f}{extra}", f"{2 * v:.2f}"]
+        for c, flops in cols:
+            v, v0 = r[f"{c}_gmacs"], base[f"{c}_gmacs"]
+            extra = f" ({100 * (v / v0 - 1):+.2f}%)" if r is not base and flops and v0 else ""
+            cells += [f"{v:.2f}"] + ([f"{2 * v:.2f}{extra}"] if flops else [])
         print(f"| {r['wiring']} | " + " | ".join(cells) + " |")
     if not args.backbone_only:
         print(f"RoI heads on {rows[-1]['proposals']} proposals; detector input padded to {rows[-1]['padded_size']}")
@@ -218,8 +222,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _graphs(args: argparse.Namespace) -> int:
-    import warnings
-
     from .analysis.graphs import describe_graphs, graphs_table
 
     get_model_cfg(args.name)  # unknown names: ValueError with suggestions
