@@ -213,9 +213,12 @@ def test_sigterm_at_an_evaluation_resumes_with_it_and_ends_identical(tmp_path, s
     assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
-def test_profile_detector_command(capsys):
-    code, out, err = _cli(capsys, "profile", "--detector", "cifar_resnet20", "--size", "64", "64")
+def test_profile_detector_command(tmp_path, capsys):
+    js = tmp_path / "p.json"
+    code, out, err = _cli(capsys, "profile", "--detector", "cifar_resnet20", "--size", "64", "64", "--json", str(js))
     assert code == 0, err
+    rows = json.loads(js.read_text())
+    assert [r["wiring"] for r in rows] == ["sequential", "dynamic"] and rows[1]["detector_gmacs"] > 0
     rows = [line for line in out.splitlines() if line.startswith(("| sequential", "| dynamic"))]
     assert len(rows) == 2 and "%)" in rows[1] and "backbone GFLOPs" in out and "detector GFLOPs" in out
     code, _, err = _cli(capsys, "profile", "--detector", "resnet5")

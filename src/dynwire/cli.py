@@ -56,8 +56,9 @@ def _profile_detector(args: argparse.Namespace) -> int:
     if not args.backbone_only:
         print(f"RoI heads on {rows[-1]['proposals']} proposals; detector input padded to {rows[-1]['padded_size']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from .engine.files import atomic_write_json
+
+        atomic_write_json(args.json, rows)
         print(f"wrote {args.json}")
     return 0
 
