@@ -432,7 +432,14 @@ def _recipe(root: Path, iters: int, **extra):
         },
         "optim": {"lr": 0.01, "reference_batch": 2},
         "schedule": {"iters": iters, "warmup_iters": 2, "steps": [iters - 1]},
-        "train": {"log_every": 1, "ckpt_every_iters": 1, "progress": False, "num_threads": 1, "device": "cpu"},
+        "train": {
+            "log_every": 1,
+            "ckpt_every_iters": 1,
+            "progress": False,
+            "tensorboard": False,
+            "num_threads": 1,
+            "device": "cpu",
+        },
     }
     for k, v in extra.items():
         cfg[k].update(v)
@@ -468,7 +475,7 @@ def test_end_to_end_train_evaluate_reload(tmp_path, scenes):
     assert ev2["AP"] == pytest.approx(ev["AP"]) and Path(ev2["detections_json"]).name == "last_detections.json"
     drawn = detect_images(model, [scenes / "val" / "000001.png"], tmp_path / "drawn", ckpt["class_names"], 0.0)
     assert Image.open(drawn[0]).size == (64, 64)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds last.pt"):
         train_detector(_recipe(scenes, 3), tmp_path / "run", resume=False)
 
 

@@ -1,4 +1,6 @@
-"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``.
+"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``,
+and for detection ``make-scenes`` and ``detect`` (``train``, ``eval`` and ``profile --detector`` take
+detection recipes, checkpoints and backbones too).
 
 Every command reports bad input the same way: ``dynwire <command>: error: <message>`` on
 stderr and exit status 2 (3 when training diverged, 128 + signal when it was interrupted).
@@ -9,16 +11,61 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from ._registry import get_model_cfg, list_models
+from .detection.scenes import MAKE_SCENES_DESCRIPTION, add_make_scenes_arguments
 from .engine import TrainingDiverged, TrainingInterrupted, evaluate, export_safetensors, load_config, train
 from .graph.wiring import WIRINGS
 
 
+def _profile_detector(args: argparse.Namespace) -> int:
+    from .detection import profile_detector
+
+    get_model_cfg(args.detector)  # unknown names: ValueError with suggestions
+    if args.names or args.input_size:
+        raise ValueError("--detector profiles one backbone at --size H W; drop the model names and --input-size")
+    if len(args.size) != 2 or min(args.size) < 32:
+        raise ValueError(f"--size takes H W (each >= 32), got {args.size}")
+    rows = []
+    with warnings.catch_warnings():  # frozen BN at its initial statistics: irrelevant for counting
+        warnings.filterwarnings("ignore", message="fasterrcnn_fpn: norm='frozen_bn' without backbone_weights")
+        for wiring in (args.baseline, args.wiring):
+            rows.append(profile_detector(args.detector, wiring, tuple(args.size), detector=not args.backbone_only))
+    h, w = args.size
+    print(f"Faster R-CNN + FPN, {args.detector} backbone, one {h}x{w} image (GFLOPs = 2 x GMACs, as Table 2)")
+    cols = [("backbone", True)]
+    if not args.backbone_only:
+        cols += [("fpn", False), ("rpn", False), ("roi_heads", False), ("detector", True)]
+    head = [f"{c} GMACs" + (f" | {c} GFLOPs" if flops else "") for c, flops in cols]
+    print("| wiring | " + " | ".join(head) + " |")
+    print("| --- |" + " ---: |" * sum(2 if flops else 1 for _, flops in cols))
+    base = rows[0]
+    for r in rows:
+        cells = []
+        for c, flops in cols:
+            v, v0 = r[f"{c}_gmacs"], base[f"{c}_gmacs"]
+            extra = f" ({100 * (v / v0 - 1):+.2f}%)" if r is not base and flops and v0 else ""
+            cells += [f"{v:.2f}"] + ([f"{2 * v:.2f}{extra}"] if flops else [])
+        print(f"| {r['wiring']} | " + " | ".join(cells) + " |")
+    if not args.backbone_only:
+        print(f"RoI heads on {rows[-1]['proposals']} proposals; detector input padded to {rows[-1]['padded_size']}")
+    if args.json:
+        from .engine.files import atomic_write_json
+
+        atomic_write_json(args.json, rows)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
+    if args.detector:
+        return _profile_detector(args)
     from .analysis.profile import overhead_table, profile_model
 
     names: list[str] = []
@@ -60,7 +107,27 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_detection(args: argparse.Namespace) -> int:
+    from .detection import load_detection_config, train_detector
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.root={json.dumps(str(args.data_dir))}")
+    if args.output_dir:
+        overrides.append(f"output.dir={json.dumps(str(args.output_dir))}")
+    cfg = load_detection_config(args.config, overrides)
+    final = train_detector(cfg, resume=args.resume)
+    summary = {k: final.get(k) for k in ("run_dir", "iters", "completed", "eval", "s_per_iter", "world_size")}
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    from .detection.config import is_detection_recipe
+
+    if is_detection_recipe(args.config):
+        return _train_detection(args)
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.root={json.dumps(str(args.data_dir))}")
@@ -74,11 +141,50 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_detection(args: argparse.Namespace) -> int:
+    from .detection import TABLE2_COLUMNS, evaluate_detector_checkpoint
+    from .engine.files import atomic_write_json
+
+    if args.ema:
+        raise ValueError("--ema: detection checkpoints have no EMA weights")
+    m = evaluate_detector_checkpoint(
+        args.checkpoint,
+        data_root=args.data_dir,
+        split=args.split,
+        out_json=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        max_images=args.subset,
+        overrides=args.overrides,
+    )
+    cols = (*TABLE2_COLUMNS, "AR100")
+    print(
+        f"{args.checkpoint} (iteration {m['iter']}), split {m['split']!r}: {m['images']} images, {m['detections']} detections"
+    )
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " ---: |" * len(cols))
+    print("| " + " | ".join("-" if m[c] is None else f"{m[c]:.1f}" for c in cols) + " |")
+    det = Path(m["detections_json"])
+    metrics_path = det.with_name(det.stem.removesuffix("_detections") + "_eval.json")
+    atomic_write_json(
+        metrics_path, {k: v for k, v in m.items() if k != "summary"} | {"checkpoint": str(args.checkpoint)}
+    )
+    print(f"wrote {det} (COCO results format) and {metrics_path}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from .detection.train import is_detection_checkpoint
+
+    if is_detection_checkpoint(args.checkpoint):
+        return _eval_detection(args)
+    if args.out:
+        raise ValueError("--out is for detection checkpoints (where to write the detections)")
     result = evaluate(
         args.checkpoint,
         data_dir=args.data_dir,
-        split=args.split,
+        split=args.split or "val",
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         subset=args.subset,
@@ -90,6 +196,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from .detection import detect_images, load_detector
+    from .detection.train import _pick_device
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"image '{missing[0]}': file not found")
+    model, ckpt = load_detector(args.checkpoint, _pick_device(args.device), args.overrides)
+    written = detect_images(model, args.images, args.out, ckpt["class_names"], args.score_thresh)
+    for src, dst in zip(args.images, written):
+        print(f"{src} -> {dst}")
+    return 0
+
+
+def _make_scenes(args: argparse.Namespace) -> int:
+    from .detection.scenes import run_make_scenes
+
+    return run_make_scenes(args)
+
+
 def _export(args: argparse.Namespace) -> int:
     out = export_safetensors(args.checkpoint, args.out, use_ema=args.ema)
     print(f"wrote {out}")
@@ -97,8 +223,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _graphs(args: argparse.Namespace) -> int:
-    import warnings
-
     from .analysis.graphs import describe_graphs, graphs_table
 
     get_model_cfg(args.name)  # unknown names: ValueError with suggestions
@@ -122,31 +246,71 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. Works in one process or under torchrun "
         "(torchrun --nproc_per_node=N -m dynwire.cli train ...); data.batch_size is the global batch.",
     )
-    tr.add_argument("--config", required=True, help="YAML config path or a shipped config name (fmnist_resnet20)")
+    tr.add_argument(
+        "--config",
+        required=True,
+        help="YAML config path or a shipped config name (fmnist_resnet20; detection recipes, with "
+        "task: detection, e.g. det_fmnist_scenes or coco_fasterrcnn_r50_fpn_1x, train a detector)",
+    )
     _add_set(tr, "override config entries, e.g. --set optim.lr=0.05 schedule.epochs=3 (values parsed as YAML)")
     tr.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory if present")
     tr.add_argument("--data-dir", help="dataset folder (sets data.root)")
     tr.add_argument("--output-dir", help="parent folder of the run directory (sets output.dir)")
     tr.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a training checkpoint.")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint",
+        description="Evaluate a training checkpoint. On a detection checkpoint: COCOeval (bbox) with Table 2's "
+        "columns, detections written in COCO results format beside the checkpoint (<name>_detections.json) and "
+        "the metrics in <name>_eval.json.",
+    )
     ev.add_argument("--checkpoint", required=True, help="path to last.pt / best.pt")
     ev.add_argument("--data-dir", help="dataset folder (overrides the checkpoint's data.root)")
-    ev.add_argument("--split", default="val", help="dataset split to evaluate (default: val)")
+    ev.add_argument("--split", help="dataset split to evaluate (default: val; detection: the config's data.val_split)")
     ev.add_argument("--batch-size", type=int, help="evaluation batch size")
     ev.add_argument("--num-workers", type=int, help="data loader workers")
     ev.add_argument("--subset", type=int, help="evaluate on this many images")
     ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     _add_set(ev, "override the checkpoint's stored config, e.g. --set model.wiring_kwargs.eval_gate=soft")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--out", help="detection: write the COCO results JSON here (default: beside the checkpoint)")
     ev.set_defaults(func=_eval)
 
-    pr = sub.add_parser("profile", help="parameters and MACs of backbones, baseline vs DG-Net (Table 1)")
+    de = sub.add_parser(
+        "detect",
+        help="draw a detection checkpoint's boxes on images",
+        description="Run a detection checkpoint on image files and write <out>/<stem>.png with the boxes, class "
+        "names and scores drawn.",
+    )
+    de.add_argument("--checkpoint", required=True, help="a detection run's last.pt")
+    de.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    de.add_argument("--out", required=True, help="output folder for the PNG files")
+    de.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    de.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_set(de, "override the checkpoint's stored config, e.g. --set data.test_min_size=640")
+    de.set_defaults(func=_detect)
+
+    ms = sub.add_parser(
+        "make-scenes",
+        help="generate the Fashion-MNIST detection scenes (COCO format)",
+        description=MAKE_SCENES_DESCRIPTION,
+    )
+    add_make_scenes_arguments(ms)
+    ms.set_defaults(func=_make_scenes)
+
+    pr = sub.add_parser(
+        "profile",
+        help="parameters and MACs of backbones, baseline vs DG-Net (Table 1); --detector: Faster R-CNN (Table 2)",
+    )
     pr.add_argument("names", nargs="*", help="model names or patterns (default: all)")
     pr.add_argument("--input-size", nargs="+", type=int, metavar="N", help="C H W, or one size for H = W")
     pr.add_argument("--wiring", default="dynamic", choices=WIRINGS)
     pr.add_argument("--baseline", default="sequential", choices=WIRINGS)
     pr.add_argument("--json", help="also write the rows to this JSON file")
+    pr.add_argument("--detector", metavar="BACKBONE", help="profile Faster R-CNN + FPN over this backbone (Table 2)")
+    pr.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"), help="detector input")
+    pr.add_argument("--backbone-only", action="store_true", help="with --detector: the backbone only (fast)")
     pr.set_defaults(func=_profile)
 
     ls = sub.add_parser("models", help="list registered models")

@@ -8,13 +8,20 @@ small iteration-based training loop (:func:`train_detector`) and detector profil
 
 from ._transforms import RandomHorizontalFlip, hflip, random_hflip_batch
 from .coco import CocoDetection, CocoFormatError, coco_split_paths, collate_detection, drop_crowd
-from .config import DetectionConfig, detection_config_from_dict, load_detection_config
+from .config import DetectionConfig, detection_config_from_dict, is_detection_recipe, load_detection_config
 from .draw import detect_images, draw_detections, read_image
-from .evaluate import TABLE2_COLUMNS, coco_eval_from_results, detections_to_coco, evaluate_coco
+from .evaluate import TABLE2_COLUMNS, coco_eval_from_results, detections_to_coco, evaluate_coco, predict_coco
 from .model import DynwireFPNBackbone, default_returned_stages, fasterrcnn_fpn, load_backbone_weights
 from .profile import profile_detector
 from .scenes import area_band, main_make_scenes, make_scenes
-from .train import build_detector, evaluate_detector_checkpoint, load_detector, lr_factor, train_detector
+from .train import (
+    build_detector,
+    evaluate_detector_checkpoint,
+    is_detection_checkpoint,
+    load_detector,
+    lr_factor,
+    train_detector,
+)
 
 __all__ = [
     "fasterrcnn_fpn",
@@ -33,6 +40,7 @@ __all__ = [
     "main_make_scenes",
     "area_band",
     "evaluate_coco",
+    "predict_coco",
     "coco_eval_from_results",
     "detections_to_coco",
     "TABLE2_COLUMNS",
@@ -42,10 +50,12 @@ __all__ = [
     "DetectionConfig",
     "detection_config_from_dict",
     "load_detection_config",
+    "is_detection_recipe",
     "train_detector",
     "build_detector",
     "load_detector",
     "evaluate_detector_checkpoint",
+    "is_detection_checkpoint",
     "lr_factor",
     "profile_detector",
 ]

@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ __all__ = [
     "load_detection_config",
     "detection_config_from_dict",
     "detection_config_to_dict",
+    "apply_detection_override",
+    "is_detection_recipe",
 ]
 
 
@@ -92,7 +93,8 @@ class DetTrainConfig:
     log_every: int = 20
     eval_every_iters: int = 0  # 0: evaluate at the end only
     ckpt_every_iters: int = 1000
-    progress: bool = True
+    progress: bool = True  # live progress on rank 0 (tqdm on a terminal, plain lines otherwise)
+    tensorboard: bool = True  # TensorBoard events under <run>/tb/
 
 
 @dataclass
@@ -136,6 +138,8 @@ class DetectionConfig:
             errs.append(f"data.hflip_prob={d.hflip_prob}: must be in [0, 1]")
         if o.lr <= 0 or o.reference_batch < 1 or o.weight_decay < 0 or not 0 <= o.momentum < 1:
             errs.append("optim: lr > 0, reference_batch >= 1, weight_decay >= 0, 0 <= momentum < 1")
+        if self.train.device not in ("auto", "cpu", "cuda"):
+            errs.append(f"train.device={self.train.device!r}: choose one of auto, cpu, cuda")
         if self.train.log_every < 1 or self.train.ckpt_every_iters < 1 or self.train.eval_every_iters < 0:
             errs.append("train: log_every >= 1, ckpt_every_iters >= 1, eval_every_iters >= 0")
         if errs:
@@ -205,17 +209,28 @@ def detection_config_to_dict(cfg: DetectionConfig) -> dict[str, Any]:
 
 
 def _resolve(name_or_path: str | os.PathLike[str]) -> Path:
-    p = Path(name_or_path).expanduser()
-    if p.is_file():
-        return p
-    stem = str(name_or_path).removesuffix(".yaml")
-    cand = resources.files("dynwire") / "configs" / f"{stem}.yaml"
-    if os.sep not in stem and cand.is_file():
-        return Path(str(cand))
-    raise ValueError(f"detection config {str(name_or_path)!r}: no such file and not a shipped config")
+    from ..engine.config import resolve_config_path  # shipped names, with a suggestion for typos
+
+    return resolve_config_path(name_or_path)
 
 
-def _set(raw: dict[str, Any], item: str) -> None:
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"detection config '{path}': invalid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"config '{path}': top level must be a mapping of sections")
+    return raw
+
+
+def is_detection_recipe(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether a recipe (path or shipped name) says ``task: detection`` (what ``dynwire train`` routes on)."""
+    return _read(_resolve(name_or_path)).get("task") == "detection"
+
+
+def apply_detection_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override (value parsed as YAML) to a raw config dict, in place."""
     if "=" not in item:
         raise ValueError(f"override {item!r}: expected section.key=value")
     key, text = item.split("=", 1)
@@ -232,11 +247,7 @@ def load_detection_config(
     name_or_path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()
 ) -> DetectionConfig:
     """Read a detection recipe (path or shipped name, e.g. ``det_fmnist_scenes``), apply ``a.b=value`` overrides."""
-    path = _resolve(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"detection config '{path}': invalid YAML ({exc})") from exc
+    raw = _read(_resolve(name_or_path))
     for item in overrides:
-        _set(raw, item)
+        apply_detection_override(raw, item)
     return detection_config_from_dict(raw)

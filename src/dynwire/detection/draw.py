@@ -12,6 +12,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 
+from ..engine.files import atomic_write
+
 __all__ = ["draw_detections", "detect_images", "read_image"]
 
 _PALETTE = [
@@ -69,9 +71,8 @@ def draw_detections(
     if len(boxes):
         img = draw_bounding_boxes(img, boxes, labels=captions, colors=colors, width=width)
     if out_path is not None:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(out_path)
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        atomic_write(out_path, lambda f: pil.save(f, format="PNG"))
     return img
 
 

@@ -8,13 +8,15 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["evaluate_coco", "detections_to_coco", "coco_eval_from_results", "TABLE2_COLUMNS"]
+from ..engine.distributed import DistInfo, all_gather_objects
+from ..engine.files import atomic_write
+
+__all__ = ["evaluate_coco", "predict_coco", "detections_to_coco", "coco_eval_from_results", "TABLE2_COLUMNS"]
 
 #: COCOeval's first six statistics, named as in Table 2 (all in %).
 TABLE2_COLUMNS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -83,27 +85,15 @@ def coco_eval_from_results(
 
 
 @torch.no_grad()
-def evaluate_coco(
+def predict_coco(
     model: nn.Module,
     loader: Iterable[tuple[list[Tensor], list[dict[str, Tensor]]]],
-    coco_gt: Any,
-    out_json: str | os.PathLike[str] | None,
     *,
     label_to_cat_id: Mapping[int, int] | None = None,
     device: str | torch.device | None = None,
     max_images: int | None = None,
-) -> dict[str, Any]:
-    """Run ``model`` over ``loader``, write COCO results JSON, return Table 2's columns (in %).
-
-    ``loader`` yields ``(images, targets)`` as :func:`collate_detection` makes them; targets
-    only give the ``image_id``. Labels are mapped back to COCO category ids with
-    ``label_to_cat_id`` (default: ``loader.dataset.label_to_cat_id`` when present, else the
-    labels are the category ids). Returns ``AP, AP50, AP75, APs, APm, APl`` (None where the
-    images have no ground truth of that size), ``AR100``, ``images``, ``detections`` and the
-    COCOeval ``summary`` text.
-    """
-    if label_to_cat_id is None:
-        label_to_cat_id = getattr(getattr(loader, "dataset", None), "label_to_cat_id", None)
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Run ``model`` (in eval mode) over ``loader``; returns the COCO results entries and the image ids seen."""
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -121,13 +111,51 @@ def evaluate_coco(
                 break
     finally:
         model.train(was_training)
-    if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_name(out_json.name + ".partial")
-        tmp.write_text(json.dumps(results))
-        os.replace(tmp, out_json)
-    metrics = coco_eval_from_results(coco_gt, results, image_ids)
-    metrics["images"] = len(image_ids)
-    metrics["detections"] = len(results)
+    return results, image_ids
+
+
+def evaluate_coco(
+    model: nn.Module,
+    loader: Iterable[tuple[list[Tensor], list[dict[str, Tensor]]]],
+    coco_gt: Any,
+    out_json: str | os.PathLike[str] | None,
+    *,
+    label_to_cat_id: Mapping[int, int] | None = None,
+    device: str | torch.device | None = None,
+    max_images: int | None = None,
+    dist_info: DistInfo | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` over ``loader``, write COCO results JSON, return Table 2's columns (in %).
+
+    ``loader`` yields ``(images, targets)`` as :func:`collate_detection` makes them; targets
+    only give the ``image_id``. Labels are mapped back to COCO category ids with
+    ``label_to_cat_id`` (default: ``loader.dataset.label_to_cat_id`` when present, else the
+    labels are the category ids). Returns ``AP, AP50, AP75, APs, APm, APl`` (None where the
+    images have no ground truth of that size), ``AR100``, ``images``, ``detections`` and the
+    COCOeval ``summary`` text.
+
+    Distributed (``dist_info`` with ``world_size > 1``): every rank runs its own shard of the
+    images (its ``loader``), the detections of all ranks are gathered on rank 0, which writes
+    ``out_json`` and runs COCOeval once; every rank returns the same metrics. A collective call.
+    """
+    if label_to_cat_id is None:
+        label_to_cat_id = getattr(getattr(loader, "dataset", None), "label_to_cat_id", None)
+    results, image_ids = predict_coco(
+        model, loader, label_to_cat_id=label_to_cat_id, device=device, max_images=max_images
+    )
+    info = dist_info or DistInfo()
+    if info.distributed:
+        shards = all_gather_objects((results, image_ids), info)
+        results = [r for rs, _ in shards for r in rs]
+        image_ids = [i for _, ids in shards for i in ids]
+    metrics: dict[str, Any] | None = None
+    if info.is_main:
+        if out_json is not None:
+            atomic_write(out_json, json.dumps(results))
+        metrics = coco_eval_from_results(coco_gt, results, image_ids)
+        metrics["images"] = len(set(image_ids))
+        metrics["detections"] = len(results)
+    if info.distributed:
+        metrics = all_gather_objects(metrics, info)[0]
+    assert metrics is not None
     return metrics

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
+from ..engine.files import atomic_write
 
 __all__ = ["make_scenes", "main_make_scenes", "area_band", "SPLITS"]
 
@@ -186,9 +187,7 @@ def make_scenes(
             {"id": k + 1, "name": name, "supercategory": "garment"} for k, name in enumerate(FASHION_MNIST_CLASSES)
         ],
     }
-    tmp = ann_path.with_name(ann_path.name + ".partial")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, ann_path)
+    atomic_write(ann_path, json.dumps(data))
     bands = Counter(area_band(a["area"]) for a in annotations)
     classes = Counter(FASHION_MNIST_CLASSES[a["category_id"] - 1] for a in annotations)
     return {
@@ -202,12 +201,11 @@ def make_scenes(
     }
 
 
-def main_make_scenes(argv: Sequence[str] | None = None) -> int:
-    """``dynwire make-scenes OUT_DIR``: write the train and val scene splits in COCO format."""
-    p = argparse.ArgumentParser(
-        prog="dynwire make-scenes",
-        description="Generate Fashion-MNIST detection scenes in COCO format (deterministic from --seed).",
-    )
+MAKE_SCENES_DESCRIPTION = "Generate Fashion-MNIST detection scenes in COCO format (deterministic from --seed)."
+
+
+def add_make_scenes_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``dynwire make-scenes`` (shared by the CLI and :func:`main_make_scenes`)."""
     p.add_argument("out_dir", help="output folder: <out>/{train,val}/*.png and <out>/annotations/instances_*.json")
     p.add_argument("--train-images", type=int, default=4000, help="train scenes (0: skip the split)")
     p.add_argument("--val-images", type=int, default=500, help="val scenes (0: skip the split)")
@@ -215,7 +213,11 @@ def main_make_scenes(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-objects", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fmnist-root", default=None, help="folder with the Fashion-MNIST IDX files (default: searched)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_make_scenes(args: argparse.Namespace) -> int:
+    """Write the splits ``args`` asks for and print one summary line per split."""
     for split, n in (("train", args.train_images), ("val", args.val_images)):
         if n <= 0:
             continue
@@ -226,3 +228,9 @@ def main_make_scenes(argv: Sequence[str] | None = None) -> int:
             f"-> {s['image_dir']}, {s['ann_file']}"
         )
     return 0
+
+
+def main_make_scenes(argv: Sequence[str] | None = None) -> int:
+    """``dynwire make-scenes OUT_DIR``: write the train and val scene splits in COCO format."""
+    p = argparse.ArgumentParser(prog="dynwire make-scenes", description=MAKE_SCENES_DESCRIPTION)
+    return run_make_scenes(add_make_scenes_arguments(p).parse_args(argv))

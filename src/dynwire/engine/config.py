@@ -271,13 +271,27 @@ def _configs_dir() -> Any:
     return resources.files("dynwire") / "configs"
 
 
-def shipped_configs() -> list[str]:
-    """Names of the recipes shipped in ``dynwire/configs`` (``_``-prefixed bases excluded)."""
+def _recipe_task(path: Any) -> str:
+    """A recipe's top-level ``task`` (``classification`` when absent or unreadable)."""
     try:
-        names = [p.name[: -len(".yaml")] for p in _configs_dir().iterdir() if p.name.endswith(".yaml")]
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "classification"
+    return str(raw.get("task", "classification")) if isinstance(raw, dict) else "classification"
+
+
+def shipped_configs(task: str | None = "classification") -> list[str]:
+    """Names of the recipes shipped in ``dynwire/configs`` (``_``-prefixed bases excluded).
+
+    ``task``: only recipes for this task (a recipe's top-level ``task`` key, default
+    ``classification``; detection recipes say ``task: detection`` and load with
+    ``dynwire.detection.load_detection_config``); None: all of them.
+    """
+    try:
+        files = [p for p in _configs_dir().iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_")]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(n for n in names if not n.startswith("_"))
+    return sorted(p.name[: -len(".yaml")] for p in files if task is None or _recipe_task(p) == task)
 
 
 def resolve_config_path(name_or_path: str | os.PathLike[str], relative_to: Path | None = None) -> Path:
@@ -292,7 +306,7 @@ def resolve_config_path(name_or_path: str | os.PathLike[str], relative_to: Path 
         shipped = _configs_dir() / f"{stem}.yaml"
         if shipped.is_file():
             return Path(str(shipped))
-    names = shipped_configs()
+    names = shipped_configs(task=None)
     hint = difflib.get_close_matches(stem, names, n=1)
     extra = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise ValueError(

@@ -5,6 +5,8 @@ file, a pipe) one plain line every ``train.log_every`` steps, in a fixed format 
 :func:`parse_progress` reads back (``scripts/demo.py`` draws its bars from them)::
 
     [dynwire] epoch 2/4 step 120/468 loss 0.4123 acc 85.2% 312 img/s eta 0:05:31
+
+Runs without an accuracy (detection) leave out the ``acc`` field.
 """
 
 from __future__ import annotations
@@ -135,17 +137,26 @@ class MetricsLogger:
 
 _PROGRESS = re.compile(
     r"^\[dynwire\] epoch (?P<epoch>\d+)/(?P<epochs>\d+) step (?P<step>\d+)/(?P<steps>\d+) "
-    r"loss (?P<loss>\S+) acc (?P<acc>\S+)% (?P<img_per_s>\d+) img/s eta (?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)$"
+    r"loss (?P<loss>\S+) (?:acc (?P<acc>\S+)% )?(?P<img_per_s>\d+) img/s eta (?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)$"
 )
 
 
 def format_progress(
-    *, epoch: int, epochs: int, step: int, steps: int, loss: float, acc: float, img_per_s: float, eta_s: float
+    *,
+    epoch: int,
+    epochs: int,
+    step: int,
+    steps: int,
+    loss: float,
+    acc: float | None,
+    img_per_s: float,
+    eta_s: float,
 ) -> str:
-    """One plain progress line (``epoch`` and ``step`` 1-based)."""
+    """One plain progress line (``epoch`` and ``step`` 1-based; ``acc=None`` leaves the field out)."""
     eta = int(round(eta_s))
+    acc_text = "" if acc is None else f"acc {acc:.1f}% "
     return (
-        f"[dynwire] epoch {epoch}/{epochs} step {step}/{steps} loss {loss:.4f} acc {acc:.1f}% "
+        f"[dynwire] epoch {epoch}/{epochs} step {step}/{steps} loss {loss:.4f} {acc_text}"
         f"{img_per_s:.0f} img/s eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
     )
 
@@ -157,7 +168,8 @@ def parse_progress(line: str) -> dict[str, Any] | None:
         return None
     g = m.groupdict()
     out: dict[str, Any] = {k: int(g[k]) for k in ("epoch", "epochs", "step", "steps", "img_per_s")}
-    out.update(loss=float(g["loss"]), acc=float(g["acc"]), eta_s=int(g["h"]) * 3600 + int(g["m"]) * 60 + int(g["s"]))
+    acc = None if g["acc"] is None else float(g["acc"])
+    out.update(loss=float(g["loss"]), acc=acc, eta_s=int(g["h"]) * 3600 + int(g["m"]) * 60 + int(g["s"]))
     return out
 
 
@@ -206,14 +218,17 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
 
-    def report(self, *, epoch: int, step: int, global_step: int, loss: float, acc: float, img_per_s: float) -> None:
+    def report(
+        self, *, epoch: int, step: int, global_step: int, loss: float, acc: float | None, img_per_s: float
+    ) -> None:
         """Progress after ``step`` (1-based) of ``epoch`` (1-based), ``global_step`` steps in all."""
         if not self.enabled:
             return
         done = max(global_step - self.start_step, 1)
         eta = (self.total_steps - global_step) * (time.perf_counter() - self.t0) / done
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", img_s=f"{img_per_s:.0f}")
+            shown = {"loss": f"{loss:.3f}"} | ({} if acc is None else {"acc": f"{acc:.1f}"})
+            self._bar.set_postfix(**shown, img_s=f"{img_per_s:.0f}")
             return
         line = format_progress(
             epoch=epoch, epochs=self.epochs, step=step, steps=self.steps_per_epoch,
