@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._registry import create_model, get_model_cfg
+from ..graph.stage import GraphStage
 
 __all__ = ["count_params", "count_macs", "profile_model", "ProfileRow", "overhead_table"]
 
@@ -27,18 +28,24 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
-    """Multiply-accumulates of one forward pass in evaluation mode, per batch of ``batch_size``."""
+    """Multiply-accumulates of one dense forward pass (every block executed) in evaluation mode,
+    per batch of ``batch_size``."""
     if len(input_size) != 3:
         raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
     device = next(model.parameters()).device
     was_training = model.training
+    stages = [(m, m.executor) for m in model.modules() if isinstance(m, GraphStage)]
     model.eval()
     try:
+        for m, _ in stages:
+            m.executor = "dense"
         x = torch.zeros(batch_size, *input_size, device=device)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
     finally:
         model.train(was_training)
+        for m, executor in stages:
+            m.executor = executor
     return counter.get_total_flops() // 2
 
 

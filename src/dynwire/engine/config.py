@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ class TrainConfig:
     resume: Optional[str] = opt(None, nonempty, doc="'auto' (last.pt in the run dir) or a checkpoint path")
     device: str = opt("auto", choice(("auto", "cpu", "cuda")))
     num_threads: Optional[int] = opt(None, gt(0), doc="torch CPU threads per process (None: PyTorch default)")
+    budget: dict = opt(
+        {}, doc="compute budget: {target: MAC fraction in (0, 1], weight: >= 0, temperature: > 0} (empty: off)"
+    )
 
 
 @dataclass
@@ -180,6 +184,9 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+_BUDGET_KEYS = ("target", "weight", "temperature")
+
+
 def _cross_check(cfg: RunConfig) -> None:
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ValueError(
@@ -188,6 +195,20 @@ def _cross_check(cfg: RunConfig) -> None:
     name = cfg.output.name
     if name is not None and (os.sep in name or name in (".", "..")):
         raise ValueError(f"output.name={name!r}: must be a plain folder name without {os.sep!r}")
+    budget = cfg.train.budget
+    for k, v in budget.items():
+        if k not in _BUDGET_KEYS:
+            raise ValueError(f"train.budget.{k}: unknown key; allowed: {', '.join(_BUDGET_KEYS)}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"train.budget.{k}={v!r}: must be a number")
+    if budget and "target" not in budget:
+        raise ValueError("train.budget: needs a target (the executed-MAC fraction to aim for, e.g. 0.6)")
+    if budget and not 0.0 < budget["target"] <= 1.0:
+        raise ValueError(f"train.budget.target={budget['target']!r}: must be in (0, 1]")
+    if budget and (budget.get("weight", 1.0) < 0 or budget.get("temperature", 0.2) <= 0):
+        raise ValueError("train.budget: weight must be >= 0 and temperature > 0")
+    if budget and cfg.model.wiring not in ("dynamic", "static"):
+        raise ValueError(f"train.budget: needs thresholds to close edges; model.wiring={cfg.model.wiring!r} has none")
     kwargs = cfg.model.wiring_kwargs
     allowed = [f.name for f in dataclasses.fields(WiringConfig) if f.name != "kind"]
     for k in kwargs:

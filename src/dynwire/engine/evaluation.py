@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data import build_loader
+from ..graph.adjacency import record_adjacency
+from ..graph.stage import GraphStage
 from .builders import build_model, build_split, seed_everything
 from .checkpoint import load_checkpoint
 from .config import RunConfig, apply_overrides, config_from_dict
@@ -47,28 +49,49 @@ def evaluate_model(
     dist_info: DistInfo | None = None,
     amp: str = "none",
     channels_last: bool = False,
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (percent) over ``loader``, summed over ranks."""
+    executed_macs: bool = False,
+) -> dict[str, Any]:
+    """Loss, top-1 and top-5 accuracy (percent) over ``loader``, summed over ranks.
+
+    With ``executed_macs`` (models with graph stages) also the mean multiply-adds executed per
+    image (``macs``, counted from what ran: removed nodes cost nothing, Sec. 3.3) and, per
+    stage, the share of (sample, block) pairs removed (``removed``).
+    """
     info = dist_info or DistInfo(device=device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss_sum, top1, top5, n
+    stages = [n for n, m in model.named_modules() if isinstance(m, GraphStage)] if executed_macs else []
+    sums = torch.zeros(5 + len(stages), dtype=torch.float64, device=device)  # loss, top1, top5, n, macs, removed..
+    blocks = torch.zeros(len(stages), dtype=torch.float64, device=device)
     for images, target in loader:
         images = to_device(images, device, channels_last)
         target = target.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device, amp), record_adjacency(model) if stages else nullcontext() as rec:
             logits = model(images)
         logits = logits.float()
         loss = F.cross_entropy(logits, target, reduction="sum")
         c1, c5 = accuracy_counts(logits, target, (1, 5))
         n = torch.tensor(float(len(target)), device=device, dtype=torch.float64)
-        sums += torch.stack([loss.double(), c1.double(), c5.double(), n])
+        extra = []
+        if stages:
+            extra.append(rec.macs.sum().to(device))
+            for k, name in enumerate(stages):
+                removed = rec.removed[name][:, 1:-1]  # blocks that can be removed (not node 0, not the output)
+                extra.append(removed.sum().double().to(device))
+                blocks[k] = removed.shape[1]
+        else:
+            extra.append(torch.zeros((), dtype=torch.float64, device=device))
+        sums += torch.stack([loss.double(), c1.double(), c5.double(), n, *extra])
     all_reduce_sum(sums, info)
     model.train(was_training)
-    loss_sum, top1, top5, n = sums.tolist()
+    loss_sum, top1, top5, n, macs, *removed = sums.tolist()
     if n == 0:
         raise ValueError("evaluation set is empty")
-    return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}
+    out: dict[str, Any] = {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": int(n)}
+    if stages:
+        out["macs"] = macs / n
+        out["removed"] = {name: (r / (n * b) if b else 0.0) for name, r, b in zip(stages, removed, blocks.tolist())}
+    return out
 
 
 def evaluate(
@@ -140,9 +163,19 @@ def _evaluate(
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     loader = build_loader(val_ds, cfg.data.batch_size, train=False, num_workers=cfg.data.num_workers)
+    kw = dict(device=dev, amp=cfg.train.amp, channels_last=cfg.train.channels_last, executed_macs=True)
     t0 = time.perf_counter()
-    metrics = evaluate_model(model, loader, device=dev, amp=cfg.train.amp, channels_last=cfg.train.channels_last)
+    metrics = evaluate_model(model, loader, **kw)
     dt = time.perf_counter() - t0
+    if "macs" in metrics:  # the same model with every block executed, for comparison
+        stages = [m for m in model.modules() if isinstance(m, GraphStage)]
+        for st in stages:
+            st.executor = "dense"
+        dense = evaluate_model(model, loader, **kw)
+        for st in stages:
+            st.executor = "pruned"
+        metrics["dense"] = {k: dense[k] for k in ("top1", "top5", "loss", "macs")}
+        metrics["mac_fraction"] = metrics["macs"] / dense["macs"]
     return {
         "checkpoint": str(checkpoint_path),
         "split": split,

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..analysis.profile import count_macs
+from ..graph.budget import ComputeBudget
 from .builders import build_datasets, build_loaders, build_model, build_optimization, seed_everything
 from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state, state_dict_sha256
 from .config import RunConfig, config_to_dict, save_config
@@ -110,6 +112,8 @@ class _Trainer:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.optimizer, self.scheduler, self.schedule = build_optimization(cfg, model, self.steps_per_epoch)
         self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+        self.budget = ComputeBudget(model, **cfg.train.budget) if cfg.train.budget else None
+        self._budget_fracs: list[float] = []
         self.model: nn.Module = model
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -123,6 +127,8 @@ class _Trainer:
             self._load(self.resume_path)
         size = getattr(dinfo, "input_size", None) or tuple(val_ds[0][0].shape)
         self.data_info = data_info(dinfo, tuple(size))
+        has_gates = any(hasattr(getattr(m, "edges", None), "tau") for m in model.modules())
+        self.dense_macs = float(count_macs(model, tuple(size))) if has_gates and not cfg.train.compile else None
         if self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
             s = self.schedule
@@ -227,6 +233,11 @@ class _Trainer:
         with autocast(self.device, cfg.train.amp):
             logits = self.model(images)
         loss = crit(logits.float(), target)
+        objective = loss
+        if self.budget is not None:  # expected executed MACs toward the target fraction
+            term, frac = self.budget.loss(tuple(images.shape[1:]))
+            objective = loss + term
+            self._budget_fracs.append(frac)
         # One sync per step: non-finite loss on any rank / stop signal on any rank.
         flags[0] = (~torch.isfinite(loss.detach())).float()
         flags[1] = float(guard.signum is not None)
@@ -234,7 +245,7 @@ class _Trainer:
         if flags[0].item() > 0:
             raise self._diverged("the loss", float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         norm = grad_norm(self.raw_model, cfg.optim.clip_grad_norm)  # identical on all ranks after DDP
         if not torch.isfinite(norm):
             raise self._diverged("the gradient norm", float(norm))
@@ -299,6 +310,9 @@ class _Trainer:
             "acc": 100.0 * correct / max(count, 1),
             "img_per_s": count / seconds,
         }
+        if self._budget_fracs:
+            rec["expected_mac_fraction"] = sum(self._budget_fracs) / len(self._budget_fracs)
+            self._budget_fracs.clear()
         self.logger.log(rec)
         self.progress.report(
             epoch=s.epoch + 1,
@@ -318,6 +332,7 @@ class _Trainer:
             dist_info=self.dist,
             amp=cfg.train.amp,
             channels_last=cfg.train.channels_last,
+            executed_macs=self.dense_macs is not None,
         )
 
     def _end_epoch(self, guard: SignalGuard, val: dict[str, float], ema: dict[str, float]) -> tuple[dict, dict]:
@@ -329,7 +344,10 @@ class _Trainer:
         if epoch_no % cfg.train.eval_every == 0 or epoch_no == cfg.schedule.epochs:
             broadcast_buffers(self.raw_model, self.dist)
             val = self._evaluate(self.eval_model)
-            rec.update({f"val_{k}": v for k, v in val.items() if k != "images"})
+            if "macs" in val:  # measured by the executor: nodes removed per sample cost nothing
+                val["mac_fraction"] = val["macs"] / self.dense_macs
+            rec.update({f"val_{k}": v for k, v in val.items() if k not in ("images", "removed")})
+            rec.update({f"val_removed_{k}": v for k, v in val.get("removed", {}).items()})
             if self.ema is not None:
                 ema = self._evaluate(self.ema.module)
                 rec.update({f"ema_val_{k}": v for k, v in ema.items() if k != "images"})

@@ -11,7 +11,6 @@ MACs times its probability of being alive; divided by the dense model's MACs thi
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .stage import GraphStage, alive_probabilities
