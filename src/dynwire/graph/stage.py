@@ -130,7 +130,9 @@ class GraphStage(nn.Module):
                     p_open.append(torch.sigmoid((alpha - g.tau[j - 1]) / self.cost_temperature))
                 if removal:
                     open_, node_alive = _close_removed(alpha, open_, [alive[i] for i in preds], output=j == n)
-                    weights = value * open_.to(value.dtype)
+                    closed = value * (~open_).to(value.dtype)
+                    # training: straight-through, the forward closes edges, backward sees every edge
+                    weights = value - (closed.detach() if self.training else closed)
                 else:
                     weights = value
                 if record:
@@ -154,7 +156,7 @@ class GraphStage(nn.Module):
             if j == n:
                 break
             if cost and count:
-                self.block_macs.append(_block_macs(blocks[j], h))
+                self.block_macs.append(_block_macs(blocks[j], xs[0] if j else h))
             if node_alive is None:
                 y = macs.run(blocks[j], h) if record else blocks[j](h)
             else:
@@ -217,13 +219,14 @@ def alive_probabilities(p_open: list[Tensor], preds: list[list[int]], batch: int
 def _block_macs(block: nn.Module, h: Tensor) -> float:
     """Per-sample MACs of ``block`` on inputs like ``h``: one counted call, in eval mode so that
     no BatchNorm statistics move."""
-    was = block.training
+    modes = [(m, m.training) for m in block.modules()]
     block.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             block(h[:1].detach())
     finally:
-        block.train(was)
+        for m, mode in modes:
+            m.training = mode
     return fc.get_total_flops() / 2
 
 

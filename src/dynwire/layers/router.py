@@ -52,9 +52,9 @@ def edge_gate(
 
     * training, ``train_gate="soft"``: the differentiable surrogate ``alpha * sigmoid(alpha - tau)``,
       nothing closed;
-    * training, ``train_gate="hard"``: the same value on edges with ``alpha >= tau``, closed edges
-      exactly 0, with a straight-through gradient (backward sees the soft surrogate, so a
-      closed edge can open again);
+    * training, ``train_gate="hard"``: the same value, open where ``alpha >= tau``; the graph
+      stage zeroes closed edges with a straight-through gradient (backward sees the soft
+      surrogate, so a closed edge can open again);
     * evaluation, ``eval_gate="masked"`` (default): open where ``alpha >= tau``, carrying the
       surrogate's value (what training saw); ``"hard"``: the literal Eq. 5 (open edges carry
       ``alpha``); ``"soft"``: the surrogate, nothing closed.
@@ -63,8 +63,7 @@ def edge_gate(
         soft = alpha * torch.sigmoid(alpha - tau)
         if train_gate == "soft":
             return soft, None
-        keep = alpha >= tau
-        return soft - (soft * (~keep).to(soft.dtype)).detach(), keep
+        return soft, alpha >= tau  # the stage closes edges with a straight-through mask
     if eval_gate == "soft":
         return alpha * torch.sigmoid(alpha - tau), None
     keep = alpha >= tau
