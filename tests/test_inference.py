@@ -157,3 +157,12 @@ def test_soft_eval_gate_removes_nothing():
         with dynwire.record_adjacency(m) as rec:
             m(torch.randn(2, 3, 32, 32))
     assert not any(r.any() for r in rec.removed.values())
+
+
+@pytest.mark.parametrize("wiring", ["sequential", "random-ws"])
+def test_every_wiring_reports_executed_macs(wiring):
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring=wiring).eval()
+    with torch.no_grad(), dynwire.record_adjacency(m) as rec:
+        m(torch.randn(2, 3, 32, 32))
+    assert torch.all(rec.macs == count_macs(m, (3, 32, 32)))
+    assert set(rec.removed) == {"layer1", "layer2", "layer3"} and not any(r.any() for r in rec.removed.values())

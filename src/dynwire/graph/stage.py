@@ -90,11 +90,17 @@ class GraphStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         blocks = self.blocks()
         if self.edges.is_chain:
+            if not self.record_adjacency:
+                for b in blocks:
+                    x = b(x)
+                return x
+            macs = _MacCounter(x.shape[0])
             for b in blocks:
-                x = b(x)
-            if self.record_adjacency:
-                m = self.edges.edge_mask_matrix().to(x.device)
-                self.adjacency = self.router_adjacency = m.expand(x.shape[0], -1, -1).clone()
+                x = macs.run(b, x)
+            m = self.edges.edge_mask_matrix().to(x.device)
+            self.adjacency = self.router_adjacency = m.expand(x.shape[0], -1, -1).clone()
+            self.removed = torch.zeros(x.shape[0], self.num_nodes, dtype=torch.bool)
+            self.macs = macs.total
             return x
         with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
             return self._forward_graph(x, blocks)
@@ -115,6 +121,7 @@ class GraphStage(nn.Module):
         slots: list[GradSlot] = []
         alive: list[Tensor] = []  # (B,) bool per node, when nodes can be removed
         use_taps = self.fused_grad and torch.is_grad_enabled() and not _tracing()
+        onnx = torch.onnx.is_in_onnx_export()
         cost = self.training and self.cost_temperature is not None and hasattr(g, "tau")
         if cost:
             count = self.block_macs is None
@@ -147,7 +154,7 @@ class GraphStage(nn.Module):
                 if cols:
                     w = weights if len(cols) == len(preds) else weights[:, cols]
                     ins = [xs[preds[c]] for c in cols]
-                    if torch.onnx.is_in_onnx_export():  # standard ops only in an exported graph
+                    if onnx:  # standard ops only in an exported graph
                         h = aggregate_reference(w, ins)
                     else:
                         h = aggregate(w, ins, [slots[preds[c]] for c in cols] if use_taps else None)
