@@ -10,13 +10,38 @@ their progress; rerun the same command after an interruption and both resume fro
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+
+from dynwire.detection import (  # noqa: E402
+    TABLE2_COLUMNS,
+    coco_eval_from_results,
+    coco_split_paths,
+    draw_detections,
+    evaluate_detector_checkpoint,
+    load_detection_config,
+    load_detector,
+    make_scenes,
+    profile_detector,
+    read_image,
+    train_detector,
+)
 
 WIRINGS = ("sequential", "dynamic")
 RECIPE = "det_fmnist_scenes"
@@ -45,8 +70,6 @@ def run_dir(args: argparse.Namespace, wiring: str) -> Path:
 
 
 def ensure_scenes(args: argparse.Namespace) -> None:
-    from dynwire.detection import coco_split_paths, make_scenes
-
     for split, n in (("train", 4000), ("val", 500)):
         if not coco_split_paths(args.root, split)[1].is_file():
             print(f"making {n} {split} scenes in {args.root} ...", flush=True)
@@ -66,8 +89,6 @@ def alive(pid: int) -> bool:
 
 
 def cmd_run_one(args: argparse.Namespace) -> None:
-    from dynwire.detection import load_detection_config, train_detector
-
     cfg = load_detection_config(RECIPE, overrides(args, args.wiring))
     print(json.dumps(train_detector(cfg, run_dir(args, args.wiring)), indent=2), flush=True)
 
@@ -99,15 +120,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         running = {w: alive(pid) for w, pid in pids.items()}
         line = []
         for w in WIRINGS:
-            recs = [r for r in read_metrics(run_dir(args, w) / "metrics.jsonl") if "loss" in r]
-            if recs:
-                r = recs[-1]
-                line.append(
-                    f"{w}: it {r['iter']} loss {r['loss']:.3f} {1 / r['s_per_iter']:.2f} it/s ETA {r['eta_s'] / 60:.0f} min"
-                )
-            else:
-                line.append(f"{w}: starting")
-            line[-1] += "" if running[w] else " (stopped)"
+            r = ([r for r in read_metrics(run_dir(args, w) / "metrics.jsonl") if "loss" in r] or [None])[-1]
+            s = (
+                f"it {r['iter']} loss {r['loss']:.3f} {1 / r['s_per_iter']:.2f} it/s ETA {r['eta_s'] / 60:.0f} min"
+                if r
+                else ""
+            )
+            line.append(f"{w}: {s or 'starting'}{'' if running[w] else ' (stopped)'}")
         print(time.strftime("%H:%M:%S ") + " | ".join(line), flush=True)
         if not any(running.values()):
             break
@@ -118,10 +137,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def evaluate_one(ckpt: str) -> dict:
-    import torch
-
-    from dynwire.detection import evaluate_detector_checkpoint
-
     torch.set_num_threads(1)
     t = time.perf_counter()
     m = evaluate_detector_checkpoint(ckpt, device="cpu")
@@ -129,24 +144,16 @@ def evaluate_one(ckpt: str) -> dict:
     return {**m, "eval_s_per_image": (time.perf_counter() - t) / m["images"]}
 
 
+def fold_aps(args: argparse.Namespace, evals: dict, folds: int = 5) -> dict:
+    """AP of each wiring on `folds` disjoint slices of the val images (paired: same images for both)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(coco_split_paths(args.root, "val")[1]))
+    ids = sorted(gt.getImgIds())
+    dets = {w: json.loads(Path(e["detections_json"]).read_text()) for w, e in evals.items()}
+    return {w: [coco_eval_from_results(gt, d, ids[k::folds])["AP"] for k in range(folds)] for w, d in dets.items()}
+
+
 def cmd_report(args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from PIL import Image
-
-    from dynwire.detection import (
-        TABLE2_COLUMNS,
-        coco_split_paths,
-        draw_detections,
-        load_detection_config,
-        load_detector,
-        profile_detector,
-        read_image,
-    )
-
     ensure_scenes(args)
     out = Path(args.out)
     (out / "detections").mkdir(parents=True, exist_ok=True)
@@ -164,7 +171,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         prof = {f"{h}x{wd}": profile_detector(m.name, w, (h, wd), **kw) for h, wd in ((192, 192), (800, 1333))}
         recs = read_metrics(run_dir(args, w) / "metrics.jsonl")
         steps = [r for r in recs if "loss" in r]
-        s_iter = sorted(r["s_per_iter"] for r in steps)[len(steps) // 2] if steps else None
+        s_iter = statistics.median(r["s_per_iter"] for r in steps) if steps else None
         results["runs"][w] = {
             "eval": evals[w],
             "profile": prof,
@@ -184,6 +191,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     pre = f"PYTHONPATH=src nice -n 5 python scripts/det_experiment.py --root {args.root} --eval-every {args.eval_every}"
     pre += f" --iters {args.iters}" if args.iters else ""
     results["commands"] = [f"{pre} train", f"{pre} report"]
+    results["fold_AP"] = folds = fold_aps(args, evals)
+    diff = [d - q for d, q in zip(folds["dynamic"], folds["sequential"])]
+    mean, sd = statistics.mean(diff), statistics.stdev(diff)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for w, r in results["runs"].items():
@@ -215,6 +225,12 @@ def cmd_report(args: argparse.Namespace) -> None:
             f"{b['detector_backbone_gmacs']:.2f} | {b['detector_gmacs']:.2f} | {a['detector_params']:,} | "
             f"{r['train_s_per_iter_median']:.2f} | {r['eval']['eval_s_per_image']:.3f} |"
         )
+    rows += [
+        "",
+        "AP on 5 disjoint folds of 100 val images: "
+        + "; ".join(f"{w} " + ", ".join(f"{a:.1f}" for a in v) for w, v in folds.items())
+        + f". Paired dynamic - sequential per fold: mean {mean:+.2f}, sd {sd:.2f} AP.",
+    ]
     rows += ["", "Commands:", "", "```bash", *results["commands"], "```", ""]
     rows += [f"- {w}: `{r['command']}`" for w, r in results["runs"].items()]
     (out / "summary.md").write_text("\n".join(rows) + "\n")
