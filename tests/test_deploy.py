@@ -285,6 +285,9 @@ def _check_compile(name: str, backend: str, train_gate: str = "soft") -> None:
     if train_gate == "hard":
         for _, s in model.graph_stages():
             s.executor = "dense"
+        with torch.no_grad(), dynwire.record_adjacency(twin) as rec:
+            twin(x)
+        assert any(r[:, 1:-1].any() for r in rec.removed.values()), "nodes are removed in training too"
     y = torch.arange(4) % 10
     l0, g0 = _train_step(model, list(model.parameters()), x, y)
     l1, g1 = _train_step(torch.compile(twin, fullgraph=True, backend=backend), list(twin.parameters()), x, y)
