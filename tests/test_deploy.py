@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_size, write_fmnist_fixture
-from test_inference import _set_thresholds
 
 import dynwire
 from dynwire.cli import main as cli_main
@@ -183,6 +182,17 @@ def test_custom_layers_cannot_be_described(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- ONNX
+def _set_thresholds(model, x, share: float) -> None:
+    """Every node's threshold at the ``share`` quantile of its incoming router weights on ``x``."""
+    with dynwire.record_adjacency(model) as rec:
+        model(x)
+    with torch.no_grad():
+        for name, stage in model.graph_stages():
+            raw = rec.router[name]
+            for j in range(1, stage.num_nodes):
+                stage.edges.tau[j - 1] = torch.quantile(raw[:, j, :j].flatten(), share)
+
+
 def _removing_model(name: str, x: torch.Tensor, **kw) -> torch.nn.Module:
     """A model whose thresholds (0.6-quantile of the router weights) remove nodes for some samples."""
     torch.manual_seed(0)
