@@ -2,6 +2,7 @@
 
 from . import models  # noqa: F401  (registers the model zoo)
 from ._registry import create_model, get_model_cfg, list_models, register_model
+from .deploy import export_onnx, load_model
 from .graph.adjacency import record_adjacency
 from .graph.stage import GraphStage
 from .graph.wiring import WIRINGS, WiringConfig
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "create_model",
+    "load_model",
+    "export_onnx",
     "list_models",
     "get_model_cfg",
     "register_model",

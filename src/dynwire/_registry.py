@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,8 @@ def create_model(
     name: str,
     num_classes: int = 1000,
     wiring: str | WiringConfig | dict = "dynamic",
+    *,
+    checkpoint_path: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.
@@ -85,14 +88,29 @@ def create_model(
             ``random-ws`` or a :class:`WiringConfig`. Wiring options (``router_bias``,
             ``tau_init``, ``eval_gate``, ``er_p``, ``ba_m``, ``ws_k``, ``ws_p``,
             ``graph_seed``, ``recompute``) may also be passed as keyword arguments.
+        checkpoint_path: load weights from a run directory (``best.pt``, else ``last.pt``), a
+            training checkpoint, a ``.safetensors`` export or a saved state dict (timm-style).
+            A file that says which model it holds must match ``name``, ``wiring``,
+            ``num_classes`` and ``in_chans`` (``ValueError`` otherwise). The model stays in
+            training mode, as any new model; :func:`dynwire.load_model` rebuilds a file's own
+            model for evaluation instead.
         **kwargs: family options: ``in_chans``, ``drop_rate``, ``norm_layer``, ``act_layer``...
+
+    The returned model's ``build_config`` (a dict) records the name and options it was built
+    with; exports write it into their metadata.
     """
     if not isinstance(name, str) or name not in _ENTRYPOINTS:
         raise _unknown(str(name))
     cfg, rest = resolve_wiring(wiring, **kwargs)
     try:
-        return _ENTRYPOINTS[name](num_classes=num_classes, wiring=cfg, **rest)
+        model = _ENTRYPOINTS[name](num_classes=num_classes, wiring=cfg, **rest)
     except TypeError as e:
         if "unexpected keyword argument" in str(e):
             raise ValueError(f"create_model('{name}'): {e}") from e
         raise
+    from .deploy import describe_build, load_weights
+
+    model.build_config = describe_build(name, num_classes, model, rest)
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path)
+    return model

@@ -232,8 +232,34 @@ def _make_scenes(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    out = export_safetensors(args.checkpoint, args.out, use_ema=args.ema)
-    print(f"wrote {out}")
+    from .deploy import NoBuildInfoError, export_input_size, export_onnx, onnx_max_abs_diff
+    from .deploy import export_safetensors as export_described
+
+    fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "safetensors")
+    if fmt == "safetensors":
+        if args.input_size is not None or args.opset is not None:
+            raise ValueError("--input-size and --opset apply to --format onnx only")
+        try:
+            out = export_described(args.checkpoint, args.out, use_ema=args.ema)
+        except NoBuildInfoError:  # bare weights: nothing to describe them with
+            out = export_safetensors(args.checkpoint, args.out, use_ema=args.ema)
+            print("note: the checkpoint does not say which model it holds; wrote the weights only", file=sys.stderr)
+        print(f"wrote {out}")
+        return 0
+    import torch
+
+    from .deploy import load_model
+
+    model = load_model(args.checkpoint, "cpu", use_ema=args.ema)
+    size = export_input_size(model, args.input_size)
+    out = export_onnx(model, args.out, input_size=size, opset=args.opset)
+    print(f"wrote {out} (input {'x'.join(map(str, size))}, dynamic batch axis, stages on the dense executor)")
+    if not args.no_check:
+        x = torch.randn(3, *size, generator=torch.Generator().manual_seed(0))
+        diff = onnx_max_abs_diff(model, out, x)  # against the pruned executor
+        print(f"onnxruntime vs PyTorch (pruned executor), batch 3: max abs diff {diff:.3g}")
+        if not diff <= 1e-4:
+            raise ValueError(f"{out}: onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> 1e-4)")
     return 0
 
 
@@ -339,10 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--graph-seed", type=int, default=0, help="first graph seed")
     gr.set_defaults(func=_graphs)
 
-    ex = sub.add_parser("export", help="write a checkpoint's weights as .safetensors")
-    ex.add_argument("--checkpoint", required=True, help="last.pt / best.pt of a run")
-    ex.add_argument("--out", required=True, help="output .safetensors path")
+    ex = sub.add_parser(
+        "export",
+        help="export a trained model as self-describing .safetensors or as ONNX",
+        description="Export a run directory (best.pt, else last.pt), a checkpoint or a safetensors export. "
+        "safetensors: the weights plus the build info (dynwire.load_model rebuilds the model from the file). "
+        "onnx: a graph with a dynamic batch axis in which node removal (Sec. 3.3) is expressed as masks; "
+        "checked against PyTorch with onnxruntime unless --no-check.",
+    )
+    ex.add_argument("--checkpoint", required=True, help="run directory, last.pt / best.pt, or a .safetensors export")
+    ex.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
+    ex.add_argument(
+        "--format", choices=("safetensors", "onnx"), help="output format (default: from --out, else safetensors)"
+    )
     ex.add_argument("--ema", action="store_true", help="export the EMA weights")
+    ex.add_argument(
+        "--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="ONNX input size (default: training size)"
+    )
+    ex.add_argument("--opset", type=int, help="ONNX opset (18 or later; default: the exporter's)")
+    ex.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
     ex.set_defaults(func=_export)
     return p
 
