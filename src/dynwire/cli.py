@@ -1,4 +1,6 @@
-"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``.
+"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``,
+``analyze`` (connectivity statistics and figures of a checkpoint) and ``study`` (a resumable
+multi-seed grid of runs and its paired statistics).
 
 Every command reports bad input the same way: ``dynwire <command>: error: <message>`` on
 stderr and exit status 2 (3 when training diverged, 128 + signal when it was interrupted).
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._registry import get_model_cfg, list_models
+from .analysis import connectivity, study
 from .engine import TrainingDiverged, TrainingInterrupted, evaluate, export_safetensors, load_config, train
 from .graph.wiring import WIRINGS
 
@@ -165,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output .safetensors path")
     ex.add_argument("--ema", action="store_true", help="export the EMA weights")
     ex.set_defaults(func=_export)
+
+    an = sub.add_parser(
+        "analyze",
+        help="connectivity statistics and figures of a checkpoint (Figs. 5-7)",
+        description=connectivity.ANALYZE_DESCRIPTION,
+    )
+    connectivity.add_arguments(an)
+    an.set_defaults(func=connectivity.run_analyze)
+
+    st = sub.add_parser(
+        "study", help="run (resumably) and aggregate a multi-seed grid of runs", description=study.STUDY_DESCRIPTION
+    )
+    study.add_arguments(st)
+    st.set_defaults(func=study.run_cli)
     return p
 
 
