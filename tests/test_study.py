@@ -117,7 +117,10 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
             _fake_run(st, r, TOP1[r.wiring][r.seed])
     # bias -3: only seed 0 finished; seed 1 never started
     _fake_run(st, next(r for r in st.runs if r.overrides and r.seed == 0), 89.0)
+    st.results.mkdir(parents=True)
+    (st.results / "paired_diffs.png").write_bytes(b"an earlier aggregation's figure")
     s = aggregate(st, plots=False)
+    assert not (st.results / "paired_diffs.png").exists() and s["figures"] == {}
     assert s["runs_done"] == 10 and s["status_counts"] == {"done": 10, "new": 1}
     core = {c["wiring"]: c for c in s["groups"][0]["cells"]}
     seq = core["sequential"]["top1"]

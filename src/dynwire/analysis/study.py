@@ -933,10 +933,13 @@ def aggregate(
         "groups": groups_out,
         "figures": {},
     }
-    if plots and done:
-        from . import _study_plots
+    from . import _study_plots
 
+    if plots and done:
         summary["figures"] = _study_plots.study_figures(study, summary, rows, out_dir)
+    for name in _study_plots.figure_files(study):  # a figure of an earlier aggregation that no longer applies
+        if name not in summary["figures"].values():
+            (out_dir / name).unlink(missing_ok=True)
     _write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(_summary_md(summary), encoding="utf-8")
     if stream is not None:
