@@ -11,17 +11,10 @@ import torch
 from conftest import write_fmnist_fixture
 
 import dynwire
-from dynwire.analysis.connectivity import (
-    ConnectivityAccumulator,
-    StageStats,
-    _engine,
-    derive_removed_nodes,
-    main_analyze,
-)
-
-_ENG = _engine()
-load_config, config_to_dict = _ENG["load_config"], _ENG["config_to_dict"]
-build_model, build_split = _ENG["build_model"], _ENG["build_split"]
+from dynwire.analysis.connectivity import ConnectivityAccumulator, StageStats, main_analyze
+from dynwire.cli import main as cli_main
+from dynwire.engine import build_model, build_split, load_config
+from dynwire.engine.config import config_to_dict
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +39,10 @@ def _random_batches(n_total: int, n: int, seed: int = 0):
     return adj, labels, logits
 
 
+def _none_removed(adj: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"s": torch.zeros(adj.shape[0], adj.shape[1], dtype=torch.bool)}
+
+
 # --------------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("batch", [1, 7, 50])
 def test_streaming_mean_std_per_class_match_brute_force(batch: int) -> None:
@@ -54,7 +51,8 @@ def test_streaming_mean_std_per_class_match_brute_force(batch: int) -> None:
     mask = _tril_mask(n)
     acc = ConnectivityAccumulator({"s": mask}, num_classes=3, per_class=0, top_k=0)
     for i in range(0, total, batch):
-        acc.update({"s": adj[i : i + batch]}, logits[i : i + batch], labels[i : i + batch])
+        a = adj[i : i + batch]
+        acc.update({"s": a}, logits[i : i + batch], labels[i : i + batch], removed=_none_removed(a), macs=a.sum((1, 2)))
     st = acc.stages["s"]
     a = adj.double().numpy()
     np.testing.assert_allclose(st.mean()[mask], a.mean(0)[mask], atol=1e-12)
@@ -70,23 +68,6 @@ def test_streaming_mean_std_per_class_match_brute_force(batch: int) -> None:
     assert acc.correct == int((pred == labels).sum())
 
 
-def test_derive_removed_nodes_hand_built() -> None:
-    n = 5  # nodes 0..4, node 4 is the output node
-    mask = torch.as_tensor(_tril_mask(n))
-    adj = torch.zeros(2, n, n)
-    # sample 0: 0->1, 1->4, 0->2 (2 has no open output), 3 fed by nobody but 3->4 open
-    adj[0, 1, 0] = adj[0, 4, 1] = adj[0, 2, 0] = adj[0, 4, 3] = 0.5
-    # sample 1: chain 0->1->2->3->4 all open
-    for j in range(1, n):
-        adj[1, j, j - 1] = 0.9
-    removed = derive_removed_nodes(adj, mask)
-    assert removed[0].tolist() == [False, False, True, True, False]
-    assert removed[1].tolist() == [False] * n
-    # nothing reaches the output node: every node is removed
-    none = derive_removed_nodes(torch.zeros(1, n, n), mask)
-    assert none.all()
-
-
 def test_node_order_statistics_hand_computed() -> None:
     n = 4
     st = StageStats("s", 0, _tril_mask(n), num_classes=1)
@@ -97,7 +78,7 @@ def test_node_order_statistics_hand_computed() -> None:
     m[3, 2] = 0.2  # node 2 out: 0.2
     x = torch.tensor(np.stack([m, m]), dtype=torch.float32)
     x[1, 3, 2] = 0.4  # edge 2->3 takes 0.2 and 0.4: mean 0.3, sample std 0.1414
-    st.update(x, None, torch.zeros(2, dtype=torch.long), None)
+    st.update(x, None, torch.zeros(2, dtype=torch.long), torch.zeros(2, n, dtype=torch.bool))
     o = st.node_order_stats()
     assert o["senders"] == [0, 1, 2] and o["receivers"] == [1, 2, 3]
     np.testing.assert_allclose(o["out_edge_mean"], [0.8, 0.5, 0.3], atol=1e-6)
@@ -116,7 +97,15 @@ def test_most_least_confident_and_per_class_samples() -> None:
     adj = torch.rand(6, n, n) * torch.as_tensor(mask)
     acc = ConnectivityAccumulator({"s": mask}, num_classes=2, per_class=1, top_k=2)
     for i in range(0, 6, 4):  # batches of 4 and 2
-        acc.update({"s": adj[i : i + 4]}, conf_logits[i : i + 4], labels[i : i + 4], images=torch.zeros(4, 1, 2, 2))
+        a = adj[i : i + 4]
+        acc.update(
+            {"s": a},
+            conf_logits[i : i + 4],
+            labels[i : i + 4],
+            removed=_none_removed(a),
+            macs=torch.ones(len(a)),
+            images=torch.zeros(4, 1, 2, 2),
+        )
     assert [r.index for r in acc.most_confident] == [4, 1]
     assert [r.index for r in acc.least_confident] == [0, 5]
     assert {c: [r.index for r in rs] for c, rs in acc.class_samples.items()} == {0: [0], 1: [2]}
@@ -134,7 +123,6 @@ def test_recorded_removed_nodes_and_macs_are_used() -> None:
     acc.update({"s": adj}, logits, torch.tensor([0, 0, 1, 1]), removed={"s": removed}, macs=macs)
     s = acc.summary(["a", "b"])
     st = s["stages"]["s"]
-    assert st["removed_source"] == "recorded"
     assert st["removed_share_per_node"] == [0.0, 1.0, 0.0]
     em = s["executed_macs"]
     assert em["n"] == 4 and em["mean"] == pytest.approx(2.5e6) and em["median"] == pytest.approx(2.5e6)
@@ -161,7 +149,7 @@ def _checkpoint(tmp_path: Path, data: Path, wiring: str, tau: float | None = Non
     sd = model.state_dict()
     if tau is not None:  # router outputs start near sigmoid(0) = 0.5: a threshold there closes about half
         for k in sd:
-            if k.endswith("graph.tau"):
+            if k.endswith("edges.tau"):
                 sd[k].fill_(tau)
     path = tmp_path / f"{wiring}.pt"
     torch.save({"model": sd, "config": config_to_dict(cfg), "epoch": 1, "global_step": 3}, path)
@@ -191,6 +179,7 @@ def test_analyze_cli_end_to_end_matches_direct_recording(tmp_path: Path, fmnist:
         "fig7_most_confident",
         "fig7_least_confident",
         "open_edges_hist",
+        "macs_hist",
     }
     assert set(s["figures"]) == expected_figs
     for f in s["figures"].values():
@@ -210,7 +199,7 @@ def test_analyze_cli_end_to_end_matches_direct_recording(tmp_path: Path, fmnist:
         logits = model(x)
     y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
     assert s["top1"] == pytest.approx(100.0 * float((logits.argmax(1) == y).float().mean()))
-    closed_any = False
+    closed_any = removed_any = False
     for name, a in rec.items():
         st = s["stages"][name]
         n = a.shape[1]
@@ -222,8 +211,14 @@ def test_analyze_cli_end_to_end_matches_direct_recording(tmp_path: Path, fmnist:
         closed = float(((a == 0).numpy() & mask).sum() / (mask.sum() * len(ds)))
         assert st["closed_edge_share"] == pytest.approx(closed)
         closed_any |= closed > 0
-        assert st["removed_source"] == "derived"
-    assert closed_any, "tau=0.5 should close some edges"
+        removed = rec.removed[name]
+        np.testing.assert_allclose(st["removed_share_per_node"], removed.double().mean(0).numpy(), atol=1e-12)
+        removed_any |= bool(removed.any())
+    assert closed_any and removed_any, "tau=0.5 should close some edges and remove some nodes"
+    em = s["executed_macs"]
+    assert em["n"] == 40 and em["mean"] == pytest.approx(float(rec.macs.double().mean()), rel=1e-9)
+    assert em["min"] < em["max"], "removed nodes should make the executed MACs vary by sample"
+    assert "Executed MACs per sample" in md and "![macs_hist](macs_hist.png)" in md
 
 
 def test_analyze_sequential_max_images_without_plots(tmp_path: Path, fmnist: Path) -> None:
@@ -236,9 +231,24 @@ def test_analyze_sequential_max_images_without_plots(tmp_path: Path, fmnist: Pat
     assert st["closed_edge_share"] == 0.0 and st["node_order"]["mean_edge_std"] == 0.0
     assert st["mean"][1][0] == 1.0 and st["mean"][2][0] is None  # a chain: only j = i + 1 edges exist
     assert not list(out.glob("*.png"))
+    assert st["removed_node_share"] == 0.0  # nothing can be removed from a chain
+    assert s["executed_macs"] is None  # rec.macs does not count the blocks of chain stages
 
 
 def test_analyze_cli_errors(tmp_path: Path, capsys) -> None:
     assert main_analyze([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "file not found" in capsys.readouterr().err
     assert main_analyze([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--max-images", "0"]) == 2
+
+
+def test_dynwire_analyze_command(tmp_path: Path, fmnist: Path, capsys) -> None:
+    ckpt, _ = _checkpoint(tmp_path, fmnist, "dynamic", tau=0.5)
+    out = tmp_path / "cli"
+    assert cli_main(["analyze", str(ckpt), "--out", str(out), "--max-images", "8", "--no-plots"]) == 0
+    assert "analyzed 8 images" in capsys.readouterr().out
+    assert json.loads((out / "analysis.json").read_text())["images"] == 8
+    assert cli_main(["analyze", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynwire analyze: error: ") and "missing.pt" in err
+    assert cli_main(["analyze", str(ckpt), "--out", str(out), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.startswith("dynwire analyze: error: --batch-size must be >= 1")

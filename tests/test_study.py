@@ -25,6 +25,7 @@ from dynwire.analysis.study import (
     run_status,
     study_from_dict,
 )
+from dynwire.cli import main as cli_main
 
 GRID = {
     "name": "unit",
@@ -116,7 +117,10 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
             _fake_run(st, r, TOP1[r.wiring][r.seed])
     # bias -3: only seed 0 finished; seed 1 never started
     _fake_run(st, next(r for r in st.runs if r.overrides and r.seed == 0), 89.0)
+    st.results.mkdir(parents=True)
+    (st.results / "paired_diffs.png").write_bytes(b"an earlier aggregation's figure")
     s = aggregate(st, plots=False)
+    assert not (st.results / "paired_diffs.png").exists() and s["figures"] == {}
     assert s["runs_done"] == 10 and s["status_counts"] == {"done": 10, "new": 1}
     core = {c["wiring"]: c for c in s["groups"][0]["cells"]}
     seq = core["sequential"]["top1"]
@@ -159,6 +163,26 @@ def test_dry_run_lists_status_and_estimate(tmp_path: Path, capsys) -> None:
     assert main_study(["--config", str(path), "--dry-run", "--only", "*__s2", *out]) == 0
     assert "3 runs (new 3)" in capsys.readouterr().out
     assert main_study(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_dynwire_study_command(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(dict(GRID, estimates_s={"cifar_resnet20": 300})))
+    out = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    assert cli_main(["study", "--config", str(path), "--dry-run", "--jobs", "2", *out]) == 0
+    assert "11 runs (new 11)" in capsys.readouterr().out
+    assert cli_main(["study", "--config", str(path), "--aggregate-only", "--no-plots", *out]) == 0
+    assert "aggregated 0/11 finished runs" in capsys.readouterr().out
+    assert "Finished runs: 0/11" in (tmp_path / "res" / "summary.md").read_text()
+    assert cli_main(["study", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynwire study: error: ") and "missing.yaml" in err
+    assert cli_main(["study", "--config", str(path), "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("dynwire study: error: --jobs must be >= 1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(GRID, colour=1)))
+    assert cli_main(["study", "--config", str(bad), "--dry-run"]) == 2
+    assert "unknown key" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- end to end
@@ -218,6 +242,17 @@ def test_tiny_grid_end_to_end_two_jobs(tmp_path: Path, fmnist256: Path, capsys) 
     s = json.loads((st.results / "summary.json").read_text())
     dyn = s["groups"][0]["cells"][1]
     assert dyn["top1"]["n"] == 2 and dyn["diffs"]["vs sequential"]["n"] == 2
+    # executed MACs: measured once per run from best.pt (removed nodes skipped), cached next to it
+    assert s["groups"][0]["cells"][0]["executed_macs"] is None  # sequential: rec.macs misses chain stages
+    assert 0 < dyn["executed_macs"] <= dyn["macs"] * 1.02
+    for r in st.runs:
+        if r.wiring == "sequential":
+            assert not (st.run_dir(r) / "executed_macs.json").exists()
+            continue
+        em = json.loads((st.run_dir(r) / "executed_macs.json").read_text())
+        final = json.loads((st.run_dir(r) / "final.json").read_text())
+        assert em["images"] == 64 and em["top1"] == pytest.approx(final["val"]["top1"])
+    assert "executed MMACs" in (st.results / "summary.md").read_text()
     assert set(s["figures"]) == {"accuracy", "paired_diffs", "curves_core"}
     for f in s["figures"].values():
         assert (st.results / f).stat().st_size > 1000

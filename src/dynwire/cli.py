@@ -1,6 +1,7 @@
 """The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``,
-and for detection ``make-scenes`` and ``detect`` (``train``, ``eval`` and ``profile --detector`` take
-detection recipes, checkpoints and backbones too).
+for detection ``make-scenes`` and ``detect`` (``train``, ``eval`` and ``profile --detector`` take
+detection recipes, checkpoints and backbones too), ``analyze`` (connectivity statistics and figures
+of a checkpoint) and ``study`` (a resumable multi-seed grid of runs and its paired statistics).
 
 Every command reports bad input the same way: ``dynwire <command>: error: <message>`` on
 stderr and exit status 2 (3 when training diverged, 128 + signal when it was interrupted).
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from ._registry import get_model_cfg, list_models
+from .analysis import connectivity, study
 from .detection.scenes import MAKE_SCENES_DESCRIPTION, add_make_scenes_arguments
 from .engine import TrainingDiverged, TrainingInterrupted, evaluate, export_safetensors, load_config, train
 from .graph.wiring import WIRINGS
@@ -385,6 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, help="ONNX opset (18 or later; default: the exporter's)")
     ex.add_argument("--no-check", action="store_true", help="ONNX: skip the onnxruntime comparison")
     ex.set_defaults(func=_export)
+
+    an = sub.add_parser(
+        "analyze",
+        help="connectivity statistics and figures of a checkpoint (Figs. 5-7)",
+        description=connectivity.ANALYZE_DESCRIPTION,
+    )
+    connectivity.add_arguments(an)
+    an.set_defaults(func=connectivity.run_analyze)
+
+    st = sub.add_parser(
+        "study", help="run (resumably) and aggregate a multi-seed grid of runs", description=study.STUDY_DESCRIPTION
+    )
+    study.add_arguments(st)
+    st.set_defaults(func=study.run_cli)
     return p
 
 

@@ -150,6 +150,11 @@ def _curves(study: Study, group: Any, rows: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def figure_files(study: Study) -> list[str]:
+    """Every PNG :func:`study_figures` may write for this study."""
+    return ["accuracy.png", "paired_diffs.png"] + [f"curves_{g.name}.png" for g in study.groups if g.curves]
+
+
 def study_figures(study: Study, summary: dict[str, Any], rows: dict[str, Any], out: Path) -> dict[str, str]:
     figs: dict[str, str] = {}
     _accuracy(summary, out / "accuracy.png")

@@ -8,10 +8,9 @@ single streaming pass (nothing per sample is kept except a few samples for Fig. 
   for the weights actually used (after the Eq. 5 threshold) and for the raw router outputs;
 * the per-class mean adjacency;
 * the share of closed edges (an edge of the graph whose used weight is 0) and of removed nodes
-  (``rec.removed`` when the model records it, otherwise nodes on no open path from the stage's
-  input node to its output node), per stage, per edge and per node;
-* the executed MACs per sample when the model records them (``rec.macs``), and the number of
-  open edges per sample (always);
+  (``rec.removed``: blocks the evaluation executor skipped for the sample, Sec. 3.3), per stage,
+  per edge and per node;
+* the multiply-adds each sample executed (``rec.macs``) and the number of open edges per sample;
 * a few samples per class and the most and least confident samples, drawn as graphs (Fig. 7);
 * the paper's observations (2) (output-edge weight falls with topological order) and (4)
   (the standard deviation grows with order and with stage) as numbers: per-node means, least-squares
@@ -30,7 +29,9 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import types
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,41 +41,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data import build_loader
+from ..engine import build_model, build_split, config_from_dict, load_checkpoint, seed_everything
+from ..engine.config import apply_overrides
+from ..engine.distributed import pick_device
+from ..graph.adjacency import record_adjacency
+from ..graph.stage import GraphStage
 from . import _stats
 
 __all__ = [
     "StageStats",
     "SampleRecord",
     "ConnectivityAccumulator",
-    "derive_removed_nodes",
     "analyze_model",
     "analyze_checkpoint",
+    "executed_macs",
     "write_report",
     "main_analyze",
 ]
 
 
 # --------------------------------------------------------------------------- accumulation
-def derive_removed_nodes(adj: Tensor, edge_mask: Tensor) -> Tensor:
-    """``(B, N)`` bools: nodes on no open path from node 0 to node ``N-1``.
-
-    An edge ``i -> j`` is open when it exists (``edge_mask[j, i]``) and its used weight
-    ``adj[:, j, i]`` is non-zero. Such nodes contribute nothing to the stage output, so an executor
-    may skip them; this is what "removed" means when the model does not record it itself.
-    """
-    b, n, _ = adj.shape
-    open_ = (adj != 0) & edge_mask.to(adj.device, torch.bool).unsqueeze(0)
-    reach = torch.zeros(b, n, dtype=torch.bool, device=adj.device)
-    reach[:, 0] = True
-    for j in range(1, n):
-        reach[:, j] = (open_[:, j, :j] & reach[:, :j]).any(dim=1)
-    coreach = torch.zeros_like(reach)
-    coreach[:, n - 1] = True
-    for i in range(n - 2, -1, -1):
-        coreach[:, i] = (open_[:, i + 1 :, i] & coreach[:, i + 1 :]).any(dim=1)
-    return ~(reach & coreach)
-
-
 class _Moments:
     """Streaming mean and M2 (sum of squared deviations) of ``(N, N)`` matrices (Chan et al.)."""
 
@@ -117,7 +104,6 @@ class StageStats:
     class_count: np.ndarray = field(init=False)
     closed_count: np.ndarray = field(init=False)  # (N, N) samples in which the edge was closed
     removed_count: np.ndarray = field(init=False)  # (N,) samples in which the node was removed
-    removed_source: str = "derived"
     has_raw: bool = False
 
     def __post_init__(self) -> None:
@@ -137,8 +123,9 @@ class StageStats:
     def count(self) -> int:
         return self.used.n
 
-    def update(self, adj: Tensor, raw: Tensor | None, labels: Tensor, removed: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Add a batch; returns the per-sample open-edge mask ``(B, N, N)`` and removed nodes ``(B, N)``."""
+    def update(self, adj: Tensor, raw: Tensor | None, labels: Tensor, removed: Tensor) -> tuple[Tensor, Tensor]:
+        """Add a batch (``removed``: ``(B, N)`` bools, ``rec.removed[stage]``); returns the per-sample
+        open-edge mask ``(B, N, N)`` and the removed nodes."""
         mask_t = torch.as_tensor(self.edge_mask, device=adj.device)
         a = adj.detach().float()
         x = a.cpu().double().numpy()
@@ -152,11 +139,11 @@ class StageStats:
         np.add.at(self.class_count, lab[valid], 1)
         closed = (a == 0) & mask_t.unsqueeze(0)
         self.closed_count += closed.sum(dim=0).cpu().numpy().astype(np.int64)
-        if removed is None:
-            removed = derive_removed_nodes(a, mask_t)
-        else:
-            self.removed_source = "recorded"
-            removed = removed.to(torch.bool)
+        removed = removed.to(torch.bool)
+        if removed.shape != (a.shape[0], self.num_nodes):
+            raise ValueError(
+                f"stage {self.name!r}: removed has shape {tuple(removed.shape)}, expected {(a.shape[0], self.num_nodes)}"
+            )
         self.removed_count += removed.sum(dim=0).cpu().numpy().astype(np.int64)
         return (~closed) & mask_t.unsqueeze(0), removed
 
@@ -243,8 +230,9 @@ class SampleRecord:
 class ConnectivityAccumulator:
     """Streaming statistics over batches of recorded adjacencies.
 
-    Call :meth:`update` once per batch with the recorded ``(B, N, N)`` matrices of every stage,
-    the logits and the labels. Memory is independent of the number of samples except for a few
+    Call :meth:`update` once per batch with what :func:`dynwire.record_adjacency` recorded (the
+    ``(B, N, N)`` matrices, removed nodes and executed MACs of every stage), the logits and the
+    labels. Memory is independent of the number of samples except for a few
     floats per sample (confidence, open-edge count, executed MACs) and the Fig. 7 samples.
     """
 
@@ -280,9 +268,9 @@ class ConnectivityAccumulator:
         logits: Tensor,
         labels: Tensor,
         *,
+        removed: dict[str, Tensor],
+        macs: Tensor | None,
         router: dict[str, Tensor] | None = None,
-        removed: dict[str, Tensor] | None = None,
-        macs: Tensor | None = None,
         images: Tensor | None = None,
     ) -> None:
         b = labels.shape[0]
@@ -296,10 +284,10 @@ class ConnectivityAccumulator:
         open_total = torch.zeros(b, dtype=torch.long)
         removed_b: dict[str, Tensor] = {}
         for name, st in self.stages.items():
-            if name not in adjacency:
-                raise KeyError(f"no adjacency recorded for stage {name!r} (recorded: {list(adjacency)})")
-            rm = removed.get(name) if removed is not None else None
-            open_mask, rem = st.update(adjacency[name], router.get(name) if router is not None else None, labels, rm)
+            if name not in adjacency or name not in removed:
+                raise KeyError(f"nothing recorded for stage {name!r} (recorded: {list(adjacency)})")
+            raw = router.get(name) if router is not None else None
+            open_mask, rem = st.update(adjacency[name], raw, labels, removed[name])
             open_total += open_mask.sum(dim=(1, 2)).cpu()
             removed_b[name] = rem.cpu()
         macs_list = None if macs is None else [float(v) for v in macs.detach().cpu().reshape(-1).tolist()]
@@ -368,7 +356,6 @@ class ConnectivityAccumulator:
                 ),
                 "removed_node_share": _num(float(st.removed_share_per_node().mean())),
                 "removed_share_per_node": [_num(float(v)) for v in st.removed_share_per_node()],
-                "removed_source": st.removed_source,
                 "per_class_mean": {
                     names[c] if c < len(names) else str(c): _round_matrix(m)
                     for c, m in enumerate(st.class_mean())
@@ -473,8 +460,6 @@ def _distribution(xs: Sequence[float]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- running a model
 def graph_stages(model: nn.Module) -> dict[str, Any]:
     """The model's :class:`~dynwire.GraphStage` modules by name, in forward order."""
-    from dynwire import GraphStage
-
     stages = {n: m for n, m in model.named_modules() if isinstance(m, GraphStage)}
     if not stages:
         raise ValueError("the model has no graph stages (build it with dynwire.create_model)")
@@ -494,11 +479,10 @@ def analyze_model(
     progress: bool = False,
 ) -> ConnectivityAccumulator:
     """Run ``model`` (in eval mode) over ``loader`` and return the filled accumulator."""
-    from dynwire import record_adjacency
-
     device = torch.device(device)
     stages = graph_stages(model)
     masks = {n: s.edges.edge_mask_matrix().numpy() > 0 for n, s in stages.items()}
+    chains = [n for n, s in stages.items() if s.edges.is_chain]
     acc = ConnectivityAccumulator(masks, num_classes, per_class=per_class, top_k=top_k)
     was_training = model.training
     model.eval()
@@ -513,15 +497,16 @@ def analyze_model(
             x = images.to(device)
             with record_adjacency(model) as rec:
                 logits = model(x)
-            removed = getattr(rec, "removed", None)
-            macs = getattr(rec, "macs", None)
+            # a chain stage (sequential) runs its blocks without the graph executor: it removes no
+            # node and records neither rec.removed nor its MACs, so rec.macs would miss its blocks
+            no_removal = {n: torch.zeros(len(labels), stages[n].num_nodes, dtype=torch.bool) for n in chains}
             acc.update(
                 dict(rec.adjacency),
                 logits,
                 labels,
+                removed={**no_removal, **rec.removed},
+                macs=None if chains else rec.macs,
                 router=dict(rec.router),
-                removed=dict(removed) if removed is not None else None,
-                macs=torch.as_tensor(macs) if macs is not None else None,
                 images=images,
             )
             now = time.perf_counter()
@@ -536,28 +521,121 @@ def analyze_model(
     return acc
 
 
-def _engine() -> dict[str, Any]:
-    """The engine functions this module needs: top-level ``dynwire.engine`` names when exported there,
-    else from the engine module that defines them today (the engine is being split into modules)."""
-    import dynwire.engine as eng
+@dataclass
+class _Loaded:
+    """A checkpoint's model, ready for evaluation, and its evaluation split."""
 
-    def get(name: str, module: str) -> Any:
-        if hasattr(eng, name):
-            return getattr(eng, name)
-        import importlib
+    ckpt: dict[str, Any]
+    cfg: Any  # RunConfig
+    model: nn.Module
+    dataset: Any
+    info: Any
+    loader: Any
+    device: torch.device
 
-        return getattr(importlib.import_module(f"dynwire.engine.{module}"), name)
 
+def _load_for_eval(
+    checkpoint: str | Path,
+    *,
+    data_dir: str | None,
+    split: str,
+    max_images: int | None,
+    batch_size: int | None,
+    overrides: Sequence[str],
+    use_ema: bool,
+    device: str,
+) -> _Loaded:
+    """Rebuild model and split from a training checkpoint, as ``dynwire eval`` does (classes and input
+    size from its ``data_info``); ``max_images``: a fixed random subset (seeded by ``train.seed``)."""
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    if "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: no config/model entry; not a dynwire training checkpoint")
+    raw = apply_overrides(ckpt["config"], list(overrides))
+    raw["data"] = dict(raw.get("data") or {})
+    if data_dir is not None:
+        raw["data"]["root"] = str(data_dir)
+    if batch_size is not None:
+        raw["data"]["batch_size"] = int(batch_size)
+    raw["data"]["val_subset"] = max_images
+    cfg = config_from_dict(raw)
+    dev = pick_device(device)
+    saved = ckpt.get("data_info")
+    ds, info = build_split(cfg, split, train=False, info=types.SimpleNamespace(**saved) if saved is not None else None)
+    seed_everything(cfg.train.seed)  # as dynwire eval: the model is built as in training
+    model = build_model(cfg, info)
+    weights = ckpt["model"]
+    if use_ema:
+        if ckpt.get("ema") is None:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} has no EMA weights")
+        weights = ckpt["ema"]["weights"]
+    model.load_state_dict(weights)
+    model.to(dev)
+    loader = build_loader(ds, cfg.data.batch_size, train=False, num_workers=cfg.data.num_workers)
+    return _Loaded(ckpt, cfg, model, ds, info, loader, dev)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def executed_macs(
+    checkpoint: str | Path,
+    *,
+    data_dir: str | None = None,
+    split: str = "val",
+    max_images: int | None = None,
+    device: str = "cpu",
+    num_threads: int | None = 1,
+) -> dict[str, Any]:
+    """Mean multiply-adds executed per sample (``rec.macs``, removed nodes skipped) of a checkpoint's
+    model over a split, with its top-1 on the same images as a check. Only the MAC total is kept."""
+    with _torch_threads(num_threads):
+        ld = _load_for_eval(
+            checkpoint,
+            data_dir=data_dir,
+            split=split,
+            max_images=max_images,
+            batch_size=None,
+            overrides=(),
+            use_ema=False,
+            device=device,
+        )
+        model = ld.model.eval()
+        chains = [n for n, st in graph_stages(model).items() if st.edges.is_chain]
+        if chains:
+            raise ValueError(
+                f"executed_macs: stages {chains} are chains (sequential wiring): rec.macs does not count their blocks"
+            )
+        total, lo, hi, n, correct = 0.0, math.inf, -math.inf, 0, 0
+        t0 = time.perf_counter()
+        for images, labels in ld.loader:
+            with record_adjacency(model) as rec:
+                logits = model(images.to(ld.device))
+            m = rec.macs.double().cpu()
+            total += float(m.sum())
+            lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
+            n += len(labels)
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+    if n == 0:
+        raise ValueError("executed_macs: the data loader produced no images")
     return {
-        "load_checkpoint": get("load_checkpoint", "checkpoint"),
-        "config_from_dict": get("config_from_dict", "config"),
-        "config_to_dict": get("config_to_dict", "config"),
-        "load_config": get("load_config", "config"),
-        "apply_overrides": get("apply_overrides", "config"),
-        "build_split": get("build_split", "trainer"),
-        "build_model": get("build_model", "trainer"),
-        "make_eval_loader": get("make_eval_loader", "sampler"),
-        "pick_device": get("pick_device", "distributed"),
+        "executed_macs": total / n,
+        "executed_macs_min": lo,
+        "executed_macs_max": hi,
+        "images": n,
+        "top1": 100.0 * correct / n,
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "epoch": int(ld.ckpt.get("epoch", 0)),
+        "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
@@ -582,47 +660,29 @@ def analyze_checkpoint(
     ``max_images`` takes a fixed random subset of the split (seeded by the run's ``train.seed``,
     as ``data.val_subset`` does). Returns the ``analysis.json`` dict.
     """
-    eng = _engine()
-    ckpt = eng["load_checkpoint"](checkpoint, map_location="cpu")
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"checkpoint {str(checkpoint)!r}: no config/model entry; not a dynwire training checkpoint")
-    raw = eng["apply_overrides"](ckpt["config"], list(overrides))
-    raw["data"] = dict(raw.get("data") or {})
-    if data_dir is not None:
-        raw["data"]["root"] = str(data_dir)
-    if batch_size is not None:
-        raw["data"]["batch_size"] = int(batch_size)
-    raw["data"]["val_subset"] = max_images
-    cfg = eng["config_from_dict"](raw)
-    dev = eng["pick_device"](device)
-    threads = torch.get_num_threads()
-    num_threads = num_threads if num_threads is not None else cfg.train.num_threads
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        ds, info = eng["build_split"](cfg, split, train=False)
-        model = eng["build_model"](cfg, info)
-        weights = ckpt["model"]
-        if use_ema:
-            if ckpt.get("ema") is None:
-                raise ValueError(f"checkpoint {str(checkpoint)!r} has no EMA weights")
-            weights = ckpt["ema"]["weights"]
-        model.load_state_dict(weights)
-        model.to(dev)
-        loader = eng["make_eval_loader"](ds, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    ld = _load_for_eval(
+        checkpoint,
+        data_dir=data_dir,
+        split=split,
+        max_images=max_images,
+        batch_size=batch_size,
+        overrides=overrides,
+        use_ema=use_ema,
+        device=device,
+    )
+    with _torch_threads(num_threads if num_threads is not None else ld.cfg.train.num_threads):
         t0 = time.perf_counter()
         acc = analyze_model(
-            model,
-            loader,
-            num_classes=int(info.num_classes),
-            device=dev,
+            ld.model,
+            ld.loader,
+            num_classes=int(ld.info.num_classes),
+            device=ld.device,
             per_class=per_class,
             top_k=top_k,
             progress=True,
         )
         seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
+    ckpt, cfg, ds = ld.ckpt, ld.cfg, ld.dataset
     class_names = getattr(ds, "classes", None)
     meta = {
         "checkpoint": str(checkpoint),
@@ -691,7 +751,7 @@ def _markdown(s: dict[str, Any]) -> str:
         "",
         "## Per stage",
         "",
-        "| stage | nodes | edges | mean weight | mean std | closed edges | removed nodes | removed nodes from |",
+        "| stage | nodes | edges | mean weight | mean std | closed edges | removed nodes | removed share by node |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, st in s["stages"].items():
@@ -699,12 +759,13 @@ def _markdown(s: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {st['num_nodes']} | {st['num_edges']} | {_fmt(no['mean_edge_weight'])} | "
             f"{_fmt(no['mean_edge_std'], '.4f')} | {_fmt(_pct(st['closed_edge_share']), '.2f')}% | "
-            f"{_fmt(_pct(st['removed_node_share']), '.2f')}% | {st['removed_source']} |"
+            f"{_fmt(_pct(st['removed_node_share']), '.2f')}% | "
+            f"{', '.join(_fmt(v, '.3f') for v in st['removed_share_per_node'])} |"
         )
     lines += [
         "",
-        "Removed nodes: recorded by the model when it reports them (`rec.removed`), otherwise derived: a node on no "
-        "open path from the input node to the output node.",
+        "Removed nodes (`rec.removed`): blocks none of whose input edges was open for the sample, which the "
+        "evaluation executor skipped (Sec. 3.3); the input node and the output node are never removed.",
         "",
         "## Observation (2): output-edge weight vs topological order",
         "",
@@ -764,8 +825,6 @@ def _markdown(s: dict[str, Any]) -> str:
             f" vs wrong {_fmt(_mega(em['mean_wrong']))} M; Spearman with confidence "
             f"{_fmt(em['vs_confidence_spearman'], '+.2f')}."
         )
-    else:
-        lines.append("Executed MACs per sample: not recorded by this model (`rec.macs` absent).")
     figs = s.get("figures") or {}
     if figs:
         lines += ["", "## Figures", ""]
@@ -798,11 +857,11 @@ def _mega(x: float | None) -> float | None:
 
 
 # --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynwire analyze",
-        description="Statistics and figures of a trained model's learned connectivity (paper App. 6.5, Figs. 5-7).",
-    )
+ANALYZE_DESCRIPTION = "Statistics and figures of a trained model's learned connectivity (paper App. 6.5, Figs. 5-7)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``dynwire analyze`` (shared by :func:`build_parser` and :mod:`dynwire.cli`)."""
     p.add_argument("checkpoint", help="a training checkpoint (last.pt / best.pt)")
     p.add_argument("--out", required=True, help="output folder for PNGs, analysis.json and analysis.md")
     p.add_argument("--data-dir", help="dataset folder (overrides the checkpoint's data.root)")
@@ -824,17 +883,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="override the checkpoint's config, e.g. --set model.wiring_kwargs.eval_gate=soft",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynwire analyze", description=ANALYZE_DESCRIPTION)
+    add_arguments(p)
     return p
 
 
-def main_analyze(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dynwire analyze``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    for flag in ("max_images", "batch_size"):
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``dynwire analyze`` for parsed arguments; bad input raises ``ValueError``/``FileNotFoundError``."""
+    for flag in ("max_images", "batch_size", "num_threads"):
         v = getattr(args, flag)
         if v is not None and v < 1:
-            print(f"dynwire analyze: error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("per_class", "top_k"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
     try:
         s = analyze_checkpoint(
             args.checkpoint,
@@ -851,13 +916,28 @@ def main_analyze(argv: Sequence[str] | None = None) -> int:
             num_threads=args.num_threads,
             plots=not args.no_plots,
         )
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"dynwire analyze: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyError as exc:  # a stage without a record: report it like other bad input
+        raise ValueError(str(exc)) from None
     closed = ", ".join(f"{n} {_fmt(_pct(st['closed_edge_share']), '.2f')}%" for n, st in s["stages"].items())
-    print(f"analyzed {s['images']} images: top-1 {s['top1']:.2f}%; closed edges: {closed}")
+    removed = ", ".join(f"{n} {_fmt(_pct(st['removed_node_share']), '.2f')}%" for n, st in s["stages"].items())
+    print(f"analyzed {s['images']} images: top-1 {s['top1']:.2f}%; closed edges: {closed}; removed nodes: {removed}")
+    em = s.get("executed_macs")
+    if em:
+        print(
+            f"executed MACs per sample: mean {em['mean'] / 1e6:.3f} M (min {em['min'] / 1e6:.3f}, max {em['max'] / 1e6:.3f})"
+        )
     print(f"wrote {Path(args.out) / 'analysis.md'}")
     return 0
+
+
+def main_analyze(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m dynwire.analysis.connectivity`` (same as ``dynwire analyze``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run_analyze(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dynwire analyze: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

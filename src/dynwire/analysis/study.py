@@ -64,6 +64,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from ..engine.config import config_to_dict, load_config
+from ..graph.wiring import WIRINGS
 from . import _stats
 
 __all__ = [
@@ -281,8 +283,6 @@ def study_from_dict(
         wirings = [str(w) for w in _as_list(g.get("wirings"), f"{gw}.wirings")]
         if not models or not wirings:
             raise ValueError(f"{gw}: needs models and wirings")
-        from dynwire.graph.wiring import WIRINGS
-
         for w in wirings:
             if w not in WIRINGS:
                 raise ValueError(f"{gw}: unknown wiring {w!r}; choose from {', '.join(WIRINGS)}")
@@ -364,12 +364,9 @@ def load_study(path: str | os.PathLike[str], *, output: str | None = None, resul
 # --------------------------------------------------------------------------- run state
 def expected_config(study: Study, run: RunSpec) -> dict[str, Any]:
     """The resolved config a run of this study trains with (as ``config.yaml`` stores it)."""
-    from .connectivity import _engine
-
-    eng = _engine()
     cmd = study.command(run)
     overrides = cmd[cmd.index("--set") + 1 :]
-    return eng["config_to_dict"](eng["load_config"](study.recipe, overrides))
+    return config_to_dict(load_config(study.recipe, overrides))
 
 
 def _strip_volatile(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -757,7 +754,38 @@ RESULT_FIELDS = [
 ]
 
 
-def _run_row(study: Study, run: RunSpec) -> dict[str, Any]:
+EXECUTED_MACS_FILE = "executed_macs.json"
+
+
+def run_executed_macs(study: Study, run: RunSpec, *, compute: bool = True) -> dict[str, Any] | None:
+    """Mean MACs executed per test sample by a finished run's ``best.pt`` (``rec.macs``: removed nodes
+    skipped, Sec. 3.3), over the whole evaluation split.
+
+    ``final.json`` reports only the static (all-blocks) MAC count, so the study measures this once
+    per run while aggregating and caches it in ``<run>/executed_macs.json`` (keyed by the
+    checkpoint's size and mtime); ``compute=False`` only reads the cache. ``None`` for
+    ``sequential`` runs: their chain stages do not record MACs (``rec.macs`` misses their blocks;
+    a chain executes every block, so its cost is the ``macs`` column).
+    """
+    d = study.run_dir(run)
+    ckpt = d / "best.pt"
+    if not ckpt.is_file() or run.wiring == "sequential":  # rec.macs does not count chain stages
+        return None
+    st = ckpt.stat()
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cached = _read_json(d / EXECUTED_MACS_FILE)
+    if cached and cached.get("checkpoint_key") == key:
+        return cached
+    if not compute:
+        return None
+    from .connectivity import executed_macs
+
+    out = {**executed_macs(ckpt, data_dir=study.data_dir, device="cpu", num_threads=1), "checkpoint_key": key}
+    _write_json(d / EXECUTED_MACS_FILE, out)
+    return out
+
+
+def _run_row(study: Study, run: RunSpec, *, executed_macs: bool = True) -> dict[str, Any]:
     d = study.run_dir(run)
     row: dict[str, Any] = {
         "run": run.name,
@@ -777,13 +805,15 @@ def _run_row(study: Study, run: RunSpec) -> dict[str, Any]:
             best_top1=final.get("best_val_top1"),
             params=final.get("params"),
             macs=final.get("macs"),
-            executed_macs=final.get("executed_macs") or val.get("executed_macs"),
             epochs=final.get("epochs"),
             train_time_s=final.get("train_time_s"),
             train_images_per_s=final.get("train_images_per_s"),
         )
         st = _read_json(d / STATUS_FILE) or {}
         row["wall_s"] = st.get("wall_s_total")
+        em = run_executed_macs(study, run, compute=executed_macs)
+        if em is not None:
+            row["executed_macs"] = em["executed_macs"]
     return row
 
 
@@ -801,12 +831,18 @@ def _reference_runs(study: Study, model: str, wiring: str, seeds: Sequence[int])
     return [found[s] for s in seeds if s in found]
 
 
-def aggregate(study: Study, *, plots: bool = True, stream: TextIO | None = None) -> dict[str, Any]:
-    """Read every run of the study and write ``results.csv``, ``summary.json``, ``summary.md`` and plots."""
+def aggregate(
+    study: Study, *, plots: bool = True, executed_macs: bool = True, stream: TextIO | None = None
+) -> dict[str, Any]:
+    """Read every run of the study and write ``results.csv``, ``summary.json``, ``summary.md`` and plots.
+
+    ``executed_macs``: measure the executed MACs of finished runs not measured yet (one pass over
+    the test set each, cached; see :func:`run_executed_macs`); ``False`` uses only cached values.
+    """
     out_dir = study.results
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = study.runs
-    rows = {r.name: _run_row(study, r) for r in runs}
+    rows = {r.name: _run_row(study, r, executed_macs=executed_macs) for r in runs}
     with open(out_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -832,6 +868,9 @@ def aggregate(study: Study, *, plots: bool = True, stream: TextIO | None = None)
                 "top1": ci.to_dict(),
                 "params": _first(x.get("params") for x in finished),
                 "macs": _first(x.get("macs") for x in finished),
+                "executed_macs": _stats.mean([x["executed_macs"] for x in finished if x.get("executed_macs")])
+                if any(x.get("executed_macs") for x in finished)
+                else None,
                 "train_time_s": _stats.mean([x["train_time_s"] for x in finished if x.get("train_time_s")])
                 if finished
                 else None,
@@ -894,10 +933,13 @@ def aggregate(study: Study, *, plots: bool = True, stream: TextIO | None = None)
         "groups": groups_out,
         "figures": {},
     }
-    if plots and done:
-        from . import _study_plots
+    from . import _study_plots
 
+    if plots and done:
         summary["figures"] = _study_plots.study_figures(study, summary, rows, out_dir)
+    for name in _study_plots.figure_files(study):  # a figure of an earlier aggregation that no longer applies
+        if name not in summary["figures"].values():
+            (out_dir / name).unlink(missing_ok=True)
     _write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(_summary_md(summary), encoding="utf-8")
     if stream is not None:
@@ -951,7 +993,8 @@ def _summary_md(s: dict[str, Any]) -> str:
         "Top-1 is the test accuracy (%) after the last epoch. `mean ± std` uses the sample standard deviation; "
         "intervals are 95% t intervals of the mean; differences are paired by seed (same data order and initial "
         "block weights) against the option-free `sequential` / `static` runs of the same model; `*` marks an "
-        "interval that excludes 0.",
+        "interval that excludes 0. MMACs: every block executed (`final.json`); executed MMACs: mean multiply-adds "
+        "per test image with removed nodes skipped (`rec.macs` of each run's `best.pt`, averaged over the seeds).",
         "",
     ]
     for g in s["groups"]:
@@ -966,7 +1009,7 @@ def _summary_md(s: dict[str, Any]) -> str:
         diff_keys = [k for k in diff_keys if any(k in c["diffs"] for c in g["cells"])]
         head = ["model", "cell", "n", "top-1 mean ± std", "95% CI of mean"]
         head += [f"Δ {k} [95% CI]" for k in diff_keys]
-        head += ["params", "MMACs", "train s", "paper"]
+        head += ["params", "MMACs", "executed MMACs", "train s", "paper"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
         for c in g["cells"]:
             t = c["top1"]
@@ -976,6 +1019,7 @@ def _summary_md(s: dict[str, Any]) -> str:
             row += [
                 f"{c['params']:,}" if c.get("params") else "n/a",
                 f"{c['macs'] / 1e6:.2f}" if c.get("macs") else "n/a",
+                f"{c['executed_macs'] / 1e6:.2f}" if c.get("executed_macs") else "n/a",
                 f"{c['train_time_s']:.0f}" if c.get("train_time_s") else "n/a",
                 c.get("paper") or "",
             ]
@@ -1030,11 +1074,11 @@ def _dry_run(study: Study, jobs: int, only: Sequence[str], out: TextIO) -> None:
         print("first command:\n  " + " ".join(study.command(first)), file=out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynwire study",
-        description="Run (resumably) and aggregate a multi-seed grid of training runs.",
-    )
+STUDY_DESCRIPTION = "Run (resumably) and aggregate a multi-seed grid of training runs."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``dynwire study`` (shared by :func:`build_parser` and :mod:`dynwire.cli`)."""
     p.add_argument("--config", required=True, help="study YAML file (see dynwire.analysis.study)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time, one core each (default: os.cpu_count())")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their status and the time estimate")
@@ -1044,31 +1088,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder of the run directories (overrides the file's output)")
     p.add_argument("--results", help="folder for results.csv, summary.md and plots (overrides the file's results)")
     p.add_argument("--no-plots", action="store_true", help="aggregate without plots")
+    p.add_argument(
+        "--no-executed-macs",
+        action="store_true",
+        help="do not measure the executed MACs of finished runs while aggregating",
+    )
     p.add_argument("--progress-every", type=float, default=60.0, help="seconds between progress lines (default 60)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynwire study", description=STUDY_DESCRIPTION)
+    add_arguments(p)
     return p
 
 
-def main_study(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dynwire study``; returns the exit code (1 if a run failed, 128+N if stopped by signal N)."""
-    args = build_parser().parse_args(argv)
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``dynwire study`` for parsed arguments; returns the exit code (1 if a run failed, 128+N if
+    stopped by signal N). Bad input raises ``ValueError``/``FileNotFoundError``."""
     if args.jobs is not None and args.jobs < 1:
-        print("dynwire study: error: --jobs must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--jobs must be >= 1")
+    study = load_study(args.config, output=args.out, results=args.results)
+    jobs = args.jobs or os.cpu_count() or 1
+    if args.dry_run:
+        _dry_run(study, jobs, args.only, sys.stdout)
+        return 0
+    code = 0
+    if not args.aggregate_only:
+        report = run_study(study, jobs=jobs, only=args.only, progress_every=args.progress_every)
+        code = report.exit_code
+        if report.signal is not None:
+            return code
+    if not args.no_aggregate or args.aggregate_only:
+        aggregate(study, plots=not args.no_plots, executed_macs=not args.no_executed_macs, stream=sys.stdout)
+    return code
+
+
+def main_study(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m dynwire.analysis.study`` (same as ``dynwire study``)."""
+    args = build_parser().parse_args(argv)
     try:
-        study = load_study(args.config, output=args.out, results=args.results)
-        jobs = args.jobs or os.cpu_count() or 1
-        if args.dry_run:
-            _dry_run(study, jobs, args.only, sys.stdout)
-            return 0
-        code = 0
-        if not args.aggregate_only:
-            report = run_study(study, jobs=jobs, only=args.only, progress_every=args.progress_every)
-            code = report.exit_code
-            if report.signal is not None:
-                return code
-        if not args.no_aggregate or args.aggregate_only:
-            aggregate(study, plots=not args.no_plots, stream=sys.stdout)
-        return code
+        return run_cli(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"dynwire study: error: {exc}", file=sys.stderr)
         return 2
