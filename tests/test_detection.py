@@ -527,3 +527,30 @@ def test_profile_detector_counts_the_wiring_overhead():
     assert dyn["detector_gmacs"] == pytest.approx(
         dyn["backbone_gmacs"] + dyn["fpn_gmacs"] + dyn["rpn_gmacs"] + dyn["roi_heads_gmacs"], rel=1e-6
     )
+
+
+def test_pruned_executor_inside_the_detector_matches_the_dense_reference():
+    """Nodes removed per image inside a detector: same detections as every block executed."""
+    torch.manual_seed(0)
+    model = fasterrcnn_fpn("cifar_resnet20", "dynamic", num_classes=3, norm="bn", **TINY).eval()
+    images, _ = _images_targets()
+    body = model.backbone.body
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        model(images)
+    stages = {n: m for n, m in model.named_modules() if isinstance(m, dynwire.GraphStage)}
+    assert set(rec.router) == set(stages) and len(stages) == len(body.feature_info)
+    with torch.no_grad():  # thresholds inside each node's range of router weights
+        for name, stage in stages.items():
+            for j in range(1, stage.num_nodes):
+                stage.edges.tau[j - 1] = rec.router[name][:, j, :j].median() + 1e-6
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        pruned = model(images)
+    assert any(r[:, 1:-1].any() for r in rec.removed.values()), "some blocks are removed"
+    for stage in stages.values():
+        stage.executor = "dense"
+    with torch.no_grad():
+        dense = model(images)
+    for p, d in zip(pruned, dense):
+        assert p["boxes"].shape == d["boxes"].shape
+        torch.testing.assert_close(p["boxes"], d["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(p["scores"], d["scores"], atol=1e-4, rtol=1e-4)
