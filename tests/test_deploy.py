@@ -198,6 +198,10 @@ def _removing_model(name: str, x: torch.Tensor, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     model = dynwire.create_model(name, num_classes=10, **kw).eval()
     _set_thresholds(model, x, 0.6)
+    if kw.get("wiring") == "static":  # weights shared by all samples: remove node 1 of every stage
+        with torch.no_grad():
+            for _, stage in model.graph_stages():
+                stage.edges.tau[0] = 2.0  # above its only input weight, sigmoid(.) < 1
     with torch.no_grad(), dynwire.record_adjacency(model) as rec:
         model(x)
     removed = torch.cat([r[:, 1:-1] for r in rec.removed.values()], 1)
