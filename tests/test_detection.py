@@ -554,3 +554,13 @@ def test_pruned_executor_inside_the_detector_matches_the_dense_reference():
         assert p["boxes"].shape == d["boxes"].shape
         torch.testing.assert_close(p["boxes"], d["boxes"], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(p["scores"], d["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_profile_counts_the_backbone_that_is_built():
+    from dynwire.detection import profile_detector
+
+    cifar = profile_detector("cifar_resnet20", "sequential", (64, 64), detector=False)["backbone_gmacs"]
+    stem = profile_detector(
+        "cifar_resnet20", "sequential", (64, 64), detector=False, backbone_kwargs={"stem": "imagenet"}
+    )["backbone_gmacs"]
+    assert stem < cifar / 10  # the ImageNet stem downsamples 4x before the stages: ~16x fewer MACs

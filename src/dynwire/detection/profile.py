@@ -48,7 +48,8 @@ def profile_detector(
     """
     h, w = int(size[0]), int(size[1])
     with torch.device("meta"):
-        body = create_model(backbone, num_classes=0, wiring=wiring, norm_layer=FrozenBatchNorm2d)
+        family_kwargs = kwargs.get("backbone_kwargs") or {}  # e.g. {stem: imagenet}: count the backbone that is built
+        body = create_model(backbone, num_classes=0, wiring=wiring, norm_layer=FrozenBatchNorm2d, **family_kwargs)
     body.eval()
     x = torch.zeros(1, 3, h, w, device="meta")
     with FlopCounterMode(display=False) as c, torch.no_grad():
