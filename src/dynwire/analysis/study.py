@@ -764,12 +764,11 @@ def run_executed_macs(study: Study, run: RunSpec, *, compute: bool = True) -> di
     ``final.json`` reports only the static (all-blocks) MAC count, so the study measures this once
     per run while aggregating and caches it in ``<run>/executed_macs.json`` (keyed by the
     checkpoint's size and mtime); ``compute=False`` only reads the cache. ``None`` for
-    ``sequential`` runs: their chain stages do not record MACs (``rec.macs`` misses their blocks;
-    a chain executes every block, so its cost is the ``macs`` column).
+    ``sequential`` runs: a chain executes every block, so its cost is the ``macs`` column.
     """
     d = study.run_dir(run)
     ckpt = d / "best.pt"
-    if not ckpt.is_file() or run.wiring == "sequential":  # rec.macs does not count chain stages
+    if not ckpt.is_file() or run.wiring == "sequential":  # a chain runs every block: nothing to measure
         return None
     st = ckpt.stat()
     key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
