@@ -234,7 +234,7 @@ def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] |
     """
     _check_inputs(weights, xs)
     xs = list(xs)
-    if not torch.is_grad_enabled() and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not torch.is_grad_enabled() and _get_current_dispatch_mode() is None:
         # inference: the same sum without the custom op's dispatch (tens of microseconds per call);
         # under a dispatch mode (the FLOP counter) the op stays visible
         return _aggregate_impl(weights, xs)
