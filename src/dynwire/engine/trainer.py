@@ -323,9 +323,9 @@ class _Trainer:
             img_per_s=rec["img_per_s"],
         )
 
-    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+    def _evaluate(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
-        return evaluate_model(
+        val = evaluate_model(
             model,
             self.val_loader,
             device=self.device,
@@ -334,6 +334,9 @@ class _Trainer:
             channels_last=cfg.train.channels_last,
             executed_macs=self.dense_macs is not None,
         )
+        if "macs" in val:  # measured by the executor: nodes removed per sample cost nothing
+            val["mac_fraction"] = val["macs"] / self.dense_macs
+        return val
 
     def _end_epoch(self, guard: SignalGuard, val: dict[str, float], ema: dict[str, float]) -> tuple[dict, dict]:
         """Evaluate when due, log the epoch, save last.pt (and best.pt); returns the latest metrics."""
@@ -344,8 +347,6 @@ class _Trainer:
         if epoch_no % cfg.train.eval_every == 0 or epoch_no == cfg.schedule.epochs:
             broadcast_buffers(self.raw_model, self.dist)
             val = self._evaluate(self.eval_model)
-            if "macs" in val:  # measured by the executor: nodes removed per sample cost nothing
-                val["mac_fraction"] = val["macs"] / self.dense_macs
             rec.update({f"val_{k}": v for k, v in val.items() if k not in ("images", "removed")})
             rec.update({f"val_removed_{k}": v for k, v in val.get("removed", {}).items()})
             if self.ema is not None:
