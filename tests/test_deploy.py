@@ -163,6 +163,9 @@ def test_files_that_are_not_dynwire_models(tmp_path: Path) -> None:
     torch.save({"model": {"w": torch.ones(1)}, "config": {"bogus": {}}}, tmp_path / "cfg.pt")
     with pytest.raises(ValueError, match=r"cfg.pt': its stored config is not a dynwire classification config"):
         dynwire.load_model(tmp_path / "cfg.pt")
+    torch.save({"model": {"w": torch.ones(1)}, "config": {"model": {"fpn_channels": 256}}}, tmp_path / "det.pt")
+    with pytest.raises(ValueError, match=r"det.pt' is a detection checkpoint"):
+        dynwire.load_model(tmp_path / "det.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds neither best.pt nor last.pt"):
         dynwire.load_model(tmp_path / "empty")
