@@ -107,8 +107,8 @@ def _info_from_checkpoint(ckpt: Mapping[str, Any], path: Path) -> tuple[Any, dic
             "for a bare state dict build the model with dynwire.create_model(name, ..., checkpoint_path=...)"
         )
     raw = ckpt["config"]
-    if isinstance(raw, Mapping) and "detector" in raw:
-        raise ValueError(f"{str(path)!r} is a detection checkpoint; load it with dynwire.detection")
+    if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) and "fpn_channels" in raw["model"]:
+        raise ValueError(f"{str(path)!r} is a detection checkpoint (Faster R-CNN); load it with dynwire.detection")
     try:
         cfg = config_from_dict(raw)
     except ValueError as exc:
