@@ -199,7 +199,7 @@ def _set_thresholds(model, x, share: float) -> None:
 def _removing_model(name: str, x: torch.Tensor, **kw) -> torch.nn.Module:
     """A model whose thresholds (0.6-quantile of the router weights) remove nodes for some samples."""
     torch.manual_seed(0)
-    model = dynwire.create_model(name, num_classes=10, drop_rate=0.0, **kw).eval()  # no dropout: eager = compiled
+    model = dynwire.create_model(name, num_classes=10, **kw).eval()
     _set_thresholds(model, x, 0.6)
     if kw.get("wiring") == "static":  # weights shared by all samples: remove node 1 of every stage
         with torch.no_grad():
