@@ -157,5 +157,6 @@ def evaluate_coco(
         metrics["detections"] = len(results)
     if info.distributed:
         metrics = all_gather_objects(metrics, info)[0]
-    assert metrics is not None
+    if metrics is None:  # rank 0 computes the metrics and every rank receives them
+        raise RuntimeError("COCO evaluation produced no metrics on rank 0")
     return metrics
