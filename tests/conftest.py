@@ -35,3 +35,14 @@ def write_fmnist_fixture(root: Path, n_train: int = 96, n_test: int = 48, seed: 
         with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
     return root
+
+
+def set_thresholds_at_quantile(model, x, share: float) -> None:
+    """Put every node's threshold at the ``share`` quantile of its incoming router weights on ``x``."""
+    with dynwire.record_adjacency(model) as rec:
+        model(x)
+    with torch.no_grad():
+        for name, stage in model.graph_stages():
+            raw = rec.router[name]
+            for j in range(1, stage.num_nodes):
+                stage.edges.tau[j - 1] = torch.quantile(raw[:, j, :j].flatten(), share)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_size, write_fmnist_fixture
+from conftest import set_thresholds_at_quantile, small_size, write_fmnist_fixture
 
 import dynwire
 from dynwire.cli import main as cli_main
@@ -185,22 +185,11 @@ def test_custom_layers_cannot_be_described(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- ONNX
-def _set_thresholds(model, x, share: float) -> None:
-    """Every node's threshold at the ``share`` quantile of its incoming router weights on ``x``."""
-    with dynwire.record_adjacency(model) as rec:
-        model(x)
-    with torch.no_grad():
-        for name, stage in model.graph_stages():
-            raw = rec.router[name]
-            for j in range(1, stage.num_nodes):
-                stage.edges.tau[j - 1] = torch.quantile(raw[:, j, :j].flatten(), share)
-
-
 def _removing_model(name: str, x: torch.Tensor, **kw) -> torch.nn.Module:
     """A model whose thresholds (0.6-quantile of the router weights) remove nodes for some samples."""
     torch.manual_seed(0)
     model = dynwire.create_model(name, num_classes=10, **kw).eval()
-    _set_thresholds(model, x, 0.6)
+    set_thresholds_at_quantile(model, x, 0.6)
     if kw.get("wiring") == "static":  # weights shared by all samples: remove node 1 of every stage
         with torch.no_grad():
             for _, stage in model.graph_stages():

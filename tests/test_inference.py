@@ -2,23 +2,12 @@
 
 import pytest
 import torch
-from conftest import small_size
+from conftest import set_thresholds_at_quantile, small_size
 
 import dynwire
 from dynwire.analysis.profile import count_macs
 
 MODELS = dynwire.list_models()
-
-
-def _set_thresholds(model, x, share: float) -> None:
-    """Put every node's threshold at the ``share`` quantile of its incoming router weights."""
-    with dynwire.record_adjacency(model) as rec:
-        model(x)
-    with torch.no_grad():
-        for name, stage in model.graph_stages():
-            raw = rec.router[name]
-            for j in range(1, stage.num_nodes):
-                stage.edges.tau[j - 1] = torch.quantile(raw[:, j, :j].flatten(), share)
 
 
 def _executor(model, kind: str) -> None:
@@ -31,7 +20,7 @@ def test_pruned_executor_equals_dense_reference(name):
     torch.manual_seed(0)
     model = dynwire.create_model(name, num_classes=10, wiring="dynamic").eval()
     x = torch.randn(6, *small_size(name))
-    _set_thresholds(model, x, 0.6)
+    set_thresholds_at_quantile(model, x, 0.6)
     with torch.no_grad(), dynwire.record_adjacency(model) as rec:
         pruned = model(x)
     removed = torch.cat([r[:, 1:-1].flatten() for r in rec.removed.values()])
@@ -131,7 +120,7 @@ def test_hard_train_gate_matches_evaluation_forward_and_trains_thresholds():
     torch.manual_seed(0)
     m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard")
     x = torch.randn(8, 3, 32, 32)
-    _set_thresholds(m.eval(), x, 0.5)
+    set_thresholds_at_quantile(m.eval(), x, 0.5)
     m.train()
     with dynwire.record_adjacency(m) as rec:
         out = m(x)
