@@ -142,9 +142,14 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
     md = (st.results / "summary.md").read_text()
     assert "+0.50 [-0.74, +1.74] (n=3)" in md and "91.00 ± 1.00" in md
 
-    # a run whose stored config no longer matches the study is stale: excluded and never rerun
+    # a config written before a field existed (here train.budget) is not stale: the field takes its default
     r = st.runs[0]
     cfg = yaml.safe_load((st.run_dir(r) / "config.yaml").read_text())
+    del cfg["train"]["budget"]
+    (st.run_dir(r) / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_status(st, r) == "done"
+
+    # a run whose stored config no longer matches the study is stale: excluded and never rerun
     cfg["optim"]["lr"] = 0.3
     (st.run_dir(r) / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert run_status(st, r) == "stale"

@@ -64,7 +64,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from ..engine.config import config_to_dict, load_config
+from ..engine.config import config_from_dict, config_to_dict, load_config
 from ..graph.wiring import WIRINGS
 from . import _stats
 
@@ -389,6 +389,10 @@ def config_mismatch(study: Study, run: RunSpec) -> list[str]:
     except yaml.YAMLError:
         return ["config.yaml unreadable"]
     want = _strip_volatile(expected_config(study, run))
+    try:  # fields added to the config since the run was made take their defaults
+        stored = config_to_dict(config_from_dict(stored))
+    except (TypeError, ValueError):
+        pass  # compared as stored: every difference is reported
     have = _strip_volatile(stored)
     diffs = []
     for section in sorted(set(want) | set(have)):
