@@ -155,3 +155,46 @@ def test_every_wiring_reports_executed_macs(wiring):
         m(torch.randn(2, 3, 32, 32))
     assert torch.all(rec.macs == count_macs(m, (3, 32, 32)))
     assert set(rec.removed) == {"layer1", "layer2", "layer3"} and not any(r.any() for r in rec.removed.values())
+
+
+@pytest.mark.parametrize(
+    "name,wiring",
+    [(m, "dynamic") for m in MODELS]
+    + [(m, w) for m in ("cifar_resnet20", "mobilenet_v2") for w in ("static", "random-ws")],
+)
+def test_inference_fast_path_equals_dense_reference(name, wiring):
+    # inference without recording takes graph._inference; the reference is the stage's general loop
+    torch.manual_seed(0)
+    model = dynwire.create_model(name, num_classes=10, wiring=wiring).eval()
+    x = torch.randn(5, *small_size(name))
+    if wiring == "dynamic":
+        set_thresholds_at_quantile(model, x, 0.6)
+    elif wiring == "static":  # some static edges close: thresholds between the edge weights
+        with torch.no_grad():
+            for _, s in model.graph_stages():
+                s.edges.edge_logits.normal_(0, 2)
+                s.edges.tau.fill_(0.5)
+                s.edges.tau[0] = 1.0  # block 1 (when there is one) is removed: every alpha < 1
+    calls = []
+    for _, s in model.graph_stages():
+        for b in s.blocks():
+            b.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
+    with torch.no_grad():
+        fast = model(x)
+        one = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    fast_calls = list(calls)
+    _executor(model, "dense")
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        dense = model(x)
+    assert (fast - dense).abs().max() <= 1e-5
+    # batch 1 skips removed nodes; another batch size may pick other conv kernels: relative to the
+    # logits' scale (untrained random wirings reach |logit| ~ 1e4)
+    assert (one - dense).abs().max() <= 1e-5 * max(1.0, dense.abs().max().item())
+    removed = int(sum(r[:, 1:-1].sum() for r in rec.removed.values()))
+    if wiring == "random-ws":
+        assert removed == 0
+    else:
+        assert removed > 0, "the thresholds remove some nodes"
+    # blocks ran on exactly the live samples: every (sample, block) pair not removed, once
+    blocks = sum(s.num_blocks for _, s in model.graph_stages())
+    assert sum(fast_calls) == 2 * (len(x) * blocks - removed)

@@ -26,6 +26,7 @@ from .wiring import WiringConfig, complete_dag_edges, random_dag_edges
 
 __all__ = [
     "EdgeState",
+    "EdgeMatrices",
     "EdgeWeights",
     "ChainEdges",
     "RoutedEdges",
@@ -47,12 +48,31 @@ class EdgeState:
         self.alpha = alpha
 
 
+class EdgeMatrices:
+    """Every edge's weight at once, for the inference fast path (``graph._inference``).
+
+    ``value[b, j, i]`` is what edge ``i -> j`` carries for sample ``b`` when open, ``open`` the
+    boolean mask of open edges (``None``: nothing can close) and ``alpha_out[b, i]`` the raw
+    weight of edge ``i -> output node`` (the output node's fallback, Sec. 3.3). Rows of receivers
+    are filled when their senders are observed; a sender that never runs leaves zeros.
+    """
+
+    __slots__ = ("value", "open", "alpha_out")
+
+    def __init__(self, value: Tensor, open_: Tensor | None, alpha_out: Tensor) -> None:
+        self.value = value
+        self.open = open_
+        self.alpha_out = alpha_out
+
+
 class EdgeWeights(nn.Module):
     """Base class: the DAG of a stage with ``num_blocks`` blocks and ``num_blocks + 1`` nodes."""
 
     kind: ClassVar[str] = ""
     #: True when every node has exactly its previous node as input with weight 1 (a plain chain).
     is_chain: ClassVar[bool] = False
+    #: True when edge weights depend on the sample (then ``output_gates`` gives them node by node).
+    data_dependent: ClassVar[bool] = False
 
     def __init__(self, num_blocks: int, cfg: WiringConfig) -> None:
         super().__init__()
@@ -88,6 +108,34 @@ class EdgeWeights(nn.Module):
 
     def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
+
+    def begin_matrices(self, batch: int, like: Tensor) -> EdgeMatrices:
+        """All edges' weights as ``(B, N, N)`` matrices (inference; see :class:`EdgeMatrices`).
+
+        The default asks :meth:`node_weights` node by node, which suits weights that do not
+        depend on the data; routed wirings override it and fill rows in :meth:`observe_matrices`.
+        """
+        state = self.begin(batch)
+        n = self.num_nodes
+        value = like.new_zeros(batch, n, n, dtype=_gate_dtype(like))
+        open_ = like.new_zeros(batch, n, n, dtype=torch.bool) if self.can_close() else None
+        alpha_out = like.new_zeros(batch, n, dtype=value.dtype)
+        for j in range(1, n):
+            preds = self._preds[j]
+            alpha, v, o = self.node_weights(state, j)
+            value[:, j, preds] = v.to(value.dtype)
+            if open_ is not None:
+                open_[:, j, preds] = o
+            if j == n - 1:
+                alpha_out[:, preds] = alpha.to(value.dtype)
+        return EdgeMatrices(value, open_, alpha_out)
+
+    def observe_matrices(self, mats: EdgeMatrices, i: int, y: Tensor) -> None:
+        """Node ``i`` produced ``y`` (inference fast path); only routed wirings look at it."""
+
+    def output_gates(self, i: int, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(alpha, value, open)`` of node ``i``'s output edges, for data-dependent wirings."""
+        raise NotImplementedError(f"{type(self).__name__} edge weights do not depend on the data")
 
     def can_close(self) -> bool:
         """Whether edges can be closed (and nodes removed) in the current mode."""
@@ -138,6 +186,7 @@ class RoutedEdges(_Thresholded):
     """``dynamic`` (DG-Net, alpha_b): block ``i``'s router predicts its ``n - i`` output edges."""
 
     kind = "dynamic"
+    data_dependent = True
 
     def __init__(self, num_blocks: int, channels: int, cfg: WiringConfig) -> None:
         super().__init__(num_blocks, cfg)
@@ -151,6 +200,25 @@ class RoutedEdges(_Thresholded):
 
     def observe(self, state: EdgeState, i: int, y: Tensor) -> None:
         state.router_out.append(self.routers[i](y))
+
+    def begin_matrices(self, batch: int, like: Tensor) -> EdgeMatrices:
+        n = self.num_nodes
+        dtype = _gate_dtype(like)
+        open_ = like.new_zeros(batch, n, n, dtype=torch.bool) if self.can_close() else None
+        return EdgeMatrices(like.new_zeros(batch, n, n, dtype=dtype), open_, like.new_zeros(batch, n, dtype=dtype))
+
+    def output_gates(self, i: int, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Raw weight, open value and open mask of node ``i``'s output edges (receivers ``i+1 .. n``)."""
+        alpha = self.routers[i](y)
+        return (alpha, *edge_gate(alpha, self.tau[i:], self.training, self.eval_gate, self.train_gate))
+
+    def observe_matrices(self, mats: EdgeMatrices, i: int, y: Tensor) -> None:
+        # one router call and one gate for all of node i's output edges
+        alpha, value, open_ = self.output_gates(i, y)
+        mats.value[:, i + 1 :, i] = value
+        if mats.open is not None:
+            mats.open[:, i + 1 :, i] = open_
+        mats.alpha_out[:, i] = alpha[:, -1]
 
     def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         ro = state.router_out
@@ -178,6 +246,32 @@ class StaticEdges(_Thresholded):
 
     def can_close(self) -> bool:
         return self.thresholded and super().can_close()
+
+    def begin_matrices(self, batch: int, like: Tensor) -> EdgeMatrices:
+        n = self.num_nodes
+        exists, order = self._layout(like.device)
+        alpha = like.new_zeros(n, n, dtype=_gate_dtype(like))
+        alpha[exists] = torch.sigmoid(self.edge_logits).to(alpha.dtype)[order]
+        if self.thresholded:
+            tau = torch.cat([self.tau.new_zeros(1), self.tau]).to(alpha.dtype)  # receiver j uses tau[j - 1]
+            value, open_ = edge_gate(alpha, tau[:, None], self.training, self.eval_gate, self.train_gate)
+            value = value * exists
+            open_ = None if open_ is None else (open_ & exists).expand(batch, n, n)
+        else:
+            value, open_ = alpha, None
+        return EdgeMatrices(value.expand(batch, n, n), open_, alpha[-1].expand(batch, n))
+
+    def _layout(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(N, N)`` mask of the existing edges and the indices of their logits in row-major order
+        (cached per device; a random graph loaded from a checkpoint resets the cache)."""
+        key = (device, tuple(map(tuple, self._preds)))
+        cached = self.__dict__.get("_layout_cache")
+        if cached is None or cached[0] != key:
+            order = [j * (j - 1) // 2 + i for j in range(self.num_nodes) for i in self._preds[j]]
+            exists = self.edge_mask_matrix().to(device=device, dtype=torch.bool)
+            cached = (key, exists, torch.tensor(order, dtype=torch.long, device=device))
+            self.__dict__["_layout_cache"] = cached
+        return cached[1], cached[2]
 
     def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         start = j * (j - 1) // 2
@@ -217,6 +311,11 @@ class RandomEdges(StaticEdges):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.edge_mask.device.type != "meta":
             self._set_preds(self.edge_mask.tolist())
+
+
+def _gate_dtype(like: Tensor) -> torch.dtype:
+    """Edge weights are float32 under half-precision autocast (as the router makes them)."""
+    return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
 
 
 _PROBE_SEEDS = 16

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..layers.aggregation import GradSlot, aggregate, aggregate_reference, recompute_aggregations, tap
 from ..layers.router import EVAL_GATES
+from ._inference import forward_inference
 from .edges import EdgeWeights, build_edges
 from .wiring import WiringConfig
 
@@ -102,8 +103,22 @@ class GraphStage(nn.Module):
             self.removed = torch.zeros(x.shape[0], self.num_nodes, dtype=torch.bool)
             self.macs = macs.total
             return x
+        if self._fast_inference(x):
+            return forward_inference(self, x, blocks, pruned=True)
         with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
             return self._forward_graph(x, blocks)
+
+    def _fast_inference(self, x: Tensor) -> bool:
+        """Inference on the pruned executor, nothing recorded: the few-ops path (``graph._inference``)."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and self.executor == "pruned"
+            and not self.record_adjacency
+            and x.device.type != "meta"
+            and not _tracing()
+            and not torch.onnx.is_in_onnx_export()
+        )
 
     def _forward_graph(self, x: Tensor, blocks: list[nn.Module]) -> Tensor:
         g = self.edges

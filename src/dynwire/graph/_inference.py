@@ -1,0 +1,142 @@
+"""The inference fast path of a graph stage: node removal (Sec. 3.3) with few ops per node.
+
+The stage's general loop (``GraphStage._forward_graph``) builds every node's weights edge by
+edge, records adjacency and MACs, and serves training; it stays the reference. In inference
+(no gradients, nothing recorded, not traced) this path computes the same outputs with work per
+node that does not grow with the number of its inputs, apart from the aggregation itself:
+
+* each router runs once and gates all of its node's output edges in one call, written into
+  ``(B, N, N)`` edge matrices (:class:`~dynwire.graph.edges.EdgeMatrices`);
+* a node reads its row of those matrices, masks it with its predecessors' alive flags, and
+  one ``.sum()`` decides whether it runs for all samples, some (gather, run, scatter) or none;
+* inputs that are dead for every sample of the batch are never read, and a block dead for
+  every sample is skipped together with its router and its aggregation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.aggregation import _aggregate_impl
+
+__all__ = ["forward_inference"]
+
+
+def forward_inference(stage: nn.Module, x: Tensor, blocks: list[nn.Module], pruned: bool) -> Tensor:
+    """Run ``stage`` on ``x`` in inference; equal to ``stage._forward_graph`` (the reference).
+
+    ``pruned``: removed nodes are not computed (the pruned executor); otherwise every block runs
+    on the whole batch and removed samples are zeroed (the dense executor's arithmetic).
+    """
+    g = stage.edges
+    batch = x.shape[0]
+    n = stage.num_blocks
+    if batch == 1 and pruned and x.device.type == "cpu":
+        return _forward_one(g, x, blocks)
+    mats = g.begin_matrices(batch, x)
+    removal = mats.open is not None
+    alive = x.new_ones(batch, n + 1, dtype=torch.bool) if removal else None
+    dead = [False] * (n + 1)  # node removed for every sample of the batch: never read again
+    xs: list[Tensor | None] = []
+    h = x
+    for j in range(n + 1):
+        node_alive = count = None
+        if j:
+            preds = g.predecessors(j)
+            cols = preds if preds == list(range(j)) else None
+            index = slice(0, j) if cols is not None else preds
+            value = mats.value[:, j, index]
+            if removal:
+                open_ = mats.open[:, j, index] & alive[:, index]
+                if j < n:
+                    node_alive = open_.any(1)
+                    count = int(node_alive.sum())
+                    alive[:, j] = node_alive
+                    if count == 0 and pruned:
+                        dead[j] = True
+                        xs.append(None)
+                        continue
+                else:
+                    open_ = _output_fallback(open_, mats.alpha_out[:, index], alive[:, index])
+                w = value * open_
+            else:
+                w = value
+            live = [c for c, i in enumerate(preds) if not dead[i]]
+            if len(live) < len(preds):
+                w = w[:, live]
+            h = _aggregate_impl(w, [xs[preds[c]] for c in live])
+        if j == n:
+            return h
+        y = _run(blocks[j], h, node_alive, count, batch, pruned)
+        xs.append(y)
+        g.observe_matrices(mats, j, y)
+    raise AssertionError("unreachable")
+
+
+def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module]) -> Tensor:
+    """One sample on the CPU: the gates as Python numbers (one ``.tolist()`` per router), so a
+    node costs its block, its router and one ``add_`` per live input, and a removed node nothing."""
+    n = len(blocks)
+    removal = g.can_close()
+    if g.data_dependent:
+        value = [[0.0] * (n + 1) for _ in range(n + 1)]
+        opened = [[False] * (n + 1) for _ in range(n + 1)]
+        alpha_out: list = [None] * (n + 1)  # router outputs, read only by the output node's fallback
+    else:
+        mats = g.begin_matrices(1, x)
+        value, alpha_out = mats.value[0].tolist(), list(mats.alpha_out.unbind(1))
+        opened = mats.open[0].tolist() if removal else None
+    alive = [True] + [False] * n
+    xs: list[Tensor | None] = []
+    h = x
+    for j in range(n + 1):
+        if j:
+            preds = g.predecessors(j)
+            if removal:
+                live = [i for i in preds if alive[i] and opened[j][i]]
+                if not live and j < n:  # removed (Sec. 3.3)
+                    xs.append(None)
+                    continue
+                if not live:  # the output node keeps its strongest edge from a live node
+                    live = [max((i for i in preds if alive[i]), key=lambda i: float(alpha_out[i][..., -1]))]
+            else:
+                live = preds
+            h = xs[live[0]] * value[j][live[0]]
+            for i in live[1:]:
+                h.add_(xs[i], alpha=value[j][i])
+        if j == n:
+            return h
+        alive[j] = True
+        y = blocks[j](h)
+        xs.append(y)
+        if g.data_dependent:
+            a, v, o = g.output_gates(j, y)
+            for r, vv in enumerate(v.tolist()[0], start=j + 1):
+                value[r][j] = vv
+            if o is not None:
+                for r, oo in enumerate(o.tolist()[0], start=j + 1):
+                    opened[r][j] = oo
+            alpha_out[j] = a
+    raise AssertionError("unreachable")
+
+
+def _output_fallback(open_: Tensor, alpha: Tensor, live: Tensor) -> Tensor:
+    """The output node keeps its strongest edge from a live node when all its edges are closed."""
+    none_open = ~open_.any(1)
+    if not bool(none_open.any()):
+        return open_
+    strongest = alpha.masked_fill(~live, float("-inf")).argmax(1, keepdim=True)
+    forced = torch.zeros_like(open_).scatter_(1, strongest, True) & none_open.unsqueeze(1)
+    return open_ | forced
+
+
+def _run(block: nn.Module, h: Tensor, alive: Tensor | None, count: int | None, batch: int, pruned: bool) -> Tensor:
+    if alive is None or count == batch:
+        return block(h)
+    if not pruned:
+        y = block(h)
+        return y * alive.view(-1, *([1] * (y.ndim - 1))).to(y.dtype)
+    idx = alive.nonzero().squeeze(1)
+    y = block(h.index_select(0, idx))
+    return y.new_zeros((batch, *y.shape[1:])).index_copy_(0, idx, y)
