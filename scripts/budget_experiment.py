@@ -6,6 +6,7 @@ writes ``summary.md``, ``results.json`` and ``accuracy_vs_macs.png`` to ``--out`
 
     python scripts/budget_experiment.py --preset small      # cifar_resnet20, 10k images, 3 epochs
     python scripts/budget_experiment.py --preset issue      # cifar_resnet56, the fmnist CPU recipe
+    python scripts/budget_experiment.py --preset resnet56   # cifar_resnet56 on the study's schedule
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from pathlib import Path
 PRESETS = {
     "small": ["model.name=cifar_resnet20", "data.subset=10000", "data.val_subset=2000", "schedule.epochs=3"],
     "issue": ["model.name=cifar_resnet56"],
+    # the study's schedule (experiments/study): its cifar_resnet56 runs are directly comparable
+    "resnet56": [
+        "model.name=cifar_resnet56",
+        "data.subset=20000",
+        "data.val_subset=null",
+        "schedule.epochs=4",
+        "train.eval_every=4",
+    ],
 }
 HARD = ["model.wiring=dynamic", "model.wiring_kwargs.train_gate=hard"]
 VARIANTS = {
@@ -26,6 +35,7 @@ VARIANTS = {
     "dynamic": ["model.wiring=dynamic"],
     "budget-1.0": [*HARD, "train.budget.target=1.0", "train.budget.weight=10"],
     "budget-0.7": [*HARD, "train.budget.target=0.7", "train.budget.weight=10"],
+    "budget-0.6": [*HARD, "train.budget.target=0.6", "train.budget.weight=10"],
     "budget-0.5": [*HARD, "train.budget.target=0.5", "train.budget.weight=10"],
 }
 
