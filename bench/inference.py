@@ -1,15 +1,28 @@
 """Inference speed of DG-Net against the static backbone, in one run (ratios, not absolute times).
 
-For each model: batch-1 latency (median of many calls) and batch-N throughput of ``sequential``,
-dense ``dynamic`` and ``static`` (every block executed), and of ``dynamic`` with thresholds set so
-that a given share of its blocks is removed, run by the pruned executor and by the dense
-reference. Variants are measured interleaved, round by round, in one process per thread count,
-so machine load hits all of them alike; each ratio is against ``sequential`` of the same round.
+Three parts, each measured in interleaved rounds in one process per thread count, so machine
+load hits all variants alike; every ratio is against a reference of the same round.
 
-    python bench/inference.py                     # the full set (slow on a small CPU)
-    python bench/inference.py --quick             # cifar_resnet56 + mobilenet_v2, fewer rounds
+* ``dense``: batch-1 latency (median of many calls) and batch-N throughput of ``sequential``,
+  ``dynamic`` and ``static`` (nothing removed at initialisation), plus ``dynamic-reference``
+  (the stage's general loop, what ran before the inference fast path), against ``sequential``.
+* ``removal`` (``cifar_resnet56``): routers re-drawn so that edge weights differ between
+  samples, one threshold for all nodes raised until a given share of (sample, block) pairs is
+  removed; the pruned executor against the same model with nothing removed (thresholds 0) and
+  against the dense executor (every block computed, removed samples zeroed): speed-up next to
+  the executed-MAC ratio.
+* ``trained`` (``--runs DIR ...``): trained checkpoints (e.g. ``scripts/budget_experiment.py``'s
+  budget runs) on real test images, against the sequential run among them: executed MACs,
+  batch-1 latency and batch-N throughput.
+* ``compile`` (``--compile``): ``torch.compile`` (dense executor, ``fullgraph=True``) of
+  ``sequential`` and ``dynamic`` against eager ``sequential``.
 
-Writes ``bench/results/inference.json`` (or ``--out``).
+    python bench/inference.py                          # dense + removal, 2 and 1 threads
+    python bench/inference.py --quick                  # cifar_resnet56 and mobilenet_v2, fewer rounds
+    python bench/inference.py --parts trained --runs runs/budget/resnet56_*
+    python bench/inference.py --parts compile --threads 1
+
+Writes ``bench/results/inference.json`` (``--out``); parts not run are kept from the existing file.
 """
 
 from __future__ import annotations
@@ -21,36 +34,19 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import dynwire
 from dynwire.analysis.profile import count_macs
 
-SHARES = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8)
+SHARES = (0.2, 0.4, 0.5, 0.6, 0.8)
 
 
-def _set_removed_share(model, x, share: float) -> float:
-    """Raise thresholds until about ``share`` of the removable blocks are removed on ``x``."""
-    if share == 0:
-        return 0.0
-    with torch.no_grad():
-        for _, s in model.graph_stages():
-            s.edges.tau.fill_(0.0)
-        lo, hi = 0.0, 1.0
-        for _ in range(20):  # bisection on one global threshold offset
-            mid = (lo + hi) / 2
-            for _, s in model.graph_stages():
-                s.edges.tau.fill_(mid)
-            with dynwire.record_adjacency(model) as rec:
-                model(x)
-            got = torch.cat([r[:, 1:-1].flatten() for r in rec.removed.values()]).float().mean().item()
-            lo, hi = (mid, hi) if got < share else (lo, mid)
-        return got
-
-
-def _time(fn, reps: int) -> float:
+def _timer(fn: Callable[[], object], reps: int) -> float:
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -59,101 +55,230 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def bench_model(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+def _measure(models: dict[str, nn.Module], x1, xn, rounds: int, reps1: int, repsn: int, ref: str) -> dict:
+    """Interleaved rounds; per variant the median latency, throughput and ratios against ``ref``."""
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x1), m(xn)  # warm-up
+        for _ in range(rounds):
+            for k, m in models.items():
+                rows[k].append((_timer(lambda: m(x1), reps1), xn.shape[0] / _timer(lambda: m(xn), repsn)))
+    out = {}
+    for k, vals in rows.items():
+        lat = [v[0] / r[0] for v, r in zip(vals, rows[ref])]
+        thr = [v[1] / r[1] for v, r in zip(vals, rows[ref])]
+        out[k] = dict(
+            latency_b1_ms=round(1e3 * statistics.median(v[0] for v in vals), 3),
+            throughput_img_s=round(statistics.median(v[1] for v in vals), 2),
+            latency_ratio=round(statistics.median(lat), 4),
+            latency_ratio_range=[round(min(lat), 4), round(max(lat), 4)],
+            throughput_ratio=round(statistics.median(thr), 4),
+            throughput_ratio_range=[round(min(thr), 4), round(max(thr), 4)],
+        )
+    return out
+
+
+def _executor(model: nn.Module, kind: str) -> nn.Module:
+    for _, s in model.graph_stages():
+        s.executor = kind
+    return model
+
+
+def _like(model: nn.Module, name: str, wiring: str) -> nn.Module:
+    m = dynwire.create_model(name, num_classes=10, wiring=wiring).eval()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+def bench_dense(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
     torch.manual_seed(0)
     c = dynwire.get_model_cfg(name).input_size[0]
     x1, xn = torch.randn(1, c, size, size), torch.randn(batch, c, size, size)
-    variants = {
+    models = {
         w: dynwire.create_model(name, num_classes=10, wiring=w).eval() for w in ("sequential", "dynamic", "static")
     }
-    removal = {}
-    probe = torch.randn(64, c, size, size)
-    for share in SHARES[1:]:
-        m = dynwire.create_model(name, num_classes=10, wiring="dynamic").eval()
-        m.load_state_dict(variants["dynamic"].state_dict())
-        got = _set_removed_share(m, probe, share)
+    models["dynamic-reference"] = _executor(_like(models["dynamic"], name, "dynamic"), "dense")
+    res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
+    return dict(model=name, input=[c, size, size], batch=batch, rounds=rounds, vs="sequential", variants=res)
+
+
+def _blocks_run(model: nn.Module, x) -> tuple[float, dict]:
+    """Share of (sample, block) pairs removed, from what the pruned fast path ran (block hooks)."""
+    seen = []
+    hooks = [
+        b.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+        for _, s in model.graph_stages()
+        for b in s.blocks()[1:]
+    ]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    total = x.shape[0] * sum(s.num_blocks - 1 for _, s in model.graph_stages())
+    return 1 - sum(seen) / total
+
+
+def _set_removed_share(model: nn.Module, x, share: float) -> float:
+    """One threshold for every node, bisected until about ``share`` of (sample, block) pairs is removed."""
+    lo, hi, got = 0.0, 1.0, 0.0
+    with torch.no_grad():
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            for _, s in model.graph_stages():
+                s.edges.tau.fill_(mid)
+            got = _blocks_run(model, x)
+            lo, hi = (mid, hi) if got < share else (lo, mid)
+    return got
+
+
+def bench_removal(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+    torch.manual_seed(0)
+    c = dynwire.get_model_cfg(name).input_size[0]
+    x1, xn = torch.randn(1, c, size, size), torch.randn(batch, c, size, size)
+    base = dynwire.create_model(name, num_classes=10, wiring="dynamic").eval()
+    with torch.no_grad():  # edge weights that differ between samples (trained routers do; fresh ones barely)
+        for _, s in base.graph_stages():
+            for r in s.edges.routers:
+                r.fc.weight.normal_(0, 0.5)
+                r.fc.bias.normal_(0, 1)
+    dense_macs = count_macs(base, (c, size, size))
+    out = {}
+    for share in SHARES:
+        m = _like(base, name, "dynamic")
+        got = _set_removed_share(m, xn, share)
         with torch.no_grad(), dynwire.record_adjacency(m) as rec:
             m(xn)
-        removal[share] = dict(
-            model=m, removed=got, mac_fraction=float(rec.macs.mean()) / count_macs(m, (c, size, size))
+        models = {"pruned": m, "dense": _executor(_like(m, name, "dynamic"), "dense"), "none-removed": base}
+        r = _measure(models, x1, xn, rounds, reps1, repsn, ref="none-removed")
+        out[f"{share:.1f}"] = dict(
+            removed_share=round(got, 4),
+            executed_mac_fraction=round(float(rec.macs.mean()) / dense_macs, 4),
+            throughput_vs_none_removed=r["pruned"]["throughput_ratio"],
+            throughput_vs_none_removed_range=r["pruned"]["throughput_ratio_range"],
+            latency_b1_vs_none_removed=r["pruned"]["latency_ratio"],
+            throughput_vs_dense_executor=round(r["pruned"]["throughput_ratio"] / r["dense"]["throughput_ratio"], 4),
+            latency_b1_vs_dense_executor=round(r["pruned"]["latency_ratio"] / r["dense"]["latency_ratio"], 4),
         )
-    rows: dict[str, list] = {}
+        print(f"  removal {share:.1f}: {out[f'{share:.1f}']}", file=sys.stderr)
+    return dict(model=name, input=[c, size, size], batch=batch, rounds=rounds, vs="dense executor", shares=out)
 
-    def run(key, m, executor="pruned"):
-        for _, s in m.graph_stages():
-            s.executor = executor
+
+def _test_images(run: Path, n: int):
+    from dynwire.engine.builders import build_split
+    from dynwire.engine.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    ds, _ = build_split(cfg, "val", train=False)
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+def bench_trained(runs: list[Path], batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+    models, info = {}, {}
+    for run in runs:
+        m = dynwire.load_model(run)
+        models[run.name] = m
+    ref = next((k for k in models if "sequential" in k), None)
+    if ref is None:
+        raise SystemExit("--runs needs a sequential run among them (the reference)")
+    xn = _test_images(runs[0], batch)
+    x1 = xn[:1]
+    seq_macs = count_macs(models[ref], tuple(xn.shape[1:]))
+    for k, m in models.items():
+        with torch.no_grad(), dynwire.record_adjacency(m) as rec:
+            m(xn)
+        macs = float(rec.macs.mean()) if rec.macs is not None else seq_macs
+        final = json.loads((Path([r for r in runs if r.name == k][0]) / "final.json").read_text())
+        info[k] = dict(executed_mac_fraction=round(macs / seq_macs, 4), top1=final.get("top1", final.get("val_top1")))
+    res = _measure(models, x1, xn, rounds, reps1, repsn, ref=ref)
+    for k in res:
+        res[k].update(info[k])
+    return dict(input=list(xn.shape[1:]), batch=batch, rounds=rounds, vs=ref, images="test split", variants=res)
+
+
+def bench_compile(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+    torch.manual_seed(0)
+    c = dynwire.get_model_cfg(name).input_size[0]
+    x1, xn = torch.randn(1, c, size, size), torch.randn(batch, c, size, size)
+    models, seconds = {}, {}
+    for w in ("sequential", "dynamic"):
+        m = _executor(dynwire.create_model(name, num_classes=10, wiring=w).eval(), "dense")
+        models[w] = m
+        t = time.perf_counter()
+        cm = torch.compile(m, fullgraph=True, dynamic=False)
         with torch.inference_mode():
-            m(x1)
-            t1 = _time(lambda: m(x1), reps1)
-            tn = _time(lambda: m(xn), repsn)
-        rows.setdefault(key, []).append((t1, batch / tn))
-
-    for _ in range(rounds):
-        for w, m in variants.items():
-            run(w, m)
-        for share, r in removal.items():
-            run(f"dynamic-pruned-{share:.1f}", r["model"], "pruned")
-            run(f"dynamic-dense-{share:.1f}", r["model"], "dense")
-    out = {}
-    for key, vals in rows.items():
-        lat = [v[0] / s[0] for v, s in zip(vals, rows["sequential"])]
-        thr = [v[1] / s[1] for v, s in zip(vals, rows["sequential"])]
-        out[key] = dict(
-            latency_b1_ms=1e3 * statistics.median(v[0] for v in vals),
-            throughput_img_s=statistics.median(v[1] for v in vals),
-            latency_vs_sequential=statistics.median(lat),
-            latency_vs_sequential_range=[min(lat), max(lat)],
-            throughput_vs_sequential=statistics.median(thr),
-        )
-        if key.startswith("dynamic-pruned-"):
-            share = float(key.rsplit("-", 1)[1])
-            dense = rows[f"dynamic-dense-{share:.1f}"]
-            out[key]["throughput_vs_dense_dynamic"] = statistics.median(v[1] / d[1] for v, d in zip(vals, dense))
-            out[key]["removed_share"] = removal[share]["removed"]
-            out[key]["executed_mac_fraction"] = removal[share]["mac_fraction"]
-    return dict(model=name, input=[c, size, size], batch=batch, rounds=rounds, variants=out)
+            d = max((cm(x) - m(x)).abs().max().item() / max(1.0, m(x).abs().max().item()) for x in (x1, xn))
+        seconds[w] = round(time.perf_counter() - t, 1)
+        models[f"{w}-compiled"] = cm
+        print(f"  compiled {w} in {seconds[w]} s (max rel. diff to eager {d:.2g})", file=sys.stderr)
+    res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
+    return dict(
+        model=name,
+        input=[c, size, size],
+        batch=batch,
+        rounds=rounds,
+        vs="eager sequential",
+        compile_seconds=seconds,
+        variants=res,
+    )
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    p.add_argument(
+        "--parts", nargs="+", default=["dense", "removal"], choices=["dense", "removal", "trained", "compile"]
+    )
+    p.add_argument("--runs", nargs="*", type=Path, default=[], help="run directories for --parts trained")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
     args = p.parse_args(argv)
-    if args.quick:
-        plan = [("cifar_resnet56", 32, 64, 3, 30, 3), ("mobilenet_v2", 224, 16, 2, 10, 2)]
-    else:
-        plan = [
-            ("cifar_resnet56", 32, 64, 5, 50, 5),
-            ("mobilenet_v2", 224, 64, 3, 20, 3),
-            ("resnet50", 224, 64, 3, 10, 2),
+    q = args.quick
+    plans = {
+        "dense": [
+            ("cifar_resnet56", 32, 64, 3 if q else 5, 30 if q else 60, 3 if q else 5),
+            ("mobilenet_v2", 224, 16, 2 if q else 3, 10 if q else 20, 2 if q else 3),
         ]
-    results = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name, size, batch, rounds, r1, rn in plan:
+        + ([] if q else [("resnet50", 224, 16, 3, 10, 2)]),
+        "removal": [("cifar_resnet56", 32, 64, 2 if q else 3, 20 if q else 40, 3)],
+        "compile": [("cifar_resnet56", 32, 64, 3, 40, 3)],
+    }
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.setdefault("parts", {})
+    for part in args.parts:
+        out = []
+        for threads in args.threads:
+            torch.set_num_threads(threads)
             t0 = time.time()
-            r = bench_model(name, size, batch, rounds, r1, rn)
-            r["threads"] = threads
-            results.append(r)
-            v = r["variants"]
-            print(
-                f"{name} {threads}t: dynamic b1 {v['dynamic']['latency_vs_sequential']:.2f}x, "
-                f"b{batch} {1 / v['dynamic']['throughput_vs_sequential']:.2f}x time; pruned@0.5 "
-                f"{v['dynamic-pruned-0.5']['throughput_vs_dense_dynamic']:.2f}x dense ({time.time() - t0:.0f} s)",
-                file=sys.stderr,
-            )
-    meta = dict(
-        command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            if part == "trained":
+                r = bench_trained(args.runs, 64, 3, 40, 3)
+                out.append(dict(threads=threads, **r))
+            else:
+                for plan in plans[part]:
+                    fn = {"dense": bench_dense, "removal": bench_removal, "compile": bench_compile}[part]
+                    r = dict(threads=threads, **fn(*plan))
+                    out.append(r)
+                    print(f"{part} {plan[0]} {threads}t: {time.time() - t0:.0f} s", file=sys.stderr)
+        results["parts"][part] = dict(
+            command=" ".join(["python bench/inference.py", *(argv if argv is not None else sys.argv[1:])]),
+            load_avg_at_start=[round(v, 2) for v in os.getloadavg()],
+            results=out,
+        )
+    results["meta"] = dict(
         torch=torch.__version__,
         machine=platform.machine(),
+        processor=platform.processor(),
         cpus=os.cpu_count(),
-        load_avg_at_start=os.getloadavg(),
         note="ratios are medians over interleaved rounds; absolute times depend on machine load",
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    print(f"wrote {args.out}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
