@@ -20,9 +20,10 @@ FAMILIES = {
     "resnet": dict(name="cifar_resnet20", layers=(2, 3), widths=(4, 8), stem_width=4),
     "mobilenetv2": dict(name="mobilenet_v2", setting=((1, 8, 1, 1), (2, 8, 3, 2)), stem_width=8, last_channel=16),
     "regnet": dict(name="regnet_y_600mf"),
+    "randwire": dict(name="cifar_randwire_small", channels=4, nodes=5, head_width=8),
 }
 # RegNet's last stage is 1x1 at 32x32: BatchNorm over 2 values is too ill-conditioned to compare
-INPUT = {"resnet": (2, 32), "mobilenetv2": (2, 32), "regnet": (4, 64)}
+INPUT = {"resnet": (2, 32), "mobilenetv2": (2, 32), "regnet": (4, 64), "randwire": (2, 32)}
 
 
 def _small(family: str, wiring: str, dtype=torch.float64, **kw) -> nn.Module:

@@ -28,7 +28,9 @@ def test_golden_params_and_macs(name, wiring):
     )
 
 
-@pytest.mark.parametrize("name", dynwire.list_models())
+# Table 1's target is for the backbones of Table 1. RandWire's 32-node stages have a 528-edge complete
+# DAG: Table 4 itself puts DG-Net (611M FLOPs) above the RandWire graphs (572-602M).
+@pytest.mark.parametrize("name", dynwire.list_models(exclude="*randwire*"))
 def test_dynamic_overhead_within_paper_target(name):
     base, dyn = GOLDEN["models"][name]["sequential"], GOLDEN["models"][name]["dynamic"]
     assert dyn["params"] > base["params"] and dyn["macs"] > base["macs"]

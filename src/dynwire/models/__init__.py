@@ -3,6 +3,7 @@
 from ._base import GraphNet
 from ._convert import convert_torchvision_state_dict, load_torchvision_state_dict, torchvision_reference
 from .mobilenetv2 import MobileNetV2
+from .randwire import RandWire, SepConvNode
 from .regnet import REGNET_PARAMS, RegNet
 from .resnet import BasicBlock, Bottleneck, ResNet
 
@@ -13,6 +14,8 @@ __all__ = [
     "Bottleneck",
     "MobileNetV2",
     "RegNet",
+    "RandWire",
+    "SepConvNode",
     "REGNET_PARAMS",
     "convert_torchvision_state_dict",
     "load_torchvision_state_dict",
