@@ -30,8 +30,9 @@ demo: venv data
 profile: venv
 	$(VENV)/bin/dynwire profile
 
+# one worker per core (pytest-xdist; each worker runs torch on one thread, see tests/conftest.py)
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

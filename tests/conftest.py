@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import pytest
 import torch
 
 import dynwire
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one intra-op thread each, so workers do not oversubscribe
+    torch.set_num_threads(1)
 
 
 def small_size(name: str) -> tuple[int, int, int]:
