@@ -17,29 +17,30 @@ iteration, save ``last.pt``, raise ``TrainingInterrupted``: exit 128 + signal), 
 gradient norm raises ``TrainingDiverged`` (exit 3) without touching ``last.pt``, and DDP under
 ``torchrun`` (``data.batch_size`` is the global batch; rank 0 writes; detections of all ranks
 are gathered for COCOeval).
+
+This module holds the training loop and re-exports the pieces: ``_builders`` (lr schedule, batch
+sampler, datasets, detector) and ``_checkpoint`` (the checkpoint format, :func:`load_detector`,
+:func:`evaluate_detector_checkpoint`).
 """
 
 from __future__ import annotations
 
-import bisect
-import copy
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from ..engine.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, state_dict_sha256
+from ..engine.checkpoint import atomic_torch_save, state_dict_sha256
 from ..engine.distributed import (
     DistInfo,
     all_gather_objects,
@@ -55,16 +56,32 @@ from ..engine.optim import grad_norm
 from ..engine.rundir import agreed_resume_path, write_run_json
 from ..engine.signals import SignalGuard, TrainingInterrupted
 from ..engine.trainer import TrainingDiverged
-from ._transforms import hflip
-from .coco import CocoDetection, coco_split_paths, collate_detection, drop_crowd
-from .config import (
-    DetectionConfig,
-    apply_detection_override,
-    detection_config_from_dict,
-    detection_config_to_dict,
+
+# The pieces, re-exported: this module stays the public face of detection training (the CLI and
+# tests import from it). ``_DetectionRun.setup`` reads ``build_detector`` from this module, so
+# patching ``dynwire.detection.train.build_detector`` still changes the trained detector;
+# ``load_detector`` reads it from ``_builders``.
+from ._builders import (  # noqa: F401
+    IterationBatchSampler,
+    _iter_seed,
+    _param_groups,
+    build_detection_datasets,
+    build_detector,
+    lr_factor,
 )
+from ._checkpoint import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    _checkpoint_config,
+    _load,
+    _pick_device,
+    evaluate_detector_checkpoint,
+    is_detection_checkpoint,
+    load_detector,
+)
+from ._transforms import hflip
+from .coco import CocoDetection, collate_detection, drop_crowd
+from .config import DetectionConfig, detection_config_from_dict, detection_config_to_dict
 from .evaluate import TABLE2_COLUMNS, evaluate_coco
-from .model import fasterrcnn_fpn
 
 __all__ = [
     "train_detector",
@@ -78,100 +95,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "dynwire-detection/1"
-
-
-def lr_factor(it: int, warmup_iters: int, warmup_factor: float, steps: Sequence[int], gamma: float) -> float:
-    """Detectron2's WarmupMultiStepLR factor for 0-based iteration ``it``."""
-    f = gamma ** bisect.bisect_right(list(steps), it)
-    if it < warmup_iters:
-        alpha = it / warmup_iters
-        f *= warmup_factor * (1 - alpha) + alpha
-    return f
-
-
-def _iter_seed(seed: int, it: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(it)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class IterationBatchSampler(Sampler[list[int]]):
-    """Batches for iterations ``start .. stop-1``: consecutive slices of per-epoch permutations.
-
-    Epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``; iteration ``i`` takes positions
-    ``i * batch .. (i + 1) * batch`` of their concatenation, so the batches depend only on
-    ``(seed, i)`` and resuming at ``start`` continues exactly. ``rank``/``world_size`` give each
-    process its share of every batch (for DDP).
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if n < 1:
-            raise ValueError("the training set is empty")
-        self.n, self.batch, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
-        self.rank, self.world = rank, world_size
-
-    def _perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(_iter_seed(self.seed, 1_000_000_007 + epoch))
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        pos = self.start * self.batch
-        epoch, off = divmod(pos, self.n)
-        perm = self._perm(epoch)
-        for _ in range(len(self)):
-            batch = []
-            while len(batch) < self.batch:
-                if off == self.n:
-                    epoch, off = epoch + 1, 0
-                    perm = self._perm(epoch)
-                take = min(self.batch - len(batch), self.n - off)
-                batch.extend(perm[off : off + take])
-                off += take
-            yield batch[self.rank :: self.world]
-
-
-def build_detection_datasets(cfg: DetectionConfig) -> tuple[CocoDetection, CocoDetection]:
-    d = cfg.data
-    if d.root is None:
-        hint = " (generate it: dynwire make-scenes DIR)" if d.name == "fmnist_scenes" else ""
-        raise ValueError(f"data.root is not set: the folder with <split>/ and annotations/{hint}")
-    sets = []
-    for split, train in ((d.train_split, True), (d.val_split, False)):
-        images, ann = coco_split_paths(d.root, split)
-        if not ann.is_file():
-            hint = f"; generate the scenes with: dynwire make-scenes {d.root}" if d.name == "fmnist_scenes" else ""
-            raise ValueError(f"data: annotation file '{ann}' not found (data.root={d.root!r}, split {split!r}){hint}")
-        sets.append(
-            CocoDetection(
-                images, ann, skip_bad=d.skip_bad, check_images=d.check_images, remove_empty=train and d.remove_empty
-            )
-        )
-    return sets[0], sets[1]
-
-
-def build_detector(cfg: DetectionConfig, num_classes: int, backbone_weights: bool = True) -> nn.Module:
-    m, d = cfg.model, cfg.data
-    return fasterrcnn_fpn(
-        m.name,
-        wiring=m.wiring,
-        num_classes=num_classes,
-        trainable_stages=m.trainable_stages,
-        norm=m.norm,
-        returned_stages=m.returned_stages,
-        min_size=tuple(int(s) for s in d.train_min_size),
-        max_size=d.max_size,
-        backbone_weights=m.backbone_weights if backbone_weights else None,
-        backbone_kwargs={**m.wiring_kwargs, **m.backbone_kwargs},
-        fpn_channels=m.fpn_channels,
-        anchor_sizes=m.anchor_sizes,
-        representation_size=m.representation_size,
-        **m.detector_kwargs,
-    )
-
 
 @contextmanager
 def _test_size(model: nn.Module, size: int) -> Iterator[None]:
@@ -182,46 +105,6 @@ def _test_size(model: nn.Module, size: int) -> Iterator[None]:
         yield
     finally:
         model.transform.min_size = old
-
-
-def _pick_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A detection checkpoint, loaded weights-only (``CheckpointError``, a ``ValueError``, otherwise)."""
-    try:
-        ckpt = load_checkpoint(path, map_location="cpu")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # e.g. IndexError from the weights-only unpickler on a text file
-        raise CheckpointError(
-            f"checkpoint '{path}': unreadable, not a torch file ({type(exc).__name__}: {exc})"
-        ) from exc
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint '{path}': not a dynwire detection checkpoint ({CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def is_detection_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a :func:`train_detector` checkpoint (False for anything unreadable)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not ours to judge: the classification loader reports it
-        return False
-    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -565,85 +448,3 @@ class _DetectionRun:
         self.progress.report(
             epoch=1, step=done, global_step=done, loss=rec["loss"], acc=None, img_per_s=rec["img_per_s"] or 0.0
         )
-
-
-def _checkpoint_config(ckpt: dict[str, Any], overrides: Sequence[str] = ()) -> DetectionConfig:
-    raw = copy.deepcopy(ckpt["config"])
-    for item in overrides:
-        apply_detection_override(raw, item)
-    return detection_config_from_dict(raw)
-
-
-def load_detector(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", overrides: Sequence[str] = ()
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the detector of a :func:`train_detector` checkpoint; returns ``(model, checkpoint)``.
-
-    The checkpoint is loaded weights-only. ``overrides`` (``section.key=value``) change its
-    stored config first, e.g. ``model.wiring_kwargs.eval_gate=soft`` or ``data.test_min_size=640``;
-    the checkpoint's ``config`` entry is returned with them applied.
-    """
-    path = Path(path)
-    ckpt = _load(path)
-    cfg = _checkpoint_config(ckpt, overrides)
-    model = build_detector(cfg, int(ckpt["num_classes"]), backbone_weights=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ValueError(
-            f"checkpoint '{path}' does not fit the detector its config (with overrides) builds: {exc}"
-        ) from None
-    model.to(_pick_device(device)).eval()
-    model.transform.min_size = (int(cfg.data.test_min_size),)
-    ckpt["config"] = detection_config_to_dict(cfg)
-    return model, ckpt
-
-
-def evaluate_detector_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    data_root: str | None = None,
-    split: str | None = None,
-    out_json: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    max_images: int | None = None,
-    overrides: Sequence[str] = (),
-) -> dict[str, Any]:
-    """COCO evaluation of a detection checkpoint (what ``dynwire eval`` runs on one).
-
-    Evaluates on ``split`` (default: the config's ``data.val_split``) under ``data_root``
-    (default: the config's ``data.root``), the first ``max_images`` images if given. Detections
-    are written in COCO results format to ``out_json`` (default: beside the checkpoint,
-    ``<name>_detections.json``). Returns Table 2's columns and ``AR100`` (in %), ``images``,
-    ``detections``, ``detections_json``, ``iter`` and the COCOeval ``summary`` text.
-    """
-    dev = _pick_device(device)
-    model, ckpt = load_detector(path, dev, overrides)
-    cfg = detection_config_from_dict(ckpt["config"])
-    root = data_root if data_root is not None else cfg.data.root
-    if root is None:
-        raise ValueError(f"checkpoint '{path}': its config has no data.root; pass the dataset folder (--data-dir)")
-    split = split or cfg.data.val_split
-    images, ann = coco_split_paths(root, split)
-    if not ann.is_file():
-        raise ValueError(f"annotation file '{ann}' not found (data root {str(root)!r}, split {split!r})")
-    ds = CocoDetection(images, ann, skip_bad=cfg.data.skip_bad, check_images=cfg.data.check_images)
-    names = {str(v): int(k) for k, v in ckpt["label_to_cat_id"].items()}
-    if sorted(int(c) for c in ds.label_to_cat_id.values()) != sorted(int(c) for c in names):
-        raise ValueError(f"'{ann}' has other categories than the checkpoint was trained on")
-    n = len(ds) if max_images is None else min(int(max_images), len(ds))
-    loader = DataLoader(
-        Subset(ds, list(range(n))),
-        batch_size=batch_size or cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
-        collate_fn=collate_detection,
-    )
-    out_json = Path(out_json) if out_json is not None else Path(path).with_name(Path(path).stem + "_detections.json")
-    mapping = {int(k): int(v) for k, v in ckpt["label_to_cat_id"].items()}
-    m = evaluate_coco(model, loader, ds.coco, out_json, label_to_cat_id=mapping, device=dev)
-    m["detections_json"] = str(out_json)
-    m["iter"] = int(ckpt["iter"])
-    m["split"] = split
-    return m
