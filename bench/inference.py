@@ -28,6 +28,7 @@ Writes ``bench/results/inference.json`` (``--out``); parts not run are kept from
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -63,7 +64,8 @@ def _measure(models: dict[str, nn.Module], x1, xn, rounds: int, reps1: int, reps
             m(x1), m(xn)  # warm-up
         for _ in range(rounds):
             for k, m in models.items():
-                rows[k].append((_timer(lambda: m(x1), reps1), xn.shape[0] / _timer(lambda: m(xn), repsn)))
+                t1 = _timer(functools.partial(m, x1), reps1)
+                rows[k].append((t1, xn.shape[0] / _timer(functools.partial(m, xn), repsn)))
     out = {}
     for k, vals in rows.items():
         lat = [v[0] / r[0] for v, r in zip(vals, rows[ref])]

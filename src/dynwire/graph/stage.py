@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..layers.aggregation import GradSlot, aggregate, aggregate_reference, recompute_aggregations, tap
@@ -118,6 +119,8 @@ class GraphStage(nn.Module):
             and x.device.type != "meta"
             and not _tracing()
             and not torch.onnx.is_in_onnx_export()
+            # under a dispatch mode (the FLOP counter) the general loop keeps the aggregation op visible
+            and _get_current_dispatch_mode() is None
         )
 
     def _forward_graph(self, x: Tensor, blocks: list[nn.Module]) -> Tensor:
