@@ -193,7 +193,7 @@ def bench_trained(runs: list[Path], batch: int, rounds: int, reps1: int, repsn: 
             m(xn)
         macs = float(rec.macs.mean()) if rec.macs is not None else seq_macs
         final = json.loads((Path([r for r in runs if r.name == k][0]) / "final.json").read_text())
-        info[k] = dict(executed_mac_fraction=round(macs / seq_macs, 4), top1=final.get("top1", final.get("val_top1")))
+        info[k] = dict(executed_mac_fraction=round(macs / seq_macs, 4), top1=final["val"]["top1"])
     res = _measure(models, x1, xn, rounds, reps1, repsn, ref=ref)
     for k in res:
         res[k].update(info[k])
