@@ -134,3 +134,164 @@ def test_edge_weight_gradient_on_large_maps(channels_last):
     if channels_last:
         g, x = g.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(_batched_dot(g, x), (g * x).flatten(1).sum(1))
+
+
+# --------------------------------------------------------------------------- fused (cache-blocked) kernels
+
+
+def _run_both(fn):
+    """``fn()`` with the fused kernels forced on, then with the plain (reference) kernels."""
+    from dynwire.layers.aggregation import fused_aggregation
+
+    out = []
+    for mode in ("always", "off"):
+        with fused_aggregation(mode):
+            out.append(fn())
+    return out
+
+
+def _op_and_tapped(w, xs, g, zero=None):
+    """Forward and every gradient through the custom op and through taps (two consumers per slot)."""
+    from dynwire.layers.aggregation import GradSlot
+
+    w1, xs1 = w.detach().clone().requires_grad_(), [x.detach().clone().requires_grad_() for x in xs]
+    out = aggregate(w1, xs1)
+    grads = torch.autograd.grad(out, [w1, *xs1], g)
+    w2, xs2 = w.detach().clone().requires_grad_(), [x.detach().clone().requires_grad_() for x in xs]
+    taps = [tap(x) for x in xs2]
+    t, slots = [t for t, _ in taps], [s for _, s in taps]
+    a = aggregate(w2, t, slots)
+    b = aggregate(w2[:, :2] * 0.5, t[:2], slots[:2])  # slots 0 and 1 accumulate twice
+    tgrads = torch.autograd.grad((a * g).sum() + (b * g).sum(), [w2, *xs2])
+    assert all(isinstance(s, GradSlot) and s.grad is None for s in slots)  # taken by the taps
+    return out, grads, a, tgrads
+
+
+@pytest.mark.parametrize("tile", [None, 256])  # None: one tile per sample; 256 bytes: many tiles
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_fused_equals_plain(k, channels_last, tile, monkeypatch):
+    from dynwire.layers import aggregation as agg
+
+    if tile is not None:
+        monkeypatch.setattr(agg, "FUSED_TILE_BYTES", tile)
+    torch.manual_seed(k)
+    w = torch.rand(3, k, dtype=torch.float64)
+    w[1, 0] = 0.0  # a closed edge of one sample: the fused forward skips it
+    xs = [torch.randn(3, 4, 6, 5, dtype=torch.float64) for _ in range(k)]
+    if channels_last:
+        xs = [x.to(memory_format=torch.channels_last) for x in xs]
+    g = torch.randn_like(xs[0])
+    fused, plain = _run_both(lambda: _op_and_tapped(w, xs, g))
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-12, atol=1e-12)
+    assert fused[0].stride() == xs[0].stride()  # same layout as the inputs (the fake impl's empty_like)
+
+
+@pytest.mark.parametrize("tapped", [False, True])
+def test_fused_gradcheck(tapped, monkeypatch):
+    from dynwire.layers import aggregation as agg
+    from dynwire.layers.aggregation import fused_aggregation
+
+    monkeypatch.setattr(agg, "FUSED_TILE_BYTES", 128)  # several tiles per sample
+
+    def f(w, *xs):
+        if not tapped:
+            return aggregate(w, xs)
+        (t0, s0), (t1, s1), (t2, s2) = (tap(x) for x in xs)
+        a, sa = tap(aggregate(w, [t0, t1, t2], [s0, s1, s2]))
+        b = aggregate(w[:, :2].cos(), [a, t0], [sa, s0])  # slot 0 has two consumers
+        return b * t1 + a.sin()
+
+    w = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 3, 4, 12, dtype=torch.float64, requires_grad=True) for _ in range(3)]  # 3 tiles
+    with fused_aggregation("always"):
+        assert torch.autograd.gradcheck(f, (w, *xs))
+
+
+def test_fused_slot_semantics():
+    """A slot already holding this pass's gradient is accumulated in place; a stale one is replaced."""
+    from dynwire.layers.aggregation import _AggregateTapped, fused_aggregation
+
+    w = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    g = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    taps = [tap(x) for x in xs]
+    slots = [s for _, s in taps]
+    with fused_aggregation("always"):
+        out = _AggregateTapped.apply(w, tuple(slots), *[t for t, _ in taps])
+        stale = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+        slots[1].grad, slots[1].task = stale, -5  # left behind by another backward pass
+        seen = {}
+
+        def hook(grad):  # runs inside this backward pass, before the aggregation's backward
+            held = torch.ones_like(grad)
+            slots[0].grad, slots[0].task = held, torch._C._current_graph_task_id()
+            seen["held"] = held
+            return grad
+
+        out.register_hook(hook)
+        gw, gx0, gx1 = torch.autograd.grad(out, [w, *xs], g)
+    wc = w.detach()
+    torch.testing.assert_close(gx0, 1 + g * wc[:, 0].view(2, 1, 1, 1))
+    torch.testing.assert_close(seen["held"], gx0)  # accumulated in place into the held tensor
+    torch.testing.assert_close(gx1, g * wc[:, 1].view(2, 1, 1, 1))  # stale partial sum discarded
+    assert stale.abs().sum() == 0  # ... and not written to
+    torch.testing.assert_close(gw, torch.stack([(g * x).flatten(1).sum(1) for x in xs], 1))
+
+
+def test_fused_bf16_is_at_least_as_accurate_as_plain():
+    torch.manual_seed(0)
+    w = torch.rand(3, 4)
+    xs = [torch.randn(3, 64, 16, 20, dtype=torch.bfloat16) for _ in range(4)]
+    g = torch.randn_like(xs[0])
+    exact_out = sum(w[:, k].double().view(3, 1, 1, 1) * xs[k].double() for k in range(4))
+    exact_w = torch.stack([(g.double() * x.double()).flatten(1).sum(1) for x in xs], 1)
+    errs = []
+    for out, grads, *_ in _run_both(lambda: _op_and_tapped(w, xs, g)):
+        assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.float32
+        errs.append(
+            (
+                ((out.double() - exact_out).abs().max() / exact_out.abs().max()).item(),
+                ((grads[0].double() - exact_w).abs() / exact_w.abs()).max().item(),
+            )
+        )
+    (fo, fw), (po, pw) = errs
+    assert fo < 1e-2 and fw < 1e-2
+    assert fo <= po * 1.5 and fw <= pw * 1.5
+
+
+def test_fused_selection():
+    """Fused on large CPU maps only; plain under a FLOP counter, for small maps, mixed layouts, 'off'."""
+    from dynwire.layers.aggregation import _CpuTiled, _fused_backend, fused_aggregation
+
+    big = [torch.randn(2, 64, 32, 32) for _ in range(2)]
+    assert isinstance(_fused_backend(big), _CpuTiled)
+    assert _fused_backend([torch.randn(2, 4, 4, 4)] * 2) is None
+    assert _fused_backend([big[0], big[1].to(memory_format=torch.channels_last)]) is None
+    assert _fused_backend([big[0], big[1].double()]) is None
+    assert _fused_backend([big[0], big[1].int()]) is None
+    with FlopCounterMode(display=False):
+        assert _fused_backend(big) is None
+    with fused_aggregation("off"):
+        assert _fused_backend(big) is None
+    with fused_aggregation("always"):
+        assert isinstance(_fused_backend([torch.randn(2, 4, 4, 4)] * 2), _CpuTiled)
+    with pytest.raises(ValueError, match="mode"), fused_aggregation("fast"):
+        pass
+
+
+def test_fused_model_gradients_match_plain():
+    """A dynamic model with recomputation: every parameter gradient equal with fused and plain kernels."""
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", recompute=True)
+    x = torch.randn(4, 3, 32, 32)
+
+    def step():
+        m.zero_grad()
+        m(x).logsumexp(1).sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    fused, plain = _run_both(step)
+    for (n, _), a, b in zip(m.named_parameters(), fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)

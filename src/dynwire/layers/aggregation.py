@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["aggregate", "aggregate_reference", "recompute_aggregations", "GradSlot", "tap"]
+__all__ = ["aggregate", "aggregate_reference", "fused_aggregation", "recompute_aggregations", "GradSlot", "tap"]
 
 
 def _per_sample(w: Tensor, ndim: int) -> Tensor:
@@ -36,12 +36,169 @@ def _columns(weights: Tensor, dtype: torch.dtype, ndim: int) -> Tensor:
     return weights.to(dtype).t().contiguous().reshape(weights.shape[1], weights.shape[0], *([1] * (ndim - 1)))
 
 
-def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+def _aggregate_plain(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    """The reference kernel: one whole-tensor pass per input (reads ``x_k``, reads and writes the sum)."""
     w = _columns(weights, xs[0].dtype, xs[0].ndim)
     out = xs[0] * w[0]
     for k in range(1, len(xs)):
         out.addcmul_(xs[k], w[k])
     return out
+
+
+def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    backend = _fused_backend(xs)
+    if backend is None:
+        return _aggregate_plain(weights, xs)
+    out = torch.empty_like(xs[0])
+    with torch.no_grad():
+        backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused (cache-blocked) kernels.
+#
+# The plain kernel streams whole tensors once per edge: forward reads ``x_k`` and reads and
+# writes the running sum (3 passes per edge), the recomputation in backward repeats that, and
+# backward reads ``g`` and ``x_k`` for ``grad_w`` and then ``g`` again plus the gradient slot
+# (read and write): about 11 passes over a feature map per edge. The fused kernels walk each
+# sample in tiles that stay in L2 and handle all ``K`` edges per tile: the sum tile (forward) and
+# the ``g`` tile (backward) are read from memory once, so an edge costs one pass forward, one in
+# the recomputation and three in backward (``x_k``, and the slot read and written): about 5.
+
+
+class _FusedBackend:
+    """A device's fused kernels. Arguments are ``(B, N)`` views of tensors with one layout."""
+
+    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
+        """``fo[b] = sum_k weights[b, k] * fx[k][b]``."""
+        raise NotImplementedError
+
+    def backward(
+        self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
+    ) -> Tensor | None:
+        """``fslots[k] (+)= weights[:, k] * fg`` (``=`` where ``fresh[k]``); returns ``grad_w[b, k] = <fg[b], fx[k][b]>``
+        when ``need_w``."""
+        raise NotImplementedError
+
+
+def _tiles(n: int, itemsize: int) -> list[tuple[int, int]]:
+    """Split ``n`` elements into equal tiles of at most ``FUSED_TILE_BYTES`` (64-element aligned)."""
+    cap = max(64, FUSED_TILE_BYTES // itemsize)
+    count = -(-n // cap)
+    size = -(-n // count)
+    size = -(-size // 64) * 64
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class _CpuTiled(_FusedBackend):
+    """Per sample, per L2-sized tile, all ``K`` edges: tiled ATen ops on contiguous slices.
+
+    Weights are read to the host once per call (a ``(B, K)`` ``tolist()``, rounded to the
+    tensors' dtype so that the result equals the plain kernel's), which also lets a closed edge
+    (weight exactly 0 for a sample, the forward of the straight-through gate) skip reading its
+    input for that sample: ``0 * x`` adds nothing for finite ``x``.
+    """
+
+    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
+        rows = weights.to(fo.dtype).tolist()
+        tiles = _tiles(fo.shape[1], fo.element_size())
+        for b, wb in enumerate(rows):
+            live = [(fx[k][b], w) for k, w in enumerate(wb) if w != 0.0]
+            ob = fo[b]
+            if not live:
+                ob.zero_()
+                continue
+            for s, e in tiles:
+                o = ob[s:e]
+                x0, w0 = live[0]
+                torch.mul(x0[s:e], w0, out=o)
+                for x, w in live[1:]:
+                    o.add_(x[s:e], alpha=w)
+
+    def backward(
+        self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
+    ) -> Tensor | None:
+        rows = weights.to(fg.dtype).tolist()
+        tiles = _tiles(fg.shape[1], fg.element_size())
+        K = len(fx)
+        dots = fg.new_empty((len(rows), len(tiles), K)) if need_w else None
+        for b, wb in enumerate(rows):
+            gb = fg[b]
+            xb = [f[b] for f in fx]
+            sb = [f[b] for f in fslots]
+            for t, (s, e) in enumerate(tiles):
+                g = gb[s:e]
+                for k in range(K):
+                    if dots is not None:
+                        torch.dot(g, xb[k][s:e], out=dots[b, t, k])
+                    w = wb[k]
+                    if fresh[k]:
+                        torch.mul(g, w, out=sb[k][s:e])
+                    elif w != 0.0:
+                        sb[k][s:e].add_(g, alpha=w)
+        if dots is None:
+            return None
+        return dots[:, 0] if len(tiles) == 1 else dots.sum(1)
+
+
+#: Tile size of the CPU kernels (bytes per sample slice); the working set of a backward tile is
+#: three of them (``g``, ``x_k``, the slot), split between the threads.
+FUSED_TILE_BYTES = 512 * 1024
+#: Below this many bytes per sample the plain kernel is used: the tensors are cache-resident
+#: anyway and the fused kernels' ``B * K`` ATen calls per tile would cost more than they save.
+FUSED_MIN_SAMPLE_BYTES = 64 * 1024
+
+# Fused kernels by device type. CUDA has none yet (a Triton kernel doing the same tiling is the
+# intended backend; no GPU was available to write and measure it), so CUDA takes the plain path.
+_BACKENDS: dict[str, _FusedBackend] = {"cpu": _CpuTiled()}
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _FusedMode(threading.local):
+    def __init__(self) -> None:
+        self.mode = "auto"
+
+
+_MODE = _FusedMode()
+
+
+@contextmanager
+def fused_aggregation(mode: str = "auto") -> Iterator[None]:
+    """Choose the aggregation kernels: ``"auto"`` (fused where it applies and pays), ``"off"``
+    (the plain kernels, the reference) or ``"always"`` (fused regardless of size, for tests)."""
+    if mode not in ("auto", "off", "always"):
+        raise ValueError(f"fused_aggregation(): mode must be 'auto', 'off' or 'always', got {mode!r}")
+    prev, _MODE.mode = _MODE.mode, mode
+    try:
+        yield
+    finally:
+        _MODE.mode = prev
+
+
+def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
+    """The fused backend for tensors ``ts`` (all one shape, dtype and layout), or None: plain kernels."""
+    mode = _MODE.mode
+    if mode == "off":
+        return None
+    t0 = ts[0]
+    backend = _BACKENDS.get(t0.device.type)
+    if backend is None or t0.dtype not in _FUSED_DTYPES or t0.ndim < 2 or t0.numel() == 0:
+        return None
+    # traced (compile, export, FakeTensor) or observed (FLOP counter) calls see the plain ops
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return None
+    if mode == "auto" and (t0.numel() // t0.shape[0]) * t0.element_size() < FUSED_MIN_SAMPLE_BYTES:
+        return None
+    stride = t0.stride()
+    for t in ts:
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+            return None
+        if t.stride() != stride or t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
+            return None
+    if _flat(t0) is None:
+        return None
+    return backend
 
 
 @torch.library.custom_op("dynwire::aggregate", mutates_args=())
@@ -81,6 +238,19 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     weights, *xs = ctx.saved_tensors
+    backend = _fused_backend([grad, *xs])
+    if backend is not None:
+        grad_xs = [torch.empty_like(grad) for _ in xs]
+        with torch.no_grad():
+            grad_w = backend.backward(
+                weights.detach(),
+                _flat(grad),
+                [_flat(x) for x in xs],
+                [_flat(t) for t in grad_xs],
+                [True] * len(xs),
+                True,
+            )
+        return grad_w.to(weights.dtype), grad_xs
     grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
     wc = _columns(weights, grad.dtype, grad.ndim)
     grad_xs = [grad * wc[k] for k in range(len(xs))]
@@ -204,6 +374,30 @@ def tap(x: Tensor) -> tuple[Tensor, GradSlot]:
     return _Tap.apply(x, slot), slot
 
 
+def _fused_backward_tapped(
+    weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
+):
+    """Fused backward into gradient slots; returns ``grad_w`` (None if not needed), or False when the
+    fused kernel does not apply (then nothing has been touched)."""
+    backend = _fused_backend([grad, *xs])
+    if backend is None or len({id(s) for s in slots}) != len(slots):
+        return False
+    task = torch._C._current_graph_task_id()
+    fresh = [s.grad is None or s.task != task for s in slots]
+    for s, f in zip(slots, fresh):
+        if not f and (s.grad.stride() != grad.stride() or s.grad.dtype != grad.dtype or s.grad.shape != grad.shape):
+            return False
+    targets = [torch.empty_like(grad) if f else s.grad for s, f in zip(slots, fresh)]
+    with torch.no_grad():
+        grad_w = backend.backward(
+            weights.detach(), _flat(grad), [_flat(x) for x in xs], [_flat(t) for t in targets], fresh, need_w
+        )
+    for s, t, f in zip(slots, targets, fresh):
+        if f:
+            s.grad, s.task = t, task
+    return None if grad_w is None else grad_w.to(weights.dtype)
+
+
 class _AggregateTapped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: Tensor, slots: tuple, *xs: Tensor) -> Tensor:
@@ -214,6 +408,9 @@ class _AggregateTapped(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *xs = ctx.saved_tensors
+        grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
+        if grad_w is not False:
+            return (grad_w, None) + (None,) * len(xs)
         grad_w = None
         if ctx.needs_input_grad[0]:
             grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
