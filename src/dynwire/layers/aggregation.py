@@ -14,6 +14,8 @@ sum is recomputed when backward needs it.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -24,7 +26,15 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["aggregate", "aggregate_reference", "fused_aggregation", "recompute_aggregations", "GradSlot", "tap"]
+__all__ = [
+    "aggregate",
+    "aggregate_reference",
+    "fused_aggregation",
+    "fused_available",
+    "recompute_aggregations",
+    "GradSlot",
+    "tap",
+]
 
 
 def _per_sample(w: Tensor, ndim: int) -> Tensor:
@@ -50,25 +60,28 @@ def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
     if backend is None:
         return _aggregate_plain(weights, xs)
     out = torch.empty_like(xs[0])
-    with torch.no_grad():
-        backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out))
+    backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Fused (cache-blocked) kernels.
 #
-# The plain kernel streams whole tensors once per edge: forward reads ``x_k`` and reads and
-# writes the running sum (3 passes per edge), the recomputation in backward repeats that, and
-# backward reads ``g`` and ``x_k`` for ``grad_w`` and then ``g`` again plus the gradient slot
-# (read and write): about 11 passes over a feature map per edge. The fused kernels walk each
-# sample in tiles that stay in L2 and handle all ``K`` edges per tile: the sum tile (forward) and
-# the ``g`` tile (backward) are read from memory once, so an edge costs one pass forward, one in
-# the recomputation and three in backward (``x_k``, and the slot read and written): about 5.
+# The plain kernels stream whole tensors once per edge: forward reads ``x_k`` and reads and
+# writes the running sum (3 passes over a feature map per edge), the recomputation in backward
+# repeats that, and backward reads ``g`` and ``x_k`` for ``grad_w`` and then ``g`` again plus the
+# gradient slot (read and write): about 11 passes per edge. The fused kernels walk each sample in
+# blocks that stay in L1 and handle all ``K`` edges per block: the running sum (forward) and ``g``
+# (backward) are read from memory once per node, so an edge costs one pass forward, one in the
+# recomputation and three in backward (``x_k``, and the slot read and written): about 5. On CPU
+# they are a small C/OpenMP library (``_aggkernel.c``, built at install time, one parallel loop per
+# call in PyTorch's own OpenMP runtime), called through ctypes; tiled ATen ops were measured too
+# and lost: one ATen call per (sample, tile, edge) costs more than it saves, and each is a
+# parallel region that a busy machine can stall.
 
 
 class _FusedBackend:
-    """A device's fused kernels. Arguments are ``(B, N)`` views of tensors with one layout."""
+    """A device's fused kernels. Arguments are ``(B, N)`` row-major views of tensors of one dtype."""
 
     def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
         """``fo[b] = sum_k weights[b, k] * fx[k][b]``."""
@@ -78,81 +91,109 @@ class _FusedBackend:
         self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
     ) -> Tensor | None:
         """``fslots[k] (+)= weights[:, k] * fg`` (``=`` where ``fresh[k]``); returns ``grad_w[b, k] = <fg[b], fx[k][b]>``
-        when ``need_w``."""
+        (float64) when ``need_w``."""
         raise NotImplementedError
 
 
-def _tiles(n: int, itemsize: int) -> list[tuple[int, int]]:
-    """Split ``n`` elements into equal tiles of at most ``FUSED_TILE_BYTES`` (64-element aligned)."""
-    cap = max(64, FUSED_TILE_BYTES // itemsize)
-    count = -(-n // cap)
-    size = -(-n // count)
-    size = -(-size // 64) * 64
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+#: Elements of one sample per OpenMP task of the CPU kernels (load balance and partial dot products).
+FUSED_CHUNK = 16384
+#: Below this many bytes per tensor the plain kernels are used: everything is cache-resident and
+#: the difference is a few microseconds either way.
+FUSED_MIN_BYTES = 16 * 1024
+#: Below this many elements per tensor the CPU kernels run on one thread.
+_PARALLEL_MIN_NUMEL = 32768
 
 
-class _CpuTiled(_FusedBackend):
-    """Per sample, per L2-sized tile, all ``K`` edges: tiled ATen ops on contiguous slices.
+class _CpuKernels(_FusedBackend):
+    """ctypes bindings of ``_aggkernel``; ``load()`` returns None when it was not built."""
 
-    Weights are read to the host once per call (a ``(B, K)`` ``tolist()``, rounded to the
-    tensors' dtype so that the result equals the plain kernel's), which also lets a closed edge
-    (weight exactly 0 for a sample, the forward of the straight-through gate) skip reading its
-    input for that sample: ``0 * x`` adds nothing for finite ``x``.
-    """
+    # arithmetic dtype of the weights per tensor dtype: what the plain kernels compute in
+    # (bfloat16 weights are rounded to bfloat16 first, as ``_columns`` does)
+    _NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+
+    def __init__(self, lib) -> None:
+        p, i64, u8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._fwd, self._bwd = {}, {}
+        for dtype, name in self._NAMES.items():
+            f = getattr(lib, f"dynwire_agg_forward_{name}")
+            f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, u8], None
+            b = getattr(lib, f"dynwire_agg_backward_{name}")
+            b.argtypes, b.restype = [i64, i64, i64, p, p, p, p, p, p, i64, u8], None
+            self._fwd[dtype], self._bwd[dtype] = f, b
+
+    @staticmethod
+    def load() -> _CpuKernels | None:
+        try:
+            spec = importlib.util.find_spec("dynwire.layers._aggkernel")
+            if spec is None or not spec.origin:
+                return None
+            lib = ctypes.CDLL(spec.origin)
+            if lib.dynwire_agg_abi() != 1:
+                return None
+            return _CpuKernels(lib)
+        except (OSError, AttributeError, ImportError):
+            return None
+
+    @staticmethod
+    def _weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
+        if dtype == torch.bfloat16:
+            return weights.to(torch.bfloat16).float().contiguous()
+        return weights.to(dtype).contiguous()
+
+    @staticmethod
+    def _threads(numel: int) -> int:
+        return torch.get_num_threads() if numel >= _PARALLEL_MIN_NUMEL else 1
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self._fwd
 
     def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
-        rows = weights.to(fo.dtype).tolist()
-        tiles = _tiles(fo.shape[1], fo.element_size())
-        for b, wb in enumerate(rows):
-            live = [(fx[k][b], w) for k, w in enumerate(wb) if w != 0.0]
-            ob = fo[b]
-            if not live:
-                ob.zero_()
-                continue
-            for s, e in tiles:
-                o = ob[s:e]
-                x0, w0 = live[0]
-                torch.mul(x0[s:e], w0, out=o)
-                for x, w in live[1:]:
-                    o.add_(x[s:e], alpha=w)
+        B, N = fo.shape
+        w = self._weights(weights, fo.dtype)
+        xs = (ctypes.c_void_p * len(fx))(*[f.data_ptr() for f in fx])
+        self._fwd[fo.dtype](B, N, len(fx), xs, w.data_ptr(), fo.data_ptr(), FUSED_CHUNK, self._threads(fo.numel()))
 
     def backward(
         self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
     ) -> Tensor | None:
-        rows = weights.to(fg.dtype).tolist()
-        tiles = _tiles(fg.shape[1], fg.element_size())
+        B, N = fg.shape
         K = len(fx)
-        dots = fg.new_empty((len(rows), len(tiles), K)) if need_w else None
-        for b, wb in enumerate(rows):
-            gb = fg[b]
-            xb = [f[b] for f in fx]
-            sb = [f[b] for f in fslots]
-            for t, (s, e) in enumerate(tiles):
-                g = gb[s:e]
-                for k in range(K):
-                    if dots is not None:
-                        torch.dot(g, xb[k][s:e], out=dots[b, t, k])
-                    w = wb[k]
-                    if fresh[k]:
-                        torch.mul(g, w, out=sb[k][s:e])
-                    elif w != 0.0:
-                        sb[k][s:e].add_(g, alpha=w)
+        w = self._weights(weights, fg.dtype)
+        chunks = -(-N // FUSED_CHUNK)
+        dots = torch.empty(B * chunks, K, dtype=torch.float64) if need_w else None
+        xs = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fx])
+        slots = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fslots])
+        fr = (ctypes.c_uint8 * K)(*fresh)
+        self._bwd[fg.dtype](
+            B,
+            N,
+            K,
+            fg.data_ptr(),
+            xs,
+            slots,
+            w.data_ptr(),
+            fr,
+            None if dots is None else dots.data_ptr(),
+            FUSED_CHUNK,
+            self._threads(fg.numel()),
+        )
         if dots is None:
             return None
-        return dots[:, 0] if len(tiles) == 1 else dots.sum(1)
+        return dots.view(B, chunks, K).sum(1)
 
 
-#: Tile size of the CPU kernels (bytes per sample slice); the working set of a backward tile is
-#: three of them (``g``, ``x_k``, the slot), split between the threads.
-FUSED_TILE_BYTES = 512 * 1024
-#: Below this many bytes per sample the plain kernel is used: the tensors are cache-resident
-#: anyway and the fused kernels' ``B * K`` ATen calls per tile would cost more than they save.
-FUSED_MIN_SAMPLE_BYTES = 64 * 1024
+class _LazyBackends(dict):
+    """Fused backends by device type, loaded on first use. CUDA has none yet: a Triton kernel with
+    the same blocking is the intended one (no GPU was available to write and measure it), so CUDA
+    tensors take the plain kernels."""
 
-# Fused kernels by device type. CUDA has none yet (a Triton kernel doing the same tiling is the
-# intended backend; no GPU was available to write and measure it), so CUDA takes the plain path.
-_BACKENDS: dict[str, _FusedBackend] = {"cpu": _CpuTiled()}
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    def __missing__(self, device_type: str) -> _FusedBackend | None:
+        backend = _CpuKernels.load() if device_type == "cpu" else None
+        self[device_type] = backend
+        return backend
+
+
+_BACKENDS = _LazyBackends()
 
 
 class _FusedMode(threading.local):
@@ -165,8 +206,8 @@ _MODE = _FusedMode()
 
 @contextmanager
 def fused_aggregation(mode: str = "auto") -> Iterator[None]:
-    """Choose the aggregation kernels: ``"auto"`` (fused where it applies and pays), ``"off"``
-    (the plain kernels, the reference) or ``"always"`` (fused regardless of size, for tests)."""
+    """Choose the aggregation kernels: ``"auto"`` (fused where available and the tensors are not
+    tiny), ``"off"`` (the plain kernels, the reference) or ``"always"`` (fused regardless of size)."""
     if mode not in ("auto", "off", "always"):
         raise ValueError(f"fused_aggregation(): mode must be 'auto', 'off' or 'always', got {mode!r}")
     prev, _MODE.mode = _MODE.mode, mode
@@ -176,19 +217,27 @@ def fused_aggregation(mode: str = "auto") -> Iterator[None]:
         _MODE.mode = prev
 
 
+def fused_available(device: str | torch.device = "cpu") -> bool:
+    """Whether fused aggregation kernels exist for ``device`` (on CPU: whether ``_aggkernel`` was built)."""
+    return _BACKENDS[torch.device(device).type] is not None
+
+
 def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
-    """The fused backend for tensors ``ts`` (all one shape, dtype and layout), or None: plain kernels."""
+    """The fused backend for tensors ``ts``, or None: then the plain kernels are used.
+
+    Fused needs one shape, dtype, device and dense batch-major layout (contiguous or channels-last,
+    identical strides) for all of them, real tensors (not traced: compile, export and FakeTensor
+    see the plain ops) and no dispatch mode (the FLOP counter sees the op)."""
     mode = _MODE.mode
     if mode == "off":
         return None
     t0 = ts[0]
-    backend = _BACKENDS.get(t0.device.type)
-    if backend is None or t0.dtype not in _FUSED_DTYPES or t0.ndim < 2 or t0.numel() == 0:
+    backend = _BACKENDS[t0.device.type]
+    if backend is None or not backend.supports(t0.dtype) or t0.ndim < 2 or t0.numel() == 0:
         return None
-    # traced (compile, export, FakeTensor) or observed (FLOP counter) calls see the plain ops
+    if mode == "auto" and t0.numel() * t0.element_size() < FUSED_MIN_BYTES:
+        return None
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return None
-    if mode == "auto" and (t0.numel() // t0.shape[0]) * t0.element_size() < FUSED_MIN_SAMPLE_BYTES:
         return None
     stride = t0.stride()
     for t in ts:
@@ -196,7 +245,8 @@ def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
             return None
         if t.stride() != stride or t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
             return None
-    if _flat(t0) is None:
+    f = _flat(t0)
+    if f is None or f.stride() != (f.shape[1], 1):
         return None
     return backend
 
@@ -241,15 +291,8 @@ def _backward(ctx, grad: Tensor):
     backend = _fused_backend([grad, *xs])
     if backend is not None:
         grad_xs = [torch.empty_like(grad) for _ in xs]
-        with torch.no_grad():
-            grad_w = backend.backward(
-                weights.detach(),
-                _flat(grad),
-                [_flat(x) for x in xs],
-                [_flat(t) for t in grad_xs],
-                [True] * len(xs),
-                True,
-            )
+        fx, fgx = [_flat(x) for x in xs], [_flat(t) for t in grad_xs]
+        grad_w = backend.backward(weights.detach(), _flat(grad), fx, fgx, [True] * len(xs), True)
         return grad_w.to(weights.dtype), grad_xs
     grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
     wc = _columns(weights, grad.dtype, grad.ndim)
@@ -385,17 +428,34 @@ def _fused_backward_tapped(
     task = torch._C._current_graph_task_id()
     fresh = [s.grad is None or s.task != task for s in slots]
     for s, f in zip(slots, fresh):
-        if not f and (s.grad.stride() != grad.stride() or s.grad.dtype != grad.dtype or s.grad.shape != grad.shape):
+        if not f and (s.grad.stride(), s.grad.shape, s.grad.dtype, s.grad.device) != (
+            grad.stride(),
+            grad.shape,
+            grad.dtype,
+            grad.device,
+        ):
             return False
     targets = [torch.empty_like(grad) if f else s.grad for s, f in zip(slots, fresh)]
-    with torch.no_grad():
-        grad_w = backend.backward(
-            weights.detach(), _flat(grad), [_flat(x) for x in xs], [_flat(t) for t in targets], fresh, need_w
-        )
+    grad_w = backend.backward(
+        weights.detach(), _flat(grad), [_flat(x) for x in xs], [_flat(t) for t in targets], fresh, need_w
+    )
     for s, t, f in zip(slots, targets, fresh):
         if f:
             s.grad, s.task = t, task
     return None if grad_w is None else grad_w.to(weights.dtype)
+
+
+def _plain_backward_tapped(
+    weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
+) -> Tensor | None:
+    """The reference backward into gradient slots: whole-tensor passes, one edge at a time."""
+    grad_w = None
+    if need_w:
+        grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
+    wc = _columns(weights, grad.dtype, grad.ndim)
+    for k, slot in enumerate(slots):
+        slot.accumulate(grad, wc[k])
+    return grad_w
 
 
 class _AggregateTapped(torch.autograd.Function):
@@ -409,14 +469,8 @@ class _AggregateTapped(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         weights, *xs = ctx.saved_tensors
         grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
-        if grad_w is not False:
-            return (grad_w, None) + (None,) * len(xs)
-        grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
-        wc = _columns(weights, grad.dtype, grad.ndim)
-        for k, slot in enumerate(ctx.slots):
-            slot.accumulate(grad, wc[k])
+        if grad_w is False:
+            grad_w = _plain_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
         return (grad_w, None) + (None,) * len(xs)
 
 
