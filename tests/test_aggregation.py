@@ -328,3 +328,11 @@ def test_fused_model_gradients_match_plain():
     fused, plain = _run_both(step)
     for (n, _), a, b in zip(m.named_parameters(), fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@needs_fused
+def test_fused_checks_weight_shape_before_the_c_code():
+    """The op called directly (bypassing aggregate()'s checks) must not read past the weights."""
+    xs = [torch.randn(2, 3, 4, 4) for _ in range(3)]
+    with fused_aggregation("always"), pytest.raises(ValueError, match="weights must have shape"):
+        torch.ops.dynwire.aggregate(torch.rand(2, 2), xs)

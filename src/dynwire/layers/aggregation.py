@@ -75,9 +75,10 @@ def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
 # (backward) are read from memory once per node, so an edge costs one pass forward, one in the
 # recomputation and three in backward (``x_k``, and the slot read and written): about 5. On CPU
 # they are a small C/OpenMP library (``_aggkernel.c``, built at install time, one parallel loop per
-# call in PyTorch's own OpenMP runtime), called through ctypes; tiled ATen ops were measured too
-# and lost: one ATen call per (sample, tile, edge) costs more than it saves, and each is a
-# parallel region that a busy machine can stall.
+# call in PyTorch's own OpenMP runtime), called through ctypes. Tiled ATen ops (one call per
+# sample, L2-sized tile and edge) were tried first and measured no faster than the plain kernels:
+# one ATen call streams a single input, which does not keep enough memory traffic in flight, and
+# each call is a parallel region that a busy machine can stall.
 
 
 class _FusedBackend:
@@ -107,18 +108,16 @@ _PARALLEL_MIN_NUMEL = 32768
 class _CpuKernels(_FusedBackend):
     """ctypes bindings of ``_aggkernel``; ``load()`` returns None when it was not built."""
 
-    # arithmetic dtype of the weights per tensor dtype: what the plain kernels compute in
-    # (bfloat16 weights are rounded to bfloat16 first, as ``_columns`` does)
     _NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
     def __init__(self, lib) -> None:
-        p, i64, u8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fwd, self._bwd = {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
-            f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, u8], None
+            f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint], None
             b = getattr(lib, f"dynwire_agg_backward_{name}")
-            b.argtypes, b.restype = [i64, i64, i64, p, p, p, p, p, p, i64, u8], None
+            b.argtypes, b.restype = [i64, i64, i64, p, p, p, p, p, p, i64, cint], None
             self._fwd[dtype], self._bwd[dtype] = f, b
 
     @staticmethod
@@ -135,7 +134,11 @@ class _CpuKernels(_FusedBackend):
             return None
 
     @staticmethod
-    def _weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
+    def _weights(weights: Tensor, dtype: torch.dtype, batch: int, k: int) -> Tensor:
+        """``(B, K)`` weights in the kernel's arithmetic dtype, rounded to ``dtype`` first as the
+        plain kernels do (``_columns``); the shape is checked here, the C code trusts it."""
+        if tuple(weights.shape) != (batch, k):
+            raise ValueError(f"aggregate(): weights must have shape ({batch}, {k}), got {tuple(weights.shape)}")
         if dtype == torch.bfloat16:
             return weights.to(torch.bfloat16).float().contiguous()
         return weights.to(dtype).contiguous()
@@ -149,7 +152,7 @@ class _CpuKernels(_FusedBackend):
 
     def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
         B, N = fo.shape
-        w = self._weights(weights, fo.dtype)
+        w = self._weights(weights, fo.dtype, B, len(fx))
         xs = (ctypes.c_void_p * len(fx))(*[f.data_ptr() for f in fx])
         self._fwd[fo.dtype](B, N, len(fx), xs, w.data_ptr(), fo.data_ptr(), FUSED_CHUNK, self._threads(fo.numel()))
 
@@ -158,7 +161,7 @@ class _CpuKernels(_FusedBackend):
     ) -> Tensor | None:
         B, N = fg.shape
         K = len(fx)
-        w = self._weights(weights, fg.dtype)
+        w = self._weights(weights, fg.dtype, B, K)
         chunks = -(-N // FUSED_CHUNK)
         dots = torch.empty(B * chunks, K, dtype=torch.float64) if need_w else None
         xs = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fx])
