@@ -24,7 +24,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef BLK
 #define BLK 1024
+#endif
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
