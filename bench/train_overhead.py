@@ -11,8 +11,10 @@ aggregation's share of each (forward sum, recomputation in backward, backward in
 
 Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: fused
 aggregation kernels, recomputed node inputs), ``dynamic-plain`` (the same with the plain, one
-edge at a time kernels: what shipped before the fused ones), ``dynamic-norecompute`` (fused
-kernels, node inputs stored) and ``dynamic-stack`` (naive ``torch.stack`` aggregation).
+edge at a time kernels: what shipped before the fused ones), ``dynamic-maxin8`` (fused kernels,
+only node inputs with at most 8 predecessors recomputed: ``recompute_max_inputs=8``),
+``dynamic-norecompute`` (fused kernels, node inputs stored) and ``dynamic-stack`` (naive
+``torch.stack`` aggregation).
 
 **Micro** (``--parts micro``). One graph node of ResNet-101's layer3 at batch 4 (and of
 ResNet-50's stages at batch 8): ``K`` predecessors of shape ``(B, C, H, W)``, forward sum (which
@@ -43,7 +45,7 @@ import sys
 import time
 from functools import partial
 
-VARIANTS = ("sequential", "dynamic", "dynamic-plain", "dynamic-norecompute", "dynamic-stack")
+VARIANTS = ("sequential", "dynamic", "dynamic-plain", "dynamic-maxin8", "dynamic-norecompute", "dynamic-stack")
 DEFAULT_VARIANTS = ("sequential", "dynamic", "dynamic-plain")
 
 # (label, shape, ks) of the micro-benchmark; resnet101 layer3 at batch 4 has nodes with 1..23 inputs
@@ -57,6 +59,16 @@ MICRO_SHAPES = (
 
 def _loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def _autogroup() -> str | None:
+    """With autogroup scheduling on, ``nice`` acts only within a session: a niced background job in
+    another session still gets an equal share of the CPUs (recorded because it shapes the timings)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return "enabled" if f.read().strip() == "1" else "disabled"
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------- steps
@@ -107,10 +119,13 @@ def _instrumented_step(model, opt, x, y, dynamic: bool) -> dict:
     return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2, **timer.t}
 
 
-def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> dict:
+def worker(model_name: str, variant: str, batch: int, size: int, steps: int, threads: int | None) -> dict:
     import contextlib
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import dynwire
     from dynwire.graph import stage as stage_mod
@@ -126,7 +141,9 @@ def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> 
 
         stage_mod.aggregate = naive
     wiring = "sequential" if variant == "sequential" else "dynamic"
-    model = dynwire.create_model(model_name, wiring=wiring, recompute=variant in ("dynamic", "dynamic-plain"))
+    kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
+    recompute = variant in ("dynamic", "dynamic-plain", "dynamic-maxin8")
+    model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
@@ -170,6 +187,8 @@ def run_steps(args) -> dict:
         for rep in range(args.repeats):
             for v in args.variants:
                 cmd = [sys.executable, __file__, "--size", str(args.size), "--worker", name, v, batch, str(args.steps)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 runs[v].append(r)
@@ -372,6 +391,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet50:8", "resnet101:4"], help="name:batch pairs")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--threads", type=int, help="torch threads of the step workers (default: torch's)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process (after 1 warm-up step)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds: processes per variant, interleaved")
     ap.add_argument("--micro-rounds", type=int, default=7)
@@ -383,7 +403,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         m, v, b, s = args.worker
-        print(json.dumps(worker(m, v, int(b), args.size, int(s))))
+        print(json.dumps(worker(m, v, int(b), args.size, int(s), args.threads)))
         return
     if "sequential" not in args.variants:
         args.variants.insert(0, "sequential")
@@ -398,7 +418,9 @@ def main() -> None:
     doc["goal"] = "dynamic <= 1.05x time and <= 1.10x peak memory of sequential"
     doc["machine"] = {
         "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.threads or torch.get_num_threads(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))},
+        "sched_autogroup": _autogroup(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "python": platform.python_version(),
