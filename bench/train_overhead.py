@@ -29,7 +29,8 @@ the same rounds: ``of_bound`` = that time / the measured time.
     python bench/train_overhead.py --parts micro
     python bench/train_overhead.py --parts steps --models resnet18:8 --steps 2 --out /tmp/x.json
 
-A run that does one part keeps the other part of an existing ``--out`` file.
+A run keeps the parts of an existing ``--out`` file that it does not redo; step results are
+stored per thread count (``steps_t2``, ``steps_t1``).
 """
 
 from __future__ import annotations
@@ -414,25 +415,26 @@ def main() -> None:
     if os.path.exists(args.out):
         with open(args.out) as f:
             old = json.load(f)
-        doc = {k: old[k] for k in ("micro", "steps") if k in old}  # the part not rerun is kept
+        doc = {k: v for k, v in old.items() if k == "micro" or k.startswith("steps_")}  # parts not rerun are kept
     doc["goal"] = "dynamic <= 1.05x time and <= 1.10x peak memory of sequential"
     doc["machine"] = {
         "cpus": os.cpu_count(),
-        "torch_threads": args.threads or torch.get_num_threads(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_"))},
-        "sched_autogroup": _autogroup(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "sched_autogroup": _autogroup(),
     }
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
-    for part, run, show in (("micro", run_micro, print_micro), ("steps", run_steps, print_steps)):
-        if part not in args.parts:
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_"))}
+    # step results are kept per thread count: "steps_t2" (torch's default here), "steps_t1", ...
+    steps_key = f"steps_t{args.threads or torch.get_num_threads()}"
+    for part, run, show in (("micro", run_micro, print_micro), (steps_key, run_steps, print_steps)):
+        if part.split("_")[0] not in args.parts:
             continue
         load0 = _loadavg()
         start = time.strftime("%Y-%m-%d %H:%M:%S")
         result = run(args)
-        doc[part] = {"command": command, "date": start, "loadavg_start_end": [load0, _loadavg()], **result}
+        doc[part] = {"command": command, "date": start, "env": env, "loadavg_start_end": [load0, _loadavg()], **result}
         show(doc[part])
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -12,8 +12,9 @@
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded). Inside a task the
  * data is walked in blocks of BLK elements: forward keeps the block's running sum in L1 while
- * it reads the K inputs, backward keeps the block of g in L1 while it reads each x_k and updates
- * each slot. Every input is read from memory once, the sum written once; in backward g is read
+ * it reads the K inputs, four at a time (one core keeps more memory traffic in flight with four
+ * read streams than with one: 1.7-1.9x faster than one at a time on the machine of the
+ * benchmark), backward keeps the block of g in L1 while it reads each x_k and updates each slot. Every input is read from memory once, the sum written once; in backward g is read
  * once and every slot read and written once. A weight of exactly 0 (a closed edge of that
  * sample) skips its input in forward and its slot update in backward (0 * x adds nothing for
  * finite x); the dot product is still computed (straight-through gates need it).
@@ -55,32 +56,64 @@ static inline uint16_t bf16_store(float f) {
 
 /* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
 #define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
-    MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,      \
-                                             int64_t c0, int64_t c1) {                                           \
-        A acc[BLK];                                                                                              \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s);                                                                  \
-            int first = 1;                                                                                       \
-            for (int64_t k = 0; k < K; k++) {                                                                    \
-                const A wk = w[k];                                                                               \
-                if (wk == 0) continue;                                                                           \
-                const T *x = xs[k] + off + s;                                                                    \
-                if (first) {                                                                                     \
-                    for (int64_t i = 0; i < n; i++) acc[i] = wk * LD(x[i]);                                      \
-                    first = 0;                                                                                   \
-                } else {                                                                                         \
-                    for (int64_t i = 0; i < n; i++) acc[i] += wk * LD(x[i]);                                     \
-                }                                                                                                \
-            }                                                                                                    \
-            T *o = out + off + s;                                                                                \
-            if (first) {                                                                                         \
-                for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                 \
-            } else {                                                                                             \
-                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                               \
-            }                                                                                                    \
-        }                                                                                                        \
-    }                                                                                                            \
-                                                                                                                 \
+    MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,         \
+                                             int64_t c0, int64_t c1) {                                               \
+        A acc[BLK];                                                                                                  \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                     \
+            const int64_t n = MIN(BLK, c1 - s);                                                                      \
+            int first = 1;                                                                                           \
+            int64_t k = 0;                                                                                           \
+            for (;;) { /* the next (up to) 4 inputs with a non-zero weight: 4 read streams at once */                \
+                const T *p[4];                                                                                       \
+                A v[4];                                                                                              \
+                int c = 0;                                                                                           \
+                for (; k < K && c < 4; k++) {                                                                        \
+                    if (w[k] == 0) continue;                                                                         \
+                    p[c] = xs[k] + off + s;                                                                          \
+                    v[c] = w[k];                                                                                     \
+                    c++;                                                                                             \
+                }                                                                                                    \
+                if (c == 0) break;                                                                                   \
+                switch (c) {                                                                                         \
+                case 4:                                                                                              \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]) + v[3] * LD(p[3][i]); \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]) + v[3] * LD(p[3][i]); \
+                    break;                                                                                           \
+                case 3:                                                                                              \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);                   \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);                  \
+                    break;                                                                                           \
+                case 2:                                                                                              \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);            \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);           \
+                    break;                                                                                           \
+                default:                                                                                             \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]);                                 \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]);                                \
+                }                                                                                                    \
+                first = 0;                                                                                           \
+            }                                                                                                        \
+            T *o = out + off + s;                                                                                    \
+            if (first) {                                                                                             \
+                for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                     \
+            } else {                                                                                                 \
+                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                                   \
+            }                                                                                                        \
+        }                                                                                                            \
+    }                                                                                                                \
+                                                                                                                     \
     MULTIVERSION static void NAME##_bwd_task(int64_t K, const T *g, const T *const *xs, T *const *slots,          \
                                              const A *w, const uint8_t *fresh, double *dots, int64_t off,        \
                                              int64_t c0, int64_t c1) {                                           \
