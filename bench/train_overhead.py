@@ -1,13 +1,13 @@
 """Training-step time and peak memory of DG-Net (``dynamic``) vs the static backbone, and a
 micro-benchmark of one node's aggregation against the machine's memory bandwidth.
 
-**Steps** (``--parts steps``). Each (model, variant) runs in its own process so that peak RSS
-(``ru_maxrss``) belongs to that variant alone; variants are interleaved round by round and
-repeated. Per process the best of ``--steps`` timed steps is kept; a variant's step time is the
-best over its processes, and the spread is reported as the ratio to ``sequential`` of each
-round (the same round's processes ran back to back, under the same machine load). One extra
-instrumented step per process splits the time into forward, backward and optimizer, and the
-aggregation's share of each (forward sum, recomputation in backward, backward into the slots).
+**Steps** (``--parts steps``). Time: one process per model holds every variant and runs one
+training step of each per round, the order rotated every round (after a warm-up step each), so
+that each round's ratio to ``sequential`` compares steps taken seconds apart in the same process
+under the same machine load; wall time and process CPU time are both recorded. Memory: each
+variant alone in fresh processes, peak RSS (``ru_maxrss``). One extra instrumented step per
+variant splits the time into forward, backward and optimizer, and the aggregation's share of
+each (forward sum, recomputation in backward, backward into the slots).
 
 Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: fused
 aggregation kernels, recomputed node inputs), ``dynamic-plain`` (the same with the plain, one
@@ -27,7 +27,8 @@ the same rounds: ``of_bound`` = that time / the measured time.
 
     python bench/train_overhead.py                       # micro, then resnet50 b8 + resnet101 b4, 224x224
     python bench/train_overhead.py --parts micro
-    python bench/train_overhead.py --parts steps --models resnet18:8 --steps 2 --out /tmp/x.json
+    python bench/train_overhead.py --parts steps --threads 1 --rounds 9
+    python bench/train_overhead.py --parts steps --models resnet18:8 --rounds 2 --out /tmp/x.json
 
 A run keeps the parts of an existing ``--out`` file that it does not redo; step results are
 stored per thread count (``steps_t2``, ``steps_t1``).
@@ -76,189 +77,236 @@ def _autogroup() -> str | None:
 
 
 class _Timer:
-    """Accumulates wall time of the aggregation's entry points during one instrumented step."""
+    """Accumulates wall and process CPU time of the aggregation's entry points during one step."""
 
     def __init__(self) -> None:
-        self.t = {"agg_forward_s": 0.0, "agg_recompute_s": 0.0, "agg_backward_s": 0.0}
+        self.t = {f"agg_{p}_{c}": 0.0 for p in ("forward", "recompute", "backward") for c in ("s", "cpu_s")}
         self.phase = "forward"
 
-    def wrap(self, fn, key=None):
+    def wrap(self, fn, phase=None):
         def wrapped(*a, **kw):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **kw)
             finally:
-                k = key or ("agg_forward_s" if self.phase == "forward" else "agg_recompute_s")
-                self.t[k] += time.perf_counter() - t0
+                ph = phase or ("forward" if self.phase == "forward" else "recompute")
+                self.t[f"agg_{ph}_s"] += time.perf_counter() - t0
+                self.t[f"agg_{ph}_cpu_s"] += time.process_time() - c0
 
         return wrapped
 
 
-def _instrumented_step(model, opt, x, y, dynamic: bool) -> dict:
-    import torch
+class _Variant:
+    """One variant's model and optimizer, and the context its steps run in."""
 
-    from dynwire.layers import aggregation as agg
+    def __init__(self, model_name: str, variant: str) -> None:
+        import torch
 
-    timer = _Timer()
-    saved = (agg._aggregate_impl, agg._AggregateTapped.backward)
-    if dynamic:
-        agg._aggregate_impl = timer.wrap(saved[0])
-        agg._AggregateTapped.backward = staticmethod(timer.wrap(saved[1], "agg_backward_s"))
-    try:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        t1 = time.perf_counter()
-        timer.phase = "backward"
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-    finally:
-        agg._aggregate_impl = saved[0]
-        agg._AggregateTapped.backward = staticmethod(saved[1])
-    return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2, **timer.t}
+        import dynwire
 
+        torch.manual_seed(0)
+        wiring = "sequential" if variant == "sequential" else "dynamic"
+        kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
+        recompute = variant in ("dynamic", "dynamic-plain", "dynamic-maxin8")
+        self.name = variant
+        self.model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
-def worker(model_name: str, variant: str, batch: int, size: int, steps: int, threads: int | None) -> dict:
-    import contextlib
+    def context(self):
+        import contextlib
 
-    import torch
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+        from dynwire.graph import stage as stage_mod
+        from dynwire.layers.aggregation import fused_aggregation
 
-    import dynwire
-    from dynwire.graph import stage as stage_mod
-    from dynwire.layers.aggregation import fused_aggregation
-
-    load0 = _loadavg()
-    torch.manual_seed(0)
-    if variant == "dynamic-stack":
+        if self.name == "dynamic-plain":
+            return fused_aggregation("off")
+        if self.name != "dynamic-stack":
+            return contextlib.nullcontext()
 
         def naive(w, xs, slots=None):
             s = torch.stack(list(xs), 1)
             return (s * w.to(s.dtype).view(*w.shape, *([1] * (s.ndim - 2)))).sum(1)
 
-        stage_mod.aggregate = naive
-    wiring = "sequential" if variant == "sequential" else "dynamic"
-    kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
-    recompute = variant in ("dynamic", "dynamic-plain", "dynamic-maxin8")
-    model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        @contextlib.contextmanager
+        def stacked():
+            saved, stage_mod.aggregate = stage_mod.aggregate, naive
+            try:
+                yield
+            finally:
+                stage_mod.aggregate = saved
+
+        return stacked()
+
+    def step(self, x, y) -> tuple[float, float]:
+        import torch
+
+        with self.context():
+            t0, c0 = time.perf_counter(), time.process_time()
+            self.opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(self.model(x), y).backward()
+            self.opt.step()
+            return time.perf_counter() - t0, time.process_time() - c0
+
+    def instrumented_step(self, x, y) -> dict:
+        """One step split into forward, backward and optimizer, and the aggregation's share."""
+        import torch
+
+        from dynwire.layers import aggregation as agg
+
+        timer = _Timer()
+        saved = (agg._aggregate_impl, agg._AggregateTapped.backward)
+        agg._aggregate_impl = timer.wrap(saved[0])
+        agg._AggregateTapped.backward = staticmethod(timer.wrap(saved[1], "backward"))
+        try:
+            with self.context():
+                t0 = time.perf_counter()
+                self.opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(self.model(x), y)
+                t1 = time.perf_counter()
+                timer.phase = "backward"
+                loss.backward()
+                t2 = time.perf_counter()
+                self.opt.step()
+                t3 = time.perf_counter()
+        finally:
+            agg._aggregate_impl = saved[0]
+            agg._AggregateTapped.backward = staticmethod(saved[1])
+        return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2, **timer.t}
+
+
+def timing_worker(model_name: str, variants: list[str], batch: int, size: int, rounds: int) -> dict:
+    """Every variant in this one process, one step each per round, the order rotated each round."""
+    import torch
+
+    load0 = _loadavg()
+    runs = {v: _Variant(model_name, v) for v in variants}
+    torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-    kernels = fused_aggregation("off") if variant == "dynamic-plain" else contextlib.nullcontext()
+    for r in runs.values():  # warm-up: allocator, kernels, the aggregation library
+        r.step(x, y)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(rounds):
+        for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+            w, c = runs[v].step(x, y)
+            wall[v].append(w)
+            cpu[v].append(c)
+    split = {v: runs[v].instrumented_step(x, y) for v in variants}
+    return {"wall_s": wall, "cpu_s": cpu, "split": split, "loadavg": [load0, _loadavg()]}
+
+
+def memory_worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> dict:
+    """Peak RSS of one variant alone in a fresh process (``ru_maxrss`` covers the whole process)."""
+    import torch
+
+    run = _Variant(model_name, variant)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
     # RSS of the runtime + model + data before any training step: subtracted to get the
     # memory that training itself adds (activations, gradients, optimizer state).
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, cpu = [], []
-    with kernels:
-        for i in range(steps + 1):
-            t0, c0 = time.perf_counter(), time.process_time()
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            if i > 0:  # the first step warms up allocators and kernels
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        split = _instrumented_step(
-            model, opt, x, y, dynamic=variant.startswith("dynamic") and variant != "dynamic-stack"
-        )
+    times = [run.step(x, y)[0] for _ in range(steps)]
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": rss_kb * 1024, "pre_train_rss_bytes": base_kb * 1024, "step_s": times}
+
+
+def _subprocess(args, *worker_args: str) -> dict:
+    cmd = [sys.executable, __file__, "--size", str(args.size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run([*cmd, *worker_args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _spread(values: list[float]) -> dict:
     return {
-        "step_s": min(times),
-        "step_s_all": times,
-        "cpu_s": min(cpu),
-        "cpu_s_all": cpu,
-        "peak_rss_bytes": rss_kb * 1024,
-        "pre_train_rss_bytes": base_kb * 1024,
-        "split": split,
-        "loadavg": [load0, _loadavg()],
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "all": [round(v, 3) for v in values],
     }
 
 
 def run_steps(args) -> dict:
     results = []
+    variants = list(args.variants)
     for spec in args.models:
         name, batch = spec.split(":")
-        runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-        for rep in range(args.repeats):
-            for v in args.variants:
-                cmd = [sys.executable, __file__, "--size", str(args.size), "--worker", name, v, batch, str(args.steps)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                r = json.loads(out.strip().splitlines()[-1])
-                runs[v].append(r)
-                print(
-                    f"{name} b{batch} {v:<20} round {rep}: step {r['step_s']:.3f}s  "
-                    f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB  load {r['loadavg'][0][0]:.1f}",
-                    flush=True,
-                )
-        base = runs["sequential"]
-        base_t = min(r["step_s"] for r in base)
-        base_m = min(r["peak_rss_bytes"] for r in base)
-        base_train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in base)
-        for v in args.variants:
-            t = min(r["step_s"] for r in runs[v])
-            mem = min(r["peak_rss_bytes"] for r in runs[v])
-            train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs[v])
-            per_round = sorted(r["step_s"] / b["step_s"] for r, b in zip(runs[v], base))
-            cpu_t = min(r["cpu_s"] for r in runs[v])
-            base_cpu = min(r["cpu_s"] for r in base)
-            mem_round = sorted(r["peak_rss_bytes"] / b["peak_rss_bytes"] for r, b in zip(runs[v], base))
-            best_split = min(runs[v], key=lambda r: r["split"]["forward_s"] + r["split"]["backward_s"])["split"]
+        timing = [
+            _subprocess(args, "--timing-worker", name, batch, str(args.rounds), ",".join(variants))
+            for _ in range(args.timing_processes)
+        ]
+        wall = {v: [t for tw in timing for t in tw["wall_s"][v]] for v in variants}
+        cpu = {v: [t for tw in timing for t in tw["cpu_s"][v]] for v in variants}
+        print(f"{name} b{batch}: timing done, load {[tw['loadavg'] for tw in timing]}", flush=True)
+        mem: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.memory_repeats):
+            for v in variants:
+                mem[v].append(_subprocess(args, "--memory-worker", name, v, batch, str(args.memory_steps)))
+        print(f"{name} b{batch}: memory done", flush=True)
+        peak = {v: min(r["peak_rss_bytes"] for r in mem[v]) for v in variants}
+        train = {v: min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in mem[v]) for v in variants}
+        seq = "sequential"
+        for v in variants:
             results.append(
                 {
                     "model": name,
                     "batch": int(batch),
                     "input": args.size,
                     "variant": v,
-                    "step_s": round(t, 4),
-                    "peak_rss_gib": round(mem / 2**30, 3),
-                    "time_ratio": round(t / base_t, 3),
-                    "time_ratio_per_round": [round(q, 3) for q in per_round],
-                    "time_ratio_median_round": round(statistics.median(per_round), 3),
-                    "cpu_s": round(cpu_t, 4),
-                    "cpu_ratio": round(cpu_t / base_cpu, 3),
-                    "memory_ratio": round(mem / base_m, 3),
-                    "memory_ratio_per_round": [round(q, 3) for q in mem_round],
-                    "train_rss_gib": round(train_mem / 2**30, 3),
-                    "train_memory_ratio": round(train_mem / base_train_mem, 3),
-                    "split_s": {k: round(s, 4) for k, s in best_split.items()},
-                    "raw": runs[v],
+                    "step_s_best": round(min(wall[v]), 4),
+                    "step_s_median": round(statistics.median(wall[v]), 4),
+                    "cpu_s_best": round(min(cpu[v]), 4),
+                    # each round's step against the sequential step of the same round (same process)
+                    "time_ratio": _spread([a / b for a, b in zip(wall[v], wall[seq])]),
+                    "cpu_ratio": _spread([a / b for a, b in zip(cpu[v], cpu[seq])]),
+                    "time_ratio_of_best": round(min(wall[v]) / min(wall[seq]), 3),
+                    "peak_rss_gib": round(peak[v] / 2**30, 3),
+                    "memory_ratio": round(peak[v] / peak[seq], 3),
+                    "memory_ratio_per_repeat": [
+                        round(a["peak_rss_bytes"] / b["peak_rss_bytes"], 3) for a, b in zip(mem[v], mem[seq])
+                    ],
+                    "train_rss_gib": round(train[v] / 2**30, 3),
+                    "train_memory_ratio": round(train[v] / train[seq], 3),
+                    "split_s": {k: round(t, 4) for k, t in timing[0]["split"][v].items()},
+                    "raw_memory": mem[v],
                 }
             )
     return {
-        "notes": "step_s: best timed step (wall) over all processes; time_ratio: best vs best of sequential; "
-        "cpu_s / cpu_ratio: the same with the process's CPU time (both threads; a busy machine inflates wall time "
-        "far more than CPU time); "
-        "time_ratio_per_round: each round's dynamic process vs the sequential process of the same round "
-        "(sorted; the spread); memory_ratio: whole-process peak RSS; train_memory_ratio: peak RSS minus the "
-        "RSS before the first step (runtime, model and batch), i.e. what training adds. split_s: one extra "
-        "instrumented step (the fastest of the processes): forward, backward, optimizer, and within them the "
-        "aggregation's forward sum, its recomputation in backward and its backward into the slots.",
+        "notes": "Time: one process per model runs every variant, one training step each per round with the order "
+        "rotated every round, after one warm-up step each; time_ratio / cpu_ratio: each round's step (wall / process "
+        "CPU time, all threads) divided by the sequential step of the same round: median, min, max over rounds and "
+        "processes. A busy machine inflates wall time far more than CPU time. Memory: fresh process per variant, "
+        "peak RSS (ru_maxrss) after memory_steps steps, best of memory_repeats; memory_ratio on whole-process peak "
+        "RSS, train_memory_ratio on peak RSS minus the RSS before the first step (runtime, model, batch). split_s: "
+        "one instrumented step after the timed rounds (first timing process): forward, backward, optimizer wall "
+        "time, and the aggregation's forward sum, recomputation in backward and backward into the slots (wall and "
+        "process CPU time).",
+        "rounds": args.rounds,
+        "timing_processes": args.timing_processes,
+        "memory_repeats": args.memory_repeats,
+        "memory_steps": args.memory_steps,
         "results": results,
     }
 
 
 def print_steps(doc: dict) -> None:
     print(
-        f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time':>7} {'rounds (min..max)':>18} {'x cpu':>6} {'x mem':>6} "
-        f"{'x train mem':>12} {'fwd s':>6} {'bwd s':>6} {'agg f/r/b s':>16}"
+        f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time (median, min..max)':>27} {'x cpu':>6} "
+        f"{'x mem':>6} {'x train mem':>12} {'agg f/r/b cpu s':>18}"
     )
     for r in doc["results"]:
-        s = r["split_s"]
-        pr = r["time_ratio_per_round"]
+        s, t = r["split_s"], r["time_ratio"]
+        spread = f"{t['median']:.3f} ({t['min']:.3f}..{t['max']:.3f})"
         print(
-            f"{r['model']:<10} {r['variant']:<20} {r['step_s']:>7.3f} {r['time_ratio']:>7.3f} "
-            f"{f'{pr[0]:.3f}..{pr[-1]:.3f}':>18} {r['cpu_ratio']:>6.3f} {r['memory_ratio']:>6.3f} "
-            f"{r['train_memory_ratio']:>12.3f} "
-            f"{s['forward_s']:>6.3f} {s['backward_s']:>6.3f} "
-            f"{s['agg_forward_s']:>5.3f}/{s['agg_recompute_s']:.3f}/{s['agg_backward_s']:.3f}"
+            f"{r['model']:<10} {r['variant']:<20} {r['step_s_best']:>7.3f} "
+            f"{spread:>27} {r['cpu_ratio']['median']:>6.3f} "
+            f"{r['memory_ratio']:>6.3f} {r['train_memory_ratio']:>12.3f} "
+            f"{s['agg_forward_cpu_s']:>6.3f}/{s['agg_recompute_cpu_s']:.3f}/{s['agg_backward_cpu_s']:.3f}"
         )
 
 
@@ -393,18 +441,29 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, help="torch threads of the step workers (default: torch's)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per process (after 1 warm-up step)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds: processes per variant, interleaved")
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per variant (one per round)")
+    ap.add_argument("--timing-processes", type=int, default=1, help="timing processes per model (rounds each)")
+    ap.add_argument("--memory-repeats", type=int, default=2, help="fresh processes per variant for peak RSS")
+    ap.add_argument("--memory-steps", type=int, default=2, help="training steps of a memory process")
     ap.add_argument("--micro-rounds", type=int, default=7)
     ap.add_argument("--micro-ks", type=int, nargs="*", help="only these k (default: all of MICRO_SHAPES)")
     ap.add_argument("--micro-threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--bound-mib", type=int, default=256, help="size of each tensor of the bandwidth probe")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_overhead.json"))
-    ap.add_argument("--worker", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--timing-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        m, v, b, s = args.worker
-        print(json.dumps(worker(m, v, int(b), args.size, int(s), args.threads)))
+    if args.timing_worker or args.memory_worker:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.timing_worker:
+            m, b, r, vs = args.timing_worker
+            print(json.dumps(timing_worker(m, vs.split(","), int(b), args.size, int(r))))
+        else:
+            m, v, b, s = args.memory_worker
+            print(json.dumps(memory_worker(m, v, int(b), args.size, int(s))))
         return
     if "sequential" not in args.variants:
         args.variants.insert(0, "sequential")
