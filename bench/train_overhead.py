@@ -441,7 +441,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, help="torch threads of the step workers (default: torch's)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed steps per variant (one per round)")
+    ap.add_argument("--rounds", type=int, default=11, help="timed steps per variant (one per round)")
     ap.add_argument("--timing-processes", type=int, default=1, help="timing processes per model (rounds each)")
     ap.add_argument("--memory-repeats", type=int, default=2, help="fresh processes per variant for peak RSS")
     ap.add_argument("--memory-steps", type=int, default=2, help="training steps of a memory process")
