@@ -2,18 +2,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: venv data demo profile test test-fast lint format bench golden clean
+.PHONY: venv kernels data demo profile test test-fast lint format bench golden clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: pip takes these wheels from local disk and never resolves a newer torch
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-*; touch $@
+
+# The fused aggregation kernels (C/OpenMP, optional; `pip install` builds them too) next to their
+# Python code, for a source checkout. Without them the plain PyTorch kernels are used.
+kernels:
+	$(PY) setup.py -q build_ext --inplace
 
 # Fashion-MNIST from Debian (IDX files under /usr/share/datasets/fashion-mnist), when apt is usable.
 data:
@@ -52,4 +57,4 @@ golden: venv
 	$(PY) scripts/regen_golden.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build

@@ -1,16 +1,37 @@
-"""Training-step time and peak memory of DG-Net (``dynamic``) vs the static backbone.
+"""Training-step time and peak memory of DG-Net (``dynamic``) vs the static backbone, and a
+micro-benchmark of one node's aggregation against the machine's memory bandwidth.
 
-Each (model, variant) runs in its own process so that peak RSS (``ru_maxrss``) belongs to that
-variant alone; variants are interleaved and repeated, and the best step time per variant is
-kept, so that a slow spell of the machine does not favour one side. Ratios are computed
-against ``sequential`` measured in the same run.
+**Steps** (``--parts steps``). Time: one process per model holds every variant and runs one
+training step of each per round, the order rotated every round (after a warm-up step each), so
+that each round's ratio to ``sequential`` compares steps taken seconds apart in the same process
+under the same machine load; wall time and process CPU time are both recorded. Memory: each
+variant alone in fresh processes, peak RSS (``ru_maxrss``). One extra instrumented step per
+variant splits the time into forward, backward and optimizer, and the aggregation's share of
+each (forward sum, recomputation in backward, backward into the slots).
 
-Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: custom
-aggregation op + recomputed node inputs), ``dynamic-norecompute`` (custom op, node inputs
-stored) and ``dynamic-stack`` (naive ``torch.stack`` aggregation, for reference).
+Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: fused
+aggregation kernels, recomputed node inputs), ``dynamic-plain`` (the same with the plain, one
+edge at a time kernels: what shipped before the fused ones), ``dynamic-maxin8`` (fused kernels,
+only node inputs with at most 8 predecessors recomputed: ``recompute_max_inputs=8``),
+``dynamic-norecompute`` (fused kernels, node inputs stored) and ``dynamic-stack`` (naive
+``torch.stack`` aggregation).
 
-    python bench/train_overhead.py                       # resnet50 b8 + resnet101 b4, 224x224
-    python bench/train_overhead.py --models resnet18:8 --steps 2 --out /tmp/x.json
+**Micro** (``--parts micro``). One graph node of ResNet-101's layer3 at batch 4 (and of
+ResNet-50's stages at batch 8): ``K`` predecessors of shape ``(B, C, H, W)``, forward sum (which
+is also the recomputation in backward) and backward into ``K`` gradient slots that already hold
+a gradient (``grad_w`` dot products plus ``slot_k += w_k * g``), plain and fused kernels,
+caches flushed before each call. Each is compared with the least memory traffic the operation
+needs (forward: ``K`` reads + 1 write; backward: ``g`` once, ``x_k`` once, each slot read and
+written) moved at the bandwidth of a large out-of-cache ``torch.add(a, b, out=c)`` measured in
+the same rounds: ``of_bound`` = that time / the measured time.
+
+    python bench/train_overhead.py                       # micro, then resnet50 b8 + resnet101 b4, 224x224
+    python bench/train_overhead.py --parts micro
+    python bench/train_overhead.py --parts steps --threads 1 --rounds 9
+    python bench/train_overhead.py --parts steps --models resnet18:8 --rounds 2 --out /tmp/x.json
+
+A run keeps the parts of an existing ``--out`` file that it does not redo; step results are
+stored per thread count (``steps_t2``, ``steps_t1``).
 """
 
 from __future__ import annotations
@@ -20,133 +41,463 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
-VARIANTS = ("sequential", "dynamic", "dynamic-norecompute", "dynamic-stack")
+VARIANTS = ("sequential", "dynamic", "dynamic-plain", "dynamic-maxin8", "dynamic-norecompute", "dynamic-stack")
+DEFAULT_VARIANTS = ("sequential", "dynamic", "dynamic-plain")
+
+# (label, shape, ks) of the micro-benchmark; resnet101 layer3 at batch 4 has nodes with 1..23 inputs
+MICRO_SHAPES = (
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), (2, 4, 8, 12, 16, 20, 24)),
+    ("resnet50.layer1 b8", (8, 256, 56, 56), (2, 3)),
+    ("resnet50.layer2 b8", (8, 512, 28, 28), (2, 4)),
+    ("resnet50.layer3 b8", (8, 1024, 14, 14), (2, 6)),
+)
 
 
-def worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> dict:
-    import torch
+def _loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
-    import dynwire
-    from dynwire.graph import stage as stage_mod
 
-    torch.manual_seed(0)
-    if variant == "dynamic-stack":
+def _autogroup() -> str | None:
+    """With autogroup scheduling on, ``nice`` acts only within a session: a niced background job in
+    another session still gets an equal share of the CPUs (recorded because it shapes the timings)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return "enabled" if f.read().strip() == "1" else "disabled"
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- steps
+
+
+class _Timer:
+    """Accumulates wall and process CPU time of the aggregation's entry points during one step."""
+
+    def __init__(self) -> None:
+        self.t = {f"agg_{p}_{c}": 0.0 for p in ("forward", "recompute", "backward") for c in ("s", "cpu_s")}
+        self.phase = "forward"
+
+    def wrap(self, fn, phase=None):
+        def wrapped(*a, **kw):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                ph = phase or ("forward" if self.phase == "forward" else "recompute")
+                self.t[f"agg_{ph}_s"] += time.perf_counter() - t0
+                self.t[f"agg_{ph}_cpu_s"] += time.process_time() - c0
+
+        return wrapped
+
+
+class _Variant:
+    """One variant's model and optimizer, and the context its steps run in."""
+
+    def __init__(self, model_name: str, variant: str) -> None:
+        import torch
+
+        import dynwire
+
+        torch.manual_seed(0)
+        wiring = "sequential" if variant == "sequential" else "dynamic"
+        kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
+        recompute = variant in ("dynamic", "dynamic-plain", "dynamic-maxin8")
+        self.name = variant
+        self.model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def context(self):
+        import contextlib
+
+        import torch
+
+        from dynwire.graph import stage as stage_mod
+        from dynwire.layers.aggregation import fused_aggregation
+
+        if self.name == "dynamic-plain":
+            return fused_aggregation("off")
+        if self.name != "dynamic-stack":
+            return contextlib.nullcontext()
 
         def naive(w, xs, slots=None):
             s = torch.stack(list(xs), 1)
             return (s * w.to(s.dtype).view(*w.shape, *([1] * (s.ndim - 2)))).sum(1)
 
-        stage_mod.aggregate = naive
-    wiring = "sequential" if variant == "sequential" else "dynamic"
-    model = dynwire.create_model(model_name, wiring=wiring, recompute=(variant == "dynamic"))
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        @contextlib.contextmanager
+        def stacked():
+            saved, stage_mod.aggregate = stage_mod.aggregate, naive
+            try:
+                yield
+            finally:
+                stage_mod.aggregate = saved
+
+        return stacked()
+
+    def step(self, x, y) -> tuple[float, float]:
+        import torch
+
+        with self.context():
+            t0, c0 = time.perf_counter(), time.process_time()
+            self.opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(self.model(x), y).backward()
+            self.opt.step()
+            return time.perf_counter() - t0, time.process_time() - c0
+
+    def instrumented_step(self, x, y) -> dict:
+        """One step split into forward, backward and optimizer, and the aggregation's share."""
+        import torch
+
+        from dynwire.layers import aggregation as agg
+
+        timer = _Timer()
+        saved = (agg._aggregate_impl, agg._AggregateTapped.backward)
+        agg._aggregate_impl = timer.wrap(saved[0])
+        agg._AggregateTapped.backward = staticmethod(timer.wrap(saved[1], "backward"))
+        try:
+            with self.context():
+                t0 = time.perf_counter()
+                self.opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(self.model(x), y)
+                t1 = time.perf_counter()
+                timer.phase = "backward"
+                loss.backward()
+                t2 = time.perf_counter()
+                self.opt.step()
+                t3 = time.perf_counter()
+        finally:
+            agg._aggregate_impl = saved[0]
+            agg._AggregateTapped.backward = staticmethod(saved[1])
+        return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2, **timer.t}
+
+
+def timing_worker(model_name: str, variants: list[str], batch: int, size: int, rounds: int) -> dict:
+    """Every variant in this one process, one step each per round, the order rotated each round."""
+    import torch
+
+    load0 = _loadavg()
+    runs = {v: _Variant(model_name, v) for v in variants}
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    for r in runs.values():  # warm-up: allocator, kernels, the aggregation library
+        r.step(x, y)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(rounds):
+        for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+            w, c = runs[v].step(x, y)
+            wall[v].append(w)
+            cpu[v].append(c)
+    split = {v: runs[v].instrumented_step(x, y) for v in variants}
+    return {"wall_s": wall, "cpu_s": cpu, "split": split, "loadavg": [load0, _loadavg()]}
+
+
+def memory_worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> dict:
+    """Peak RSS of one variant alone in a fresh process (``ru_maxrss`` covers the whole process)."""
+    import torch
+
+    run = _Variant(model_name, variant)
+    torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
     # RSS of the runtime + model + data before any training step: subtracted to get the
     # memory that training itself adds (activations, gradients, optimizer state).
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        if i > 0:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - t0)
+    times = [run.step(x, y)[0] for _ in range(steps)]
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": rss_kb * 1024, "pre_train_rss_bytes": base_kb * 1024, "step_s": times}
+
+
+def _subprocess(args, *worker_args: str) -> dict:
+    cmd = [sys.executable, __file__, "--size", str(args.size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run([*cmd, *worker_args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _spread(values: list[float]) -> dict:
     return {
-        "step_s": min(times),
-        "step_s_all": times,
-        "peak_rss_bytes": rss_kb * 1024,
-        "pre_train_rss_bytes": base_kb * 1024,
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "all": [round(v, 3) for v in values],
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet50:8", "resnet101:4"], help="name:batch pairs")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per process (after 1 warm-up step)")
-    ap.add_argument("--repeats", type=int, default=2, help="processes per variant, interleaved")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_overhead.json"))
-    ap.add_argument("--worker", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "STEPS"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        m, v, b, s = args.worker
-        print(json.dumps(worker(m, v, int(b), args.size, int(s))))
-        return
-
-    import torch
-
+def run_steps(args) -> dict:
     results = []
+    variants = list(args.variants)
     for spec in args.models:
         name, batch = spec.split(":")
-        runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-        for rep in range(args.repeats):
-            for v in args.variants:
-                cmd = [sys.executable, __file__, "--size", str(args.size), "--worker", name, v, batch, str(args.steps)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                r = json.loads(out.strip().splitlines()[-1])
-                runs[v].append(r)
-                print(
-                    f"{name} b{batch} {v:<20} rep {rep}: step {r['step_s']:.3f}s  peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
-                    flush=True,
-                )
-        base_t = min(r["step_s"] for r in runs["sequential"])
-        base_m = min(r["peak_rss_bytes"] for r in runs["sequential"])
-        for v in args.variants:
-            t = min(r["step_s"] for r in runs[v])
-            mem = min(r["peak_rss_bytes"] for r in runs[v])
-            train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs[v])
-            base_train_mem = min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in runs["sequential"])
+        timing = [
+            _subprocess(args, "--timing-worker", name, batch, str(args.rounds), ",".join(variants))
+            for _ in range(args.timing_processes)
+        ]
+        wall = {v: [t for tw in timing for t in tw["wall_s"][v]] for v in variants}
+        cpu = {v: [t for tw in timing for t in tw["cpu_s"][v]] for v in variants}
+        print(f"{name} b{batch}: timing done, load {[tw['loadavg'] for tw in timing]}", flush=True)
+        mem: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.memory_repeats):
+            for v in variants:
+                mem[v].append(_subprocess(args, "--memory-worker", name, v, batch, str(args.memory_steps)))
+        print(f"{name} b{batch}: memory done", flush=True)
+        peak = {v: min(r["peak_rss_bytes"] for r in mem[v]) for v in variants}
+        train = {v: min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in mem[v]) for v in variants}
+        seq = "sequential"
+        for v in variants:
             results.append(
                 {
                     "model": name,
                     "batch": int(batch),
                     "input": args.size,
                     "variant": v,
-                    "step_s": round(t, 4),
-                    "peak_rss_gib": round(mem / 2**30, 3),
-                    "time_ratio": round(t / base_t, 3),
-                    "memory_ratio": round(mem / base_m, 3),
-                    "train_rss_gib": round(train_mem / 2**30, 3),
-                    "train_memory_ratio": round(train_mem / base_train_mem, 3),
-                    "raw": runs[v],
+                    "step_s_best": round(min(wall[v]), 4),
+                    "step_s_median": round(statistics.median(wall[v]), 4),
+                    "cpu_s_best": round(min(cpu[v]), 4),
+                    # each round's step against the sequential step of the same round (same process)
+                    "time_ratio": _spread([a / b for a, b in zip(wall[v], wall[seq])]),
+                    "cpu_ratio": _spread([a / b for a, b in zip(cpu[v], cpu[seq])]),
+                    "time_ratio_of_best": round(min(wall[v]) / min(wall[seq]), 3),
+                    "peak_rss_gib": round(peak[v] / 2**30, 3),
+                    "memory_ratio": round(peak[v] / peak[seq], 3),
+                    "memory_ratio_per_repeat": [
+                        round(a["peak_rss_bytes"] / b["peak_rss_bytes"], 3) for a, b in zip(mem[v], mem[seq])
+                    ],
+                    "train_rss_gib": round(train[v] / 2**30, 3),
+                    "train_memory_ratio": round(train[v] / train[seq], 3),
+                    "split_s": {k: round(t, 4) for k, t in timing[0]["split"][v].items()},
+                    "raw_memory": mem[v],
                 }
             )
-    doc = {
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "goal": "dynamic <= 1.05x time and <= 1.10x peak memory of sequential",
-        "notes": "memory_ratio: whole-process peak RSS; train_memory_ratio: peak RSS minus the RSS before the "
-        "first step (runtime, model and batch), i.e. what training adds. Step time: best of all timed steps.",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    return {
+        "notes": "Time: one process per model runs every variant, one training step each per round with the order "
+        "rotated every round, after one warm-up step each; time_ratio / cpu_ratio: each round's step (wall / process "
+        "CPU time, all threads) divided by the sequential step of the same round: median, min, max over rounds and "
+        "processes. A busy machine inflates wall time far more than CPU time. Memory: fresh process per variant, "
+        "peak RSS (ru_maxrss) after memory_steps steps, best of memory_repeats; memory_ratio on whole-process peak "
+        "RSS, train_memory_ratio on peak RSS minus the RSS before the first step (runtime, model, batch). split_s: "
+        "one instrumented step after the timed rounds (first timing process): forward, backward, optimizer wall "
+        "time, and the aggregation's forward sum, recomputation in backward and backward into the slots (wall and "
+        "process CPU time).",
+        "rounds": args.rounds,
+        "timing_processes": args.timing_processes,
+        "memory_repeats": args.memory_repeats,
+        "memory_steps": args.memory_steps,
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+
+
+def print_steps(doc: dict) -> None:
     print(
-        f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time':>7} {'peak GiB':>9} {'x mem':>6} {'train GiB':>10} {'x train mem':>12}"
+        f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time (median, min..max)':>27} {'x cpu':>6} "
+        f"{'x mem':>6} {'x train mem':>12} {'agg f/r/b cpu s':>18}"
     )
-    for r in results:
+    for r in doc["results"]:
+        s, t = r["split_s"], r["time_ratio"]
+        spread = f"{t['median']:.3f} ({t['min']:.3f}..{t['max']:.3f})"
         print(
-            f"{r['model']:<10} {r['variant']:<20} {r['step_s']:>7.3f} {r['time_ratio']:>7.3f} {r['peak_rss_gib']:>9.3f} "
-            f"{r['memory_ratio']:>6.3f} {r['train_rss_gib']:>10.3f} {r['train_memory_ratio']:>12.3f}"
+            f"{r['model']:<10} {r['variant']:<20} {r['step_s_best']:>7.3f} "
+            f"{spread:>27} {r['cpu_ratio']['median']:>6.3f} "
+            f"{r['memory_ratio']:>6.3f} {r['train_memory_ratio']:>12.3f} "
+            f"{s['agg_forward_cpu_s']:>6.3f}/{s['agg_recompute_cpu_s']:.3f}/{s['agg_backward_cpu_s']:.3f}"
         )
+
+
+# ----------------------------------------------------------------------------------------- micro
+
+
+def run_micro(args) -> dict:
+    import torch
+
+    from dynwire.layers import aggregation as agg
+
+    torch.manual_seed(0)
+    n = args.bound_mib * 2**20 // 4
+    a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
+    flush = torch.ones(n)
+    threads0 = torch.get_num_threads()
+    rows = []
+    bound = {}
+    for threads in args.micro_threads:
+        torch.set_num_threads(threads)
+        # one thread: CPU time of this thread (what the call costs, whatever else the machine runs);
+        # more: wall time (a busy machine shows up here; hence best of the rounds as well)
+        clock = time.thread_time if threads == 1 else time.perf_counter
+
+        def timed(fn, clock=clock) -> float:
+            flush.sum()  # evict the operands of the previous call from every cache level
+            t0 = clock()
+            fn()
+            return clock() - t0
+
+        bounds = []
+        trows = []
+        for label, shape, ks in MICRO_SHAPES:
+            for k in ks:
+                if args.micro_ks and k not in args.micro_ks:
+                    continue
+                xs = [torch.randn(shape) for _ in range(k)]
+                w = torch.rand(shape[0], k) + 0.1  # no closed edges: every input is read
+                g = torch.randn(shape)
+                slots = []
+                for _ in range(k):
+                    slot = agg.GradSlot()
+                    slot.grad, slot.task = torch.randn(shape), torch._C._current_graph_task_id()
+                    slots.append(slot)
+                assert agg._fused_backend([g, *xs]) is not None, f"{label}: the fused kernels do not apply"
+                fns = {
+                    ("plain", "forward"): partial(agg._aggregate_plain, w, xs),
+                    ("fused", "forward"): partial(agg._aggregate_impl, w, xs),
+                    ("plain", "backward"): partial(agg._plain_backward_tapped, w, g, xs, slots, True),
+                    ("fused", "backward"): partial(agg._fused_backward_tapped, w, g, xs, slots, True),
+                }
+                for fn in fns.values():
+                    fn()
+                times: dict = {key: [] for key in fns}
+                for _ in range(args.micro_rounds):
+                    bounds.append(3 * n * 4 / timed(partial(torch.add, a, b, out=c)) / 1e9)
+                    for key, fn in fns.items():
+                        times[key].append(timed(fn))
+                tensor_bytes = xs[0].numel() * xs[0].element_size()
+                ideal = {"forward": (k + 1) * tensor_bytes, "backward": (3 * k + 1) * tensor_bytes}
+                for (path, phase), ts in times.items():
+                    row = {
+                        "threads": threads,
+                        "node": label,
+                        "shape": list(shape),
+                        "k": k,
+                        "phase": phase,
+                        "path": path,
+                        "ms_best": round(min(ts) * 1e3, 3),
+                        "ms_median": round(statistics.median(ts) * 1e3, 3),
+                        "ideal_mb": round(ideal[phase] / 2**20, 1),
+                        "gbs_best": round(ideal[phase] / min(ts) / 1e9, 2),
+                        "gbs_median": round(ideal[phase] / statistics.median(ts) / 1e9, 2),
+                    }
+                    if path == "fused":
+                        plain = times[("plain", phase)]
+                        row["speedup_vs_plain"] = round(statistics.median(p / f for p, f in zip(plain, ts)), 2)
+                    trows.append(row)
+                print(f"{threads} thread(s) {label} k={k}: done", flush=True)
+        bound[threads] = {
+            "clock": "thread CPU time" if threads == 1 else "wall",
+            "gbs_best": round(max(bounds), 2),
+            "gbs_median": round(statistics.median(bounds), 2),
+            "gbs_worst": round(min(bounds), 2),
+        }
+        for r in trows:
+            r["of_bound"] = round(r["gbs_best"] / max(bounds), 2)
+        rows += trows
+    torch.set_num_threads(threads0)
+    return {
+        "notes": "Per node: forward = the K-input weighted sum (also what the recomputation in backward runs); "
+        "backward = grad_w dot products + accumulation into K slots that already hold a gradient. ideal_mb: the "
+        "least traffic (forward K reads + 1 write, backward 1 + 3K passes); gbs = ideal bytes / time, so a path "
+        "that moves more than the minimum shows a lower figure; of_bound = gbs_best / best bound of the same "
+        "thread count; speedup_vs_plain: median over rounds of plain time / fused time. Caches flushed (a read of "
+        "a bound-sized buffer) before every call; rounds interleave the paths and the bound. One thread is timed "
+        "with the thread's CPU time, more threads with wall time.",
+        "bound_op": f"torch.add(a, b, out=c), 3 x {args.bound_mib} MiB float32",
+        "bound": bound,
+        "rows": rows,
+    }
+
+
+def print_micro(doc: dict) -> None:
+    for threads, bd in doc["bound"].items():
+        print(
+            f"\n{threads} thread(s), {bd['clock']}: bandwidth bound {bd['gbs_best']:.2f} GB/s best, "
+            f"{bd['gbs_median']:.2f} median ({doc['bound_op']})"
+        )
+        print(
+            f"{'node':<22} {'k':>3} {'phase':<9} {'path':<6} {'ms best':>8} {'ms med':>8} {'GB/s':>6} "
+            f"{'of bound':>9} {'speedup':>8}"
+        )
+        for r in doc["rows"]:
+            if str(r["threads"]) != str(threads):
+                continue
+            sp = r.get("speedup_vs_plain")
+            print(
+                f"{r['node']:<22} {r['k']:>3} {r['phase']:<9} {r['path']:<6} {r['ms_best']:>8.2f} "
+                f"{r['ms_median']:>8.2f} {r['gbs_best']:>6.2f} {r['of_bound']:>9.2f} "
+                f"{'' if sp is None else f'{sp:.2f}x':>8}"
+            )
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", default=["micro", "steps"], choices=["micro", "steps"])
+    ap.add_argument("--models", nargs="+", default=["resnet50:8", "resnet101:4"], help="name:batch pairs")
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--threads", type=int, help="torch threads of the step workers (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=11, help="timed steps per variant (one per round)")
+    ap.add_argument("--timing-processes", type=int, default=1, help="timing processes per model (rounds each)")
+    ap.add_argument("--memory-repeats", type=int, default=2, help="fresh processes per variant for peak RSS")
+    ap.add_argument("--memory-steps", type=int, default=2, help="training steps of a memory process")
+    ap.add_argument("--micro-rounds", type=int, default=7)
+    ap.add_argument("--micro-ks", type=int, nargs="*", help="only these k (default: all of MICRO_SHAPES)")
+    ap.add_argument("--micro-threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--bound-mib", type=int, default=256, help="size of each tensor of the bandwidth probe")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_overhead.json"))
+    ap.add_argument("--timing-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.timing_worker or args.memory_worker:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.timing_worker:
+            m, b, r, vs = args.timing_worker
+            print(json.dumps(timing_worker(m, vs.split(","), int(b), args.size, int(r))))
+        else:
+            m, v, b, s = args.memory_worker
+            print(json.dumps(memory_worker(m, v, int(b), args.size, int(s))))
+        return
+    if "sequential" not in args.variants:
+        args.variants.insert(0, "sequential")
+
+    import torch
+
+    doc: dict = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        doc = {k: v for k, v in old.items() if k == "micro" or k.startswith("steps_")}  # parts not rerun are kept
+    doc["goal"] = "dynamic <= 1.05x time and <= 1.10x peak memory of sequential"
+    doc["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "sched_autogroup": _autogroup(),
+    }
+    command = " ".join([os.path.relpath(sys.executable), *sys.argv])
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_"))}
+    # step results are kept per thread count: "steps_t2" (torch's default here), "steps_t1", ...
+    steps_key = f"steps_t{args.threads or torch.get_num_threads()}"
+    for part, run, show in (("micro", run_micro, print_micro), (steps_key, run_steps, print_steps)):
+        if part.split("_")[0] not in args.parts:
+            continue
+        load0 = _loadavg()
+        start = time.strftime("%Y-%m-%d %H:%M:%S")
+        result = run(args)
+        doc[part] = {"command": command, "date": start, "env": env, "loadavg_start_end": [load0, _loadavg()], **result}
+        show(doc[part])
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
     print(f"wrote {args.out}")
 
 

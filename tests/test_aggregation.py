@@ -1,11 +1,13 @@
 """The aggregation op (Eq. 3, 8-10): gradients, FLOP formula, recomputation."""
 
+import shutil
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynwire
-from dynwire.layers.aggregation import aggregate, aggregate_reference, tap
+from dynwire.layers.aggregation import aggregate, aggregate_reference, fused_aggregation, fused_available, tap
 
 
 def _inputs(k=3, dtype=torch.float64, channels_last=False):
@@ -134,3 +136,203 @@ def test_edge_weight_gradient_on_large_maps(channels_last):
     if channels_last:
         g, x = g.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(_batched_dot(g, x), (g * x).flatten(1).sum(1))
+
+
+# --------------------------------------------------------------------------- fused (cache-blocked) kernels
+
+needs_fused = pytest.mark.skipif(not fused_available(), reason="the C kernels (_aggkernel) were not built")
+
+
+def test_fused_kernels_are_built_where_a_compiler_is():
+    """``pip install`` / ``make kernels`` builds them wherever a C compiler exists: a silent fallback
+    to the plain kernels would only show as a slower training step."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    assert fused_available("cpu"), "run `make kernels` (python setup.py build_ext --inplace)"
+    assert not fused_available("meta")
+
+
+def _run_both(fn):
+    """``fn()`` with the fused kernels forced on, then with the plain (reference) kernels."""
+    out = []
+    for mode in ("always", "off"):
+        with fused_aggregation(mode):
+            out.append(fn())
+    return out
+
+
+def _op_and_tapped(w, xs, g):
+    """Forward and every gradient through the custom op and through taps (two consumers per slot)."""
+    w1, xs1 = w.detach().clone().requires_grad_(), [x.detach().clone().requires_grad_() for x in xs]
+    out = aggregate(w1, xs1)
+    grads = torch.autograd.grad(out, [w1, *xs1], g)
+    w2, xs2 = w.detach().clone().requires_grad_(), [x.detach().clone().requires_grad_() for x in xs]
+    taps = [tap(x) for x in xs2]
+    t, slots = [t for t, _ in taps], [s for _, s in taps]
+    a = aggregate(w2, t, slots)
+    b = aggregate(w2[:, :2] * 0.5, t[:2], slots[:2])  # slots 0 and 1 accumulate twice
+    tgrads = torch.autograd.grad((a * g).sum() + (b * g).sum(), [w2, *xs2])
+    assert all(s.grad is None for s in slots)  # taken by the taps
+    return out, grads, a, tgrads
+
+
+@needs_fused
+@pytest.mark.parametrize("chunk", [None, 7, 100])  # None: one task per sample; else several, ragged
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_fused_equals_plain(k, channels_last, chunk, monkeypatch):
+    from dynwire.layers import aggregation as agg
+
+    if chunk is not None:
+        monkeypatch.setattr(agg, "FUSED_CHUNK", chunk)
+    torch.manual_seed(k)
+    w = torch.rand(3, k, dtype=torch.float64)
+    w[1, 0] = 0.0  # a closed edge of one sample: the fused forward skips its input
+    xs = [torch.randn(3, 4, 6, 5, dtype=torch.float64) for _ in range(k)]
+    if channels_last:
+        xs = [x.to(memory_format=torch.channels_last) for x in xs]
+    g = torch.randn_like(xs[0])
+    fused, plain = _run_both(lambda: _op_and_tapped(w, xs, g))
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-12, atol=1e-12)
+    assert fused[0].stride() == xs[0].stride()  # the inputs' layout (the fake impl's empty_like)
+
+
+@needs_fused
+def test_fused_equals_plain_float32_large():
+    """Blocks of 1024 elements, several tasks per sample, two threads: float32 rounding only."""
+    torch.manual_seed(0)
+    w = torch.rand(4, 6)
+    xs = [torch.randn(4, 64, 28, 28) for _ in range(6)]
+    g = torch.randn_like(xs[0])
+    fused, plain = _run_both(lambda: _op_and_tapped(w, xs, g))
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-4)
+
+
+@needs_fused
+@pytest.mark.parametrize("tapped", [False, True])
+def test_fused_gradcheck(tapped, monkeypatch):
+    from dynwire.layers import aggregation as agg
+
+    monkeypatch.setattr(agg, "FUSED_CHUNK", 50)  # three tasks per sample
+
+    def f(w, *xs):
+        if not tapped:
+            return aggregate(w, xs)
+        (t0, s0), (t1, s1), (t2, s2) = (tap(x) for x in xs)
+        a, sa = tap(aggregate(w, [t0, t1, t2], [s0, s1, s2]))
+        b = aggregate(w[:, :2].cos(), [a, t0], [sa, s0])  # slot 0 has two consumers
+        return b * t1 + a.sin()
+
+    w = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 3, 4, 12, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    with fused_aggregation("always"):
+        assert torch.autograd.gradcheck(f, (w, *xs))
+
+
+@needs_fused
+def test_fused_slot_semantics():
+    """A slot already holding this pass's gradient is accumulated in place; a stale one is replaced."""
+    from dynwire.layers.aggregation import _AggregateTapped
+
+    w = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    g = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    taps = [tap(x) for x in xs]
+    slots = [s for _, s in taps]
+    with fused_aggregation("always"):
+        out = _AggregateTapped.apply(w, tuple(slots), *[t for t, _ in taps])
+        stale = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+        slots[1].grad, slots[1].task = stale, -5  # left behind by another backward pass
+        seen = {}
+
+        def hook(grad):  # runs inside this backward pass, before the aggregation's backward
+            seen["held"] = slots[0].grad = torch.ones_like(grad)
+            slots[0].task = torch._C._current_graph_task_id()
+            return grad
+
+        out.register_hook(hook)
+        gw, gx0, gx1 = torch.autograd.grad(out, [w, *xs], g)
+    wc = w.detach()
+    torch.testing.assert_close(gx0, 1 + g * wc[:, 0].view(2, 1, 1, 1))
+    torch.testing.assert_close(seen["held"], gx0)  # accumulated in place into the held tensor
+    torch.testing.assert_close(gx1, g * wc[:, 1].view(2, 1, 1, 1))  # stale partial sum discarded
+    assert stale.abs().sum() == 0  # ... and not written to
+    torch.testing.assert_close(gw, torch.stack([(g * x).flatten(1).sum(1) for x in xs], 1))
+
+
+@needs_fused
+def test_fused_bf16_is_at_least_as_accurate_as_plain():
+    torch.manual_seed(0)
+    w = torch.rand(3, 4)
+    xs = [torch.randn(3, 64, 16, 20, dtype=torch.bfloat16) for _ in range(4)]
+    g = torch.randn_like(xs[0])
+    wr = w.to(torch.bfloat16).double()  # both kernels compute with bfloat16-rounded weights
+    exact_out = sum(wr[:, k].view(3, 1, 1, 1) * xs[k].double() for k in range(4))
+    exact_w = torch.stack([(g.double() * x.double()).flatten(1).sum(1) for x in xs], 1)
+    scale_w = torch.stack([(g.double() * x.double()).abs().flatten(1).sum(1) for x in xs], 1)
+    errs = []
+    for out, grads, *_ in _run_both(lambda: _op_and_tapped(w, xs, g)):
+        assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+        errs.append(
+            (
+                ((out.double() - exact_out).abs().max() / exact_out.abs().max()).item(),
+                ((grads[0].double() - exact_w).abs() / scale_w).max().item(),
+            )
+        )
+    (fo, fw), (po, pw) = errs
+    assert fo < 1e-2 and fw < 1e-2
+    assert fo <= po * 1.01 and fw <= pw * 1.01
+
+
+def test_fused_selection():
+    """Fused for real CPU tensors of one layout; plain under a FLOP counter, for tiny maps, mixed
+    layouts or dtypes, unsupported dtypes, other devices, and with 'off'."""
+    from dynwire.layers.aggregation import _fused_backend
+
+    big = [torch.randn(2, 64, 32, 32) for _ in range(2)]
+    small = [torch.randn(2, 4, 4, 4)] * 2
+    expect = fused_available()
+    assert (_fused_backend(big) is not None) == expect
+    assert (_fused_backend([b.double() for b in big]) is not None) == expect
+    assert _fused_backend(small) is None
+    assert _fused_backend([big[0], big[1].to(memory_format=torch.channels_last)]) is None
+    assert _fused_backend([big[0], big[1].double()]) is None
+    assert _fused_backend([big[0].half()] * 2) is None  # float16: no CPU kernel, plain
+    assert _fused_backend([big[0].int()] * 2) is None
+    assert _fused_backend([big[0][:, ::2]] * 2) is None  # not dense
+    assert _fused_backend([torch.empty(2, 64, 32, 32, device="meta")] * 2) is None
+    with FlopCounterMode(display=False):
+        assert _fused_backend(big) is None
+    with fused_aggregation("off"):
+        assert _fused_backend(big) is None
+    with fused_aggregation("always"):
+        assert (_fused_backend(small) is not None) == expect
+    with pytest.raises(ValueError, match="mode"), fused_aggregation("fast"):
+        pass
+
+
+@needs_fused
+def test_fused_model_gradients_match_plain():
+    """A dynamic model with recomputation: every parameter gradient equal with fused and plain kernels."""
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", recompute=True)
+    x = torch.randn(4, 3, 32, 32)
+
+    def step():
+        m.zero_grad()
+        m(x).logsumexp(1).sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    fused, plain = _run_both(step)
+    for (n, _), a, b in zip(m.named_parameters(), fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@needs_fused
+def test_fused_checks_weight_shape_before_the_c_code():
+    """The op called directly (bypassing aggregate()'s checks) must not read past the weights."""
+    xs = [torch.randn(2, 3, 4, 4) for _ in range(3)]
+    with fused_aggregation("always"), pytest.raises(ValueError, match="weights must have shape"):
+        torch.ops.dynwire.aggregate(torch.rand(2, 2), xs)

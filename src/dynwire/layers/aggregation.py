@@ -14,6 +14,8 @@ sum is recomputed when backward needs it.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -24,7 +26,15 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["aggregate", "aggregate_reference", "recompute_aggregations", "GradSlot", "tap"]
+__all__ = [
+    "aggregate",
+    "aggregate_reference",
+    "fused_aggregation",
+    "fused_available",
+    "recompute_aggregations",
+    "GradSlot",
+    "tap",
+]
 
 
 def _per_sample(w: Tensor, ndim: int) -> Tensor:
@@ -36,12 +46,212 @@ def _columns(weights: Tensor, dtype: torch.dtype, ndim: int) -> Tensor:
     return weights.to(dtype).t().contiguous().reshape(weights.shape[1], weights.shape[0], *([1] * (ndim - 1)))
 
 
-def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+def _aggregate_plain(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    """The reference kernel: one whole-tensor pass per input (reads ``x_k``, reads and writes the sum)."""
     w = _columns(weights, xs[0].dtype, xs[0].ndim)
     out = xs[0] * w[0]
     for k in range(1, len(xs)):
         out.addcmul_(xs[k], w[k])
     return out
+
+
+def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+    backend = _fused_backend(xs)
+    if backend is None:
+        return _aggregate_plain(weights, xs)
+    out = torch.empty_like(xs[0])
+    backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused (cache-blocked) kernels.
+#
+# The plain kernels stream whole tensors once per edge: forward reads ``x_k`` and reads and
+# writes the running sum (3 passes over a feature map per edge), the recomputation in backward
+# repeats that, and backward reads ``g`` and ``x_k`` for ``grad_w`` and then ``g`` again plus the
+# gradient slot (read and write): about 11 passes per edge. The fused kernels walk each sample in
+# blocks that stay in L1 and handle all ``K`` edges per block: the running sum (forward) and ``g``
+# (backward) are read from memory once per node, so an edge costs one pass forward, one in the
+# recomputation and three in backward (``x_k``, and the slot read and written): about 5. On CPU
+# they are a small C/OpenMP library (``_aggkernel.c``, built at install time, one parallel loop per
+# call in PyTorch's own OpenMP runtime), called through ctypes. Tiled ATen ops (one call per
+# sample, L2-sized tile and edge) were tried first and measured no faster than the plain kernels:
+# one ATen call streams a single input, which does not keep enough memory traffic in flight, and
+# each call is a parallel region that a busy machine can stall.
+
+
+class _FusedBackend:
+    """A device's fused kernels. Arguments are ``(B, N)`` row-major views of tensors of one dtype."""
+
+    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
+        """``fo[b] = sum_k weights[b, k] * fx[k][b]``."""
+        raise NotImplementedError
+
+    def backward(
+        self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
+    ) -> Tensor | None:
+        """``fslots[k] (+)= weights[:, k] * fg`` (``=`` where ``fresh[k]``); returns ``grad_w[b, k] = <fg[b], fx[k][b]>``
+        (float64) when ``need_w``."""
+        raise NotImplementedError
+
+
+#: Elements of one sample per OpenMP task of the CPU kernels (load balance and partial dot products).
+FUSED_CHUNK = 16384
+#: Below this many bytes per tensor the plain kernels are used: everything is cache-resident and
+#: the difference is a few microseconds either way.
+FUSED_MIN_BYTES = 16 * 1024
+#: Below this many elements per tensor the CPU kernels run on one thread.
+_PARALLEL_MIN_NUMEL = 32768
+
+
+class _CpuKernels(_FusedBackend):
+    """ctypes bindings of ``_aggkernel``; ``load()`` returns None when it was not built."""
+
+    _NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+
+    def __init__(self, lib) -> None:
+        p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._fwd, self._bwd = {}, {}
+        for dtype, name in self._NAMES.items():
+            f = getattr(lib, f"dynwire_agg_forward_{name}")
+            f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint], None
+            b = getattr(lib, f"dynwire_agg_backward_{name}")
+            b.argtypes, b.restype = [i64, i64, i64, p, p, p, p, p, p, i64, cint], None
+            self._fwd[dtype], self._bwd[dtype] = f, b
+
+    @staticmethod
+    def load() -> _CpuKernels | None:
+        try:
+            spec = importlib.util.find_spec("dynwire.layers._aggkernel")
+            if spec is None or not spec.origin:
+                return None
+            lib = ctypes.CDLL(spec.origin)
+            if lib.dynwire_agg_abi() != 1:
+                return None
+            return _CpuKernels(lib)
+        except (OSError, AttributeError, ImportError):
+            return None
+
+    @staticmethod
+    def _weights(weights: Tensor, dtype: torch.dtype, batch: int, k: int) -> Tensor:
+        """``(B, K)`` weights in the kernel's arithmetic dtype, rounded to ``dtype`` first as the
+        plain kernels do (``_columns``); the shape is checked here, the C code trusts it."""
+        if tuple(weights.shape) != (batch, k):
+            raise ValueError(f"aggregate(): weights must have shape ({batch}, {k}), got {tuple(weights.shape)}")
+        if dtype == torch.bfloat16:
+            return weights.to(torch.bfloat16).float().contiguous()
+        return weights.to(dtype).contiguous()
+
+    @staticmethod
+    def _threads(numel: int) -> int:
+        return torch.get_num_threads() if numel >= _PARALLEL_MIN_NUMEL else 1
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self._fwd
+
+    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
+        B, N = fo.shape
+        w = self._weights(weights, fo.dtype, B, len(fx))
+        xs = (ctypes.c_void_p * len(fx))(*[f.data_ptr() for f in fx])
+        self._fwd[fo.dtype](B, N, len(fx), xs, w.data_ptr(), fo.data_ptr(), FUSED_CHUNK, self._threads(fo.numel()))
+
+    def backward(
+        self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
+    ) -> Tensor | None:
+        B, N = fg.shape
+        K = len(fx)
+        w = self._weights(weights, fg.dtype, B, K)
+        chunks = -(-N // FUSED_CHUNK)
+        dots = torch.empty(B * chunks, K, dtype=torch.float64) if need_w else None
+        xs = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fx])
+        slots = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fslots])
+        fr = (ctypes.c_uint8 * K)(*fresh)
+        self._bwd[fg.dtype](
+            B,
+            N,
+            K,
+            fg.data_ptr(),
+            xs,
+            slots,
+            w.data_ptr(),
+            fr,
+            None if dots is None else dots.data_ptr(),
+            FUSED_CHUNK,
+            self._threads(fg.numel()),
+        )
+        if dots is None:
+            return None
+        return dots.view(B, chunks, K).sum(1)
+
+
+class _LazyBackends(dict):
+    """Fused backends by device type, loaded on first use. CUDA has none yet: a Triton kernel with
+    the same blocking is the intended one (no GPU was available to write and measure it), so CUDA
+    tensors take the plain kernels."""
+
+    def __missing__(self, device_type: str) -> _FusedBackend | None:
+        backend = _CpuKernels.load() if device_type == "cpu" else None
+        self[device_type] = backend
+        return backend
+
+
+_BACKENDS = _LazyBackends()
+
+
+class _FusedMode(threading.local):
+    def __init__(self) -> None:
+        self.mode = "auto"
+
+
+_MODE = _FusedMode()
+
+
+@contextmanager
+def fused_aggregation(mode: str = "auto") -> Iterator[None]:
+    """Choose the aggregation kernels: ``"auto"`` (fused where available and the tensors are not
+    tiny), ``"off"`` (the plain kernels, the reference) or ``"always"`` (fused regardless of size)."""
+    if mode not in ("auto", "off", "always"):
+        raise ValueError(f"fused_aggregation(): mode must be 'auto', 'off' or 'always', got {mode!r}")
+    prev, _MODE.mode = _MODE.mode, mode
+    try:
+        yield
+    finally:
+        _MODE.mode = prev
+
+
+def fused_available(device: str | torch.device = "cpu") -> bool:
+    """Whether fused aggregation kernels exist for ``device`` (on CPU: whether ``_aggkernel`` was built)."""
+    return _BACKENDS[torch.device(device).type] is not None
+
+
+def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
+    """The fused backend for tensors ``ts``, or None: then the plain kernels are used.
+
+    Fused needs one shape, dtype, device and dense batch-major layout (contiguous or channels-last,
+    identical strides) for all of them, real tensors (not traced: compile, export and FakeTensor
+    see the plain ops) and no dispatch mode (the FLOP counter sees the op)."""
+    mode = _MODE.mode
+    if mode == "off":
+        return None
+    t0 = ts[0]
+    backend = _BACKENDS[t0.device.type]
+    if backend is None or not backend.supports(t0.dtype) or t0.ndim < 2 or t0.numel() == 0:
+        return None
+    if mode == "auto" and t0.numel() * t0.element_size() < FUSED_MIN_BYTES:
+        return None
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return None
+    stride = t0.stride()
+    for t in ts:
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+            return None
+        if t.stride() != stride or t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
+            return None
+    f = _flat(t0)
+    if f is None or f.stride() != (f.shape[1], 1):
+        return None
+    return backend
 
 
 @torch.library.custom_op("dynwire::aggregate", mutates_args=())
@@ -81,6 +291,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     weights, *xs = ctx.saved_tensors
+    backend = _fused_backend([grad, *xs])
+    if backend is not None:
+        grad_xs = [torch.empty_like(grad) for _ in xs]
+        fx, fgx = [_flat(x) for x in xs], [_flat(t) for t in grad_xs]
+        grad_w = backend.backward(weights.detach(), _flat(grad), fx, fgx, [True] * len(xs), True)
+        return grad_w.to(weights.dtype), grad_xs
     grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
     wc = _columns(weights, grad.dtype, grad.ndim)
     grad_xs = [grad * wc[k] for k in range(len(xs))]
@@ -204,6 +420,47 @@ def tap(x: Tensor) -> tuple[Tensor, GradSlot]:
     return _Tap.apply(x, slot), slot
 
 
+def _fused_backward_tapped(
+    weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
+):
+    """Fused backward into gradient slots; returns ``grad_w`` (None if not needed), or False when the
+    fused kernel does not apply (then nothing has been touched)."""
+    backend = _fused_backend([grad, *xs])
+    if backend is None or len({id(s) for s in slots}) != len(slots):
+        return False
+    task = torch._C._current_graph_task_id()
+    fresh = [s.grad is None or s.task != task for s in slots]
+    for s, f in zip(slots, fresh):
+        if not f and (s.grad.stride(), s.grad.shape, s.grad.dtype, s.grad.device) != (
+            grad.stride(),
+            grad.shape,
+            grad.dtype,
+            grad.device,
+        ):
+            return False
+    targets = [torch.empty_like(grad) if f else s.grad for s, f in zip(slots, fresh)]
+    grad_w = backend.backward(
+        weights.detach(), _flat(grad), [_flat(x) for x in xs], [_flat(t) for t in targets], fresh, need_w
+    )
+    for s, t, f in zip(slots, targets, fresh):
+        if f:
+            s.grad, s.task = t, task
+    return None if grad_w is None else grad_w.to(weights.dtype)
+
+
+def _plain_backward_tapped(
+    weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
+) -> Tensor | None:
+    """The reference backward into gradient slots: whole-tensor passes, one edge at a time."""
+    grad_w = None
+    if need_w:
+        grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
+    wc = _columns(weights, grad.dtype, grad.ndim)
+    for k, slot in enumerate(slots):
+        slot.accumulate(grad, wc[k])
+    return grad_w
+
+
 class _AggregateTapped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: Tensor, slots: tuple, *xs: Tensor) -> Tensor:
@@ -214,12 +471,9 @@ class _AggregateTapped(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *xs = ctx.saved_tensors
-        grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_w = torch.stack([_batched_dot(grad, x) for x in xs], dim=1).to(weights.dtype)
-        wc = _columns(weights, grad.dtype, grad.ndim)
-        for k, slot in enumerate(ctx.slots):
-            slot.accumulate(grad, wc[k])
+        grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
+        if grad_w is False:
+            grad_w = _plain_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
         return (grad_w, None) + (None,) * len(xs)
 
 

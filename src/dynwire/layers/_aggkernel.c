@@ -1,0 +1,189 @@
+/* Fused, cache-blocked CPU kernels of a graph node's aggregation (dynwire.layers.aggregation).
+ *
+ * Built at install time (setup.py, optional: without a C compiler with OpenMP the package
+ * installs without it and the plain PyTorch kernels are used). Called through ctypes with raw
+ * pointers; aggregation.py checks shapes, dtypes and layouts before every call. Every tensor is
+ * a dense (B, N) block: sample b starts at element b * N.
+ *
+ *   forward:  out[b, :] = sum_k w[b, k] * xs[k][b, :]
+ *   backward: slots[k][b, :] (+)= w[b, k] * g[b, :]   ("=" where fresh[k])
+ *             dots[t, k] = <g[b, c0:c1], xs[k][b, c0:c1]> for task t = (b, chunk [c0, c1))
+ *
+ * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
+ * runtime (the library links libgomp.so.1, which torch has already loaded). Inside a task the
+ * data is walked in blocks of BLK elements: forward keeps the block's running sum in L1 while
+ * it reads the K inputs, four at a time (one core keeps more memory traffic in flight with four
+ * read streams than with one: 1.7-1.9x faster than one at a time on the machine of the
+ * benchmark), backward keeps the block of g in L1 while it reads each x_k and updates each slot. Every input is read from memory once, the sum written once; in backward g is read
+ * once and every slot read and written once. A weight of exactly 0 (a closed edge of that
+ * sample) skips its input in forward and its slot update in backward (0 * x adds nothing for
+ * finite x); the dot product is still computed (straight-through gates need it).
+ * Accumulation: float (double for float64) within a block, double across blocks for the dots.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef BLK
+#define BLK 1024
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+static inline float bf16_load(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+#define ID(v) (v)
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
+#define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
+    MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,         \
+                                             int64_t c0, int64_t c1) {                                               \
+        A acc[BLK];                                                                                                  \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                     \
+            const int64_t n = MIN(BLK, c1 - s);                                                                      \
+            int first = 1;                                                                                           \
+            int64_t k = 0;                                                                                           \
+            for (;;) { /* the next (up to) 4 inputs with a non-zero weight: 4 read streams at once */                \
+                const T *p[4];                                                                                       \
+                A v[4];                                                                                              \
+                int c = 0;                                                                                           \
+                for (; k < K && c < 4; k++) {                                                                        \
+                    if (w[k] == 0) continue;                                                                         \
+                    p[c] = xs[k] + off + s;                                                                          \
+                    v[c] = w[k];                                                                                     \
+                    c++;                                                                                             \
+                }                                                                                                    \
+                if (c == 0) break;                                                                                   \
+                switch (c) {                                                                                         \
+                case 4:                                                                                              \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]) + v[3] * LD(p[3][i]); \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]) + v[3] * LD(p[3][i]); \
+                    break;                                                                                           \
+                case 3:                                                                                              \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);                   \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++)                                                              \
+                            acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);                  \
+                    break;                                                                                           \
+                case 2:                                                                                              \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);            \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);           \
+                    break;                                                                                           \
+                default:                                                                                             \
+                    if (first)                                                                                       \
+                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]);                                 \
+                    else                                                                                             \
+                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]);                                \
+                }                                                                                                    \
+                first = 0;                                                                                           \
+            }                                                                                                        \
+            T *o = out + off + s;                                                                                    \
+            if (first) {                                                                                             \
+                for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                     \
+            } else {                                                                                                 \
+                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                                   \
+            }                                                                                                        \
+        }                                                                                                            \
+    }                                                                                                                \
+                                                                                                                     \
+    MULTIVERSION static void NAME##_bwd_task(int64_t K, const T *g, const T *const *xs, T *const *slots,          \
+                                             const A *w, const uint8_t *fresh, double *dots, int64_t off,        \
+                                             int64_t c0, int64_t c1) {                                           \
+        A gb[BLK];                                                                                               \
+        if (dots)                                                                                                \
+            for (int64_t k = 0; k < K; k++) dots[k] = 0.0;                                                       \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
+            const int64_t n = MIN(BLK, c1 - s);                                                                  \
+            for (int64_t i = 0; i < n; i++) gb[i] = LD(g[off + s + i]);                                          \
+            for (int64_t k = 0; k < K; k++) {                                                                    \
+                const A wk = w[k];                                                                               \
+                T *sl = slots[k] + off + s;                                                                      \
+                if (dots) {                                                                                      \
+                    const T *x = xs[k] + off + s;                                                                \
+                    A acc = 0;                                                                                   \
+                    if (fresh[k]) {                                                                              \
+                        _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) {                 \
+                            acc += gb[i] * LD(x[i]);                                                             \
+                            sl[i] = ST(wk * gb[i]);                                                              \
+                        }                                                                                        \
+                    } else if (wk != 0) {                                                                        \
+                        _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) {                 \
+                            acc += gb[i] * LD(x[i]);                                                             \
+                            sl[i] = ST(LD(sl[i]) + wk * gb[i]);                                                  \
+                        }                                                                                        \
+                    } else {                                                                                     \
+                        _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) acc +=            \
+                            gb[i] * LD(x[i]);                                                                    \
+                    }                                                                                            \
+                    dots[k] += (double)acc;                                                                      \
+                } else if (fresh[k]) {                                                                           \
+                    for (int64_t i = 0; i < n; i++) sl[i] = ST(wk * gb[i]);                                      \
+                } else if (wk != 0) {                                                                            \
+                    for (int64_t i = 0; i < n; i++) sl[i] = ST(LD(sl[i]) + wk * gb[i]);                          \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    void dynwire_agg_forward_##NAME(int64_t B, int64_t N, int64_t K, const T *const *xs, const A *w, T *out,     \
+                                    int64_t chunk, int nthreads) {                                               \
+        const int64_t nch = (N + chunk - 1) / chunk;                                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
+                                                                                t++) {                           \
+            const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
+            NAME##_fwd_task(K, xs, w + b * K, out, b * N, c0, MIN(c0 + chunk, N));                               \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    void dynwire_agg_backward_##NAME(int64_t B, int64_t N, int64_t K, const T *g, const T *const *xs,            \
+                                     T *const *slots, const A *w, const uint8_t *fresh, double *dots,            \
+                                     int64_t chunk, int nthreads) {                                              \
+        const int64_t nch = (N + chunk - 1) / chunk;                                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
+                                                                                t++) {                           \
+            const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
+            NAME##_bwd_task(K, g, xs, slots, w + b * K, fresh, dots ? dots + t * K : NULL, b * N, c0,            \
+                            MIN(c0 + chunk, N));                                                                 \
+        }                                                                                                        \
+    }
+
+DEFINE_KERNELS(f32, float, float, ID, ID)
+DEFINE_KERNELS(f64, double, double, ID, ID)
+DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
+
+/* ABI version checked by aggregation.py: bump when a signature changes. */
+int dynwire_agg_abi(void) { return 1; }
+
+/* An importable (empty) extension module, so that setuptools can build it on every platform. */
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",
+                                    "Fused aggregation kernels, called through ctypes.", -1, NULL};
+
+PyMODINIT_FUNC PyInit__aggkernel(void) { return PyModule_Create(&module); }
