@@ -7,23 +7,29 @@ that each round's ratio to ``sequential`` compares steps taken seconds apart in 
 under the same machine load; wall time and process CPU time are both recorded. Memory: each
 variant alone in fresh processes, peak RSS (``ru_maxrss``). One extra instrumented step per
 variant splits the time into forward, backward and optimizer, and the aggregation's share of
-each (forward sum, recomputation in backward, backward into the slots).
+each (forward sum, recomputation in backward, backward: dot products and the gradient sums).
 
 Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: fused
 aggregation kernels, recomputed node inputs), ``dynamic-plain`` (the same with the plain, one
-edge at a time kernels: what shipped before the fused ones), ``dynamic-maxin8`` (fused kernels,
+edge at a time kernels: what shipped before the fused ones), ``dynamic-push`` (fused kernels, but
+backward adds ``w * g`` into each predecessor's gradient slot per edge, as the first fused
+version did, instead of deferring to the taps), ``dynamic-maxin8`` (fused kernels,
 only node inputs with at most 8 predecessors recomputed: ``recompute_max_inputs=8``),
 ``dynamic-norecompute`` (fused kernels, node inputs stored) and ``dynamic-stack`` (naive
 ``torch.stack`` aggregation).
 
 **Micro** (``--parts micro``). One graph node of ResNet-101's layer3 at batch 4 (and of
 ResNet-50's stages at batch 8): ``K`` predecessors of shape ``(B, C, H, W)``, forward sum (which
-is also the recomputation in backward) and backward into ``K`` gradient slots that already hold
-a gradient (``grad_w`` dot products plus ``slot_k += w_k * g``), plain and fused kernels,
-caches flushed before each call. Each is compared with the least memory traffic the operation
-needs (forward: ``K`` reads + 1 write; backward: ``g`` once, ``x_k`` once, each slot read and
-written) moved at the bandwidth of a large out-of-cache ``torch.add(a, b, out=c)`` measured in
-the same rounds: ``of_bound`` = that time / the measured time.
+is also the recomputation in backward) and backward, plain and fused kernels, caches flushed
+before each call. Backward is one node's share in a complete DAG, where a node has as many
+consumers as inputs: the ``grad_w`` dot products of its ``K`` input edges and the gradient of its
+output from ``K`` consumers. Plain: dots, then ``slot_k += w_k * g`` into ``K`` slots that already
+hold a gradient (push). Fused: dots in one pass (``g`` once, each ``x_k`` once), and the tap's sum
+of ``K`` deferred ``w * g_j`` terms in one pass (pull, ``GradSlot.take``). Each is compared with the
+least memory traffic the operation needs (forward: ``K`` reads + 1 write; backward: ``g`` and
+each ``x_k`` once, each ``g_j`` once and the sum written once, ``2K + 2``) moved at the bandwidth
+of a large out-of-cache ``torch.add(a, b, out=c)`` measured in the same rounds: ``of_bound`` =
+that time / the measured time.
 
     python bench/train_overhead.py                       # micro, then resnet50 b8 + resnet101 b4, 224x224
     python bench/train_overhead.py --parts micro
@@ -47,8 +53,16 @@ import sys
 import time
 from functools import partial
 
-VARIANTS = ("sequential", "dynamic", "dynamic-plain", "dynamic-maxin8", "dynamic-norecompute", "dynamic-stack")
-DEFAULT_VARIANTS = ("sequential", "dynamic", "dynamic-plain")
+VARIANTS = (
+    "sequential",
+    "dynamic",
+    "dynamic-push",
+    "dynamic-plain",
+    "dynamic-maxin8",
+    "dynamic-norecompute",
+    "dynamic-stack",
+)
+DEFAULT_VARIANTS = ("sequential", "dynamic", "dynamic-push", "dynamic-plain")
 
 # (label, shape, ks) of the micro-benchmark; resnet101 layer3 at batch 4 has nodes with 1..23 inputs
 MICRO_SHAPES = (
@@ -82,18 +96,58 @@ class _Timer:
     def __init__(self) -> None:
         self.t = {f"agg_{p}_{c}": 0.0 for p in ("forward", "recompute", "backward") for c in ("s", "cpu_s")}
         self.phase = "forward"
+        self.depth = 0  # a wrapped call inside another (the taps' sum calls the forward kernel) counts once
 
     def wrap(self, fn, phase=None):
         def wrapped(*a, **kw):
             t0, c0 = time.perf_counter(), time.process_time()
+            self.depth += 1
             try:
                 return fn(*a, **kw)
             finally:
-                ph = phase or ("forward" if self.phase == "forward" else "recompute")
-                self.t[f"agg_{ph}_s"] += time.perf_counter() - t0
-                self.t[f"agg_{ph}_cpu_s"] += time.process_time() - c0
+                self.depth -= 1
+                if self.depth == 0:
+                    ph = phase or ("forward" if self.phase == "forward" else "recompute")
+                    self.t[f"agg_{ph}_s"] += time.perf_counter() - t0
+                    self.t[f"agg_{ph}_cpu_s"] += time.process_time() - c0
 
         return wrapped
+
+
+def _push_backward():
+    """The first fused backward, for comparison: ``slot_k (+)= w_k * g`` per edge in the same pass as
+    the dot products (the slot is read and written once per edge), nothing deferred to the taps."""
+    import contextlib
+
+    import torch
+
+    from dynwire.layers import aggregation as agg
+
+    def push(weights, grad, xs, slots, need_w):
+        backend = agg._fused_backend([grad, *xs])
+        if backend is None or len({id(s) for s in slots}) != len(slots):
+            return False
+        task = torch._C._current_graph_task_id()
+        fresh = [s.grad is None or s.task != task for s in slots]
+        if any(not f and (s.grad.stride(), s.grad.dtype) != (grad.stride(), grad.dtype) for s, f in zip(slots, fresh)):
+            return False
+        targets = [torch.empty_like(grad) if f else s.grad for s, f in zip(slots, fresh)]
+        flat = [agg._flat(t) for t in targets]
+        grad_w = backend.backward(weights.detach(), agg._flat(grad), [agg._flat(x) for x in xs], flat, fresh, need_w)
+        for s, t, f in zip(slots, targets, fresh):
+            if f:
+                s.grad, s.task, s.pending = t, task, []
+        return None if grad_w is None else grad_w.to(weights.dtype)
+
+    @contextlib.contextmanager
+    def patched():
+        saved, agg._fused_backward_tapped = agg._fused_backward_tapped, push
+        try:
+            yield
+        finally:
+            agg._fused_backward_tapped = saved
+
+    return patched()
 
 
 class _Variant:
@@ -107,7 +161,7 @@ class _Variant:
         torch.manual_seed(0)
         wiring = "sequential" if variant == "sequential" else "dynamic"
         kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
-        recompute = variant in ("dynamic", "dynamic-plain", "dynamic-maxin8")
+        recompute = variant in ("dynamic", "dynamic-push", "dynamic-plain", "dynamic-maxin8")
         self.name = variant
         self.model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -122,6 +176,8 @@ class _Variant:
 
         if self.name == "dynamic-plain":
             return fused_aggregation("off")
+        if self.name == "dynamic-push":
+            return _push_backward()
         if self.name != "dynamic-stack":
             return contextlib.nullcontext()
 
@@ -156,9 +212,10 @@ class _Variant:
         from dynwire.layers import aggregation as agg
 
         timer = _Timer()
-        saved = (agg._aggregate_impl, agg._AggregateTapped.backward)
+        saved = (agg._aggregate_impl, agg._AggregateTapped.backward, agg.GradSlot.take)
         agg._aggregate_impl = timer.wrap(saved[0])
         agg._AggregateTapped.backward = staticmethod(timer.wrap(saved[1], "backward"))
+        agg.GradSlot.take = timer.wrap(saved[2], "backward")  # the taps' sums of deferred gradients
         try:
             with self.context():
                 t0 = time.perf_counter()
@@ -173,7 +230,52 @@ class _Variant:
         finally:
             agg._aggregate_impl = saved[0]
             agg._AggregateTapped.backward = staticmethod(saved[1])
+            agg.GradSlot.take = saved[2]
         return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2, **timer.t}
+
+
+def _agg_min_bytes(model, x) -> int:
+    """The least memory traffic of one training step's aggregations (bytes), from the model's graph.
+
+    Per node ``j`` with ``K`` inputs: forward ``K`` reads + 1 write; the recomputation in backward
+    the same again (block inputs only, where the variant recomputes); backward ``2K + 2`` (the dot
+    products read ``g`` and each input once, and each input edge's ``w * g`` is read once by the tap
+    that sums it, which writes once). Feature-map sizes come from one forward with hooks."""
+    import torch
+
+    from dynwire.graph.stage import GraphStage
+
+    sizes, hooks = {}, []
+    stages = [m for m in model.modules() if isinstance(m, GraphStage) and not m.edges.is_chain]
+    for st in stages:
+        hooks.append(st.blocks()[0].register_forward_hook(lambda m, i, o, st=st: sizes.__setitem__(st, o.nbytes)))
+    with torch.no_grad():
+        model.eval()(x[:1])
+    model.train()
+    for h in hooks:
+        h.remove()
+    total = 0
+    for st in stages:
+        limit = st.wiring.recompute_max_inputs
+        for j in range(1, st.num_nodes):
+            k = len(st.edges.predecessors(j))
+            recompute = st.wiring.recompute and j < st.num_blocks and (limit is None or k <= limit)
+            total += ((k + 1) * (2 if recompute else 1) + 2 * k + 2) * sizes[st] * x.shape[0]
+    return total
+
+
+def _bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """Best ``torch.add(a, b, out=c)`` bandwidth over out-of-cache tensors, with this process's threads."""
+    import torch
+
+    n = mib * 2**20 // 4
+    a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * n * 4 / best / 1e9
 
 
 def timing_worker(model_name: str, variants: list[str], batch: int, size: int, rounds: int) -> dict:
@@ -195,7 +297,16 @@ def timing_worker(model_name: str, variants: list[str], batch: int, size: int, r
             wall[v].append(w)
             cpu[v].append(c)
     split = {v: runs[v].instrumented_step(x, y) for v in variants}
-    return {"wall_s": wall, "cpu_s": cpu, "split": split, "loadavg": [load0, _loadavg()]}
+    min_bytes = {v: _agg_min_bytes(runs[v].model, x) for v in variants if v != "dynamic-stack"}
+    bw = _bandwidth_gbs()
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "split": split,
+        "agg_min_bytes": min_bytes,
+        "bandwidth_gbs": bw,
+        "loadavg": [load0, _loadavg()],
+    }
 
 
 def memory_worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> dict:
@@ -220,6 +331,18 @@ def _subprocess(args, *worker_args: str) -> dict:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run([*cmd, *worker_args], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _bound(min_bytes: int | None, bw: float, seq_step: float) -> dict | None:
+    if min_bytes is None:
+        return None
+    agg_s = min_bytes / bw / 1e9
+    return {
+        "agg_min_gb": round(min_bytes / 1e9, 3),
+        "bandwidth_gbs": round(bw, 2),
+        "agg_bound_s": round(agg_s, 4),
+        "time_ratio_floor": round((seq_step + agg_s) / seq_step, 3),
+    }
 
 
 def _spread(values: list[float]) -> dict:
@@ -249,6 +372,8 @@ def run_steps(args) -> dict:
                 mem[v].append(_subprocess(args, "--memory-worker", name, v, batch, str(args.memory_steps)))
         print(f"{name} b{batch}: memory done", flush=True)
         peak = {v: min(r["peak_rss_bytes"] for r in mem[v]) for v in variants}
+        bw = max(tw["bandwidth_gbs"] for tw in timing)
+        seq_step = statistics.median(wall["sequential"])
         train = {v: min(r["peak_rss_bytes"] - r["pre_train_rss_bytes"] for r in mem[v]) for v in variants}
         seq = "sequential"
         for v in variants:
@@ -273,6 +398,9 @@ def run_steps(args) -> dict:
                     "train_rss_gib": round(train[v] / 2**30, 3),
                     "train_memory_ratio": round(train[v] / train[seq], 3),
                     "split_s": {k: round(t, 4) for k, t in timing[0]["split"][v].items()},
+                    # the aggregation's least traffic at the measured bandwidth, added to the sequential step:
+                    # the best this variant's design can do on this machine
+                    "bound": _bound(timing[0]["agg_min_bytes"].get(v), bw, seq_step),
                     "raw_memory": mem[v],
                 }
             )
@@ -284,8 +412,12 @@ def run_steps(args) -> dict:
         "peak RSS (ru_maxrss) after memory_steps steps, best of memory_repeats; memory_ratio on whole-process peak "
         "RSS, train_memory_ratio on peak RSS minus the RSS before the first step (runtime, model, batch). split_s: "
         "one instrumented step after the timed rounds (first timing process): forward, backward, optimizer wall "
-        "time, and the aggregation's forward sum, recomputation in backward and backward into the slots (wall and "
-        "process CPU time).",
+        "time, and the aggregation's forward sum, recomputation in backward and backward (dot products, slot "
+        "updates, the taps' sums; wall and process CPU time). bound: the aggregation's least memory traffic per "
+        "step (forward K reads + 1 write per node, the same again where recomputed, backward 2K + 2) at the "
+        "bandwidth of torch.add(a, b, out=c) over 3 x 256 MiB measured in the timing process; time_ratio_floor = "
+        "(median sequential step + that time) / median sequential step. The floor counts what the operation needs "
+        "under the variant's recomputation policy, whatever its kernels move.",
         "rounds": args.rounds,
         "timing_processes": args.timing_processes,
         "memory_repeats": args.memory_repeats,
@@ -297,7 +429,7 @@ def run_steps(args) -> dict:
 def print_steps(doc: dict) -> None:
     print(
         f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time (median, min..max)':>27} {'x cpu':>6} "
-        f"{'x mem':>6} {'x train mem':>12} {'agg f/r/b cpu s':>18}"
+        f"{'x mem':>6} {'x train mem':>12} {'agg f/r/b cpu s':>18} {'floor':>6}"
     )
     for r in doc["results"]:
         s, t = r["split_s"], r["time_ratio"]
@@ -306,7 +438,8 @@ def print_steps(doc: dict) -> None:
             f"{r['model']:<10} {r['variant']:<20} {r['step_s_best']:>7.3f} "
             f"{spread:>27} {r['cpu_ratio']['median']:>6.3f} "
             f"{r['memory_ratio']:>6.3f} {r['train_memory_ratio']:>12.3f} "
-            f"{s['agg_forward_cpu_s']:>6.3f}/{s['agg_recompute_cpu_s']:.3f}/{s['agg_backward_cpu_s']:.3f}"
+            f"{s['agg_forward_cpu_s']:>6.3f}/{s['agg_recompute_cpu_s']:.3f}/{s['agg_backward_cpu_s']:.3f} "
+            f"{(r.get('bound') or {}).get('time_ratio_floor', float('nan')):>6.3f}"
         )
 
 
@@ -351,12 +484,21 @@ def run_micro(args) -> dict:
                     slot = agg.GradSlot()
                     slot.grad, slot.task = torch.randn(shape), torch._C._current_graph_task_id()
                     slots.append(slot)
+                gs = [torch.randn(shape) for _ in range(k)]  # the gradients of the node's K consumers
                 assert agg._fused_backend([g, *xs]) is not None, f"{label}: the fused kernels do not apply"
+
+                def fused_backward(w=w, g=g, xs=xs, gs=gs, k=k):
+                    agg._fused_backward_tapped(w, g, xs, [agg.GradSlot() for _ in range(k)], True)  # dots, defer
+                    out = agg.GradSlot()
+                    for j in range(k):
+                        out.defer(gs[j], w[:, j])
+                    return out.take()  # the node output's gradient from its K consumers, one pass
+
                 fns = {
                     ("plain", "forward"): partial(agg._aggregate_plain, w, xs),
                     ("fused", "forward"): partial(agg._aggregate_impl, w, xs),
                     ("plain", "backward"): partial(agg._plain_backward_tapped, w, g, xs, slots, True),
-                    ("fused", "backward"): partial(agg._fused_backward_tapped, w, g, xs, slots, True),
+                    ("fused", "backward"): fused_backward,
                 }
                 for fn in fns.values():
                     fn()
@@ -366,7 +508,7 @@ def run_micro(args) -> dict:
                     for key, fn in fns.items():
                         times[key].append(timed(fn))
                 tensor_bytes = xs[0].numel() * xs[0].element_size()
-                ideal = {"forward": (k + 1) * tensor_bytes, "backward": (3 * k + 1) * tensor_bytes}
+                ideal = {"forward": (k + 1) * tensor_bytes, "backward": (2 * k + 2) * tensor_bytes}
                 for (path, phase), ts in times.items():
                     row = {
                         "threads": threads,
@@ -398,8 +540,9 @@ def run_micro(args) -> dict:
     torch.set_num_threads(threads0)
     return {
         "notes": "Per node: forward = the K-input weighted sum (also what the recomputation in backward runs); "
-        "backward = grad_w dot products + accumulation into K slots that already hold a gradient. ideal_mb: the "
-        "least traffic (forward K reads + 1 write, backward 1 + 3K passes); gbs = ideal bytes / time, so a path "
+        "backward = grad_w dot products of K input edges + the output's gradient from K consumers (plain: "
+        "accumulation into K slots that already hold a gradient; fused: dots, then one pull sum of K deferred "
+        "terms). ideal_mb: the least traffic (forward K reads + 1 write, backward 2K + 2 passes); gbs = ideal bytes / time, so a path "
         "that moves more than the minimum shows a lower figure; of_bound = gbs_best / best bound of the same "
         "thread count; speedup_vs_plain: median over rounds of plain time / fused time. Caches flushed (a read of "
         "a bound-sized buffer) before every call; rounds interleave the paths and the bound. One thread is timed "

@@ -233,7 +233,8 @@ def test_fused_gradcheck(tapped, monkeypatch):
 
 @needs_fused
 def test_fused_slot_semantics():
-    """A slot already holding this pass's gradient is accumulated in place; a stale one is replaced."""
+    """The fused backward defers ``(w, g)`` to the slots; the tap adds what this pass left in the slot
+    (here a hook plays an earlier consumer) and discards a stale partial sum of another pass."""
     from dynwire.layers.aggregation import _AggregateTapped
 
     w = torch.rand(2, 2, dtype=torch.float64, requires_grad=True)
@@ -245,20 +246,26 @@ def test_fused_slot_semantics():
         out = _AggregateTapped.apply(w, tuple(slots), *[t for t, _ in taps])
         stale = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
         slots[1].grad, slots[1].task = stale, -5  # left behind by another backward pass
+        slots[1].pending = [(torch.ones(2, dtype=torch.float64), torch.ones_like(stale))]
         seen = {}
 
         def hook(grad):  # runs inside this backward pass, before the aggregation's backward
-            seen["held"] = slots[0].grad = torch.ones_like(grad)
-            slots[0].task = torch._C._current_graph_task_id()
+            slots[0].accumulate(torch.ones_like(grad), torch.ones(2, 1, 1, 1, dtype=torch.float64))
+            return grad
+
+        def after(grad):  # the tap's gradient: the aggregation has deferred to the slots by now
+            seen["pending"] = [len(s.pending) for s in slots]
             return grad
 
         out.register_hook(hook)
+        out.grad_fn.register_hook(lambda *a: after(None))
         gw, gx0, gx1 = torch.autograd.grad(out, [w, *xs], g)
     wc = w.detach()
-    torch.testing.assert_close(gx0, 1 + g * wc[:, 0].view(2, 1, 1, 1))
-    torch.testing.assert_close(seen["held"], gx0)  # accumulated in place into the held tensor
+    assert seen["pending"] == [1, 1]  # one deferred term each, the stale one dropped
+    torch.testing.assert_close(gx0, 1 + g * wc[:, 0].view(2, 1, 1, 1))  # held gradient + deferred term
     torch.testing.assert_close(gx1, g * wc[:, 1].view(2, 1, 1, 1))  # stale partial sum discarded
     assert stale.abs().sum() == 0  # ... and not written to
+    assert all(s.grad is None and not s.pending for s in slots)  # emptied by the taps
     torch.testing.assert_close(gw, torch.stack([(g * x).flatten(1).sum(1) for x in xs], 1))
 
 

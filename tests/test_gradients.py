@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import dynwire
-from dynwire.layers.aggregation import aggregate_reference
+from dynwire.layers.aggregation import aggregate_reference, fused_aggregation, fused_available
 
 # one small model per family; SiLU keeps float64 gradcheck away from ReLU kinks
 FAMILIES = {
@@ -87,15 +87,27 @@ def _grads(model, x, fn):
     return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+KERNELS = [
+    "auto",
+    # the fused C kernels on every aggregation, however small (auto leaves these tiny maps to the
+    # plain kernels): deferred slot gradients summed by the taps, against the same reference
+    pytest.param("always", marks=pytest.mark.skipif(not fused_available(), reason="fused kernels not built")),
+]
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("wiring", ["dynamic", "static", "random-er", "sequential"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_model_matches_plain_autograd_reference(family, wiring, recompute):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_model_matches_plain_autograd_reference(family, wiring, recompute, kernels):
+    if kernels == "always" and wiring == "sequential":
+        pytest.skip("no aggregation")
     model = _small(family, wiring, recompute=recompute, act_layer=nn.SiLU).train()
     b, size = INPUT[family]
     x = torch.randn(b, 3, size, size, dtype=torch.float64)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    out, gx, grads = _grads(model, x, model)
+    with fused_aggregation(kernels):
+        out, gx, grads = _grads(model, x, model)
     model.load_state_dict(state)  # undo the BatchNorm running-stat update
     ref, rgx, rgrads = _grads(model, x, lambda t: reference_forward(model, t))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
@@ -126,34 +138,38 @@ def test_whole_model_float64_gradcheck():
     assert torch.autograd.gradcheck(f, (x, *ps), fast_mode=True, atol=1e-6, rtol=1e-5)
 
 
-def _two_backwards(fused: bool):
+def _two_backwards(fused: bool, kernels: str = "off"):
     model = _small("resnet", "dynamic", dtype=torch.float32).train()
     for _, s in model.graph_stages():
         s.fused_grad = fused
     x = torch.randn(4, 3, 16, 16)
-    loss = model(x).square().mean()
-    taus = [s.edges.tau for _, s in model.graph_stages()]
-    (g_tau,) = torch.autograd.grad(loss, [taus[0]], retain_graph=True)
-    loss.backward()
+    with fused_aggregation(kernels):
+        loss = model(x).square().mean()
+        taus = [s.edges.tau for _, s in model.graph_stages()]
+        (g_tau,) = torch.autograd.grad(loss, [taus[0]], retain_graph=True)
+        loss.backward()
     return g_tau, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_partial_autograd_grad_leaves_no_stale_gradient():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_partial_autograd_grad_leaves_no_stale_gradient(kernels):
     """``autograd.grad`` w.r.t. one threshold, then ``backward``: same as plain autograd."""
-    g_tau, fused = _two_backwards(True)
+    g_tau, fused = _two_backwards(True, kernels)
     g_tau_ref, plain = _two_backwards(False)
     torch.testing.assert_close(g_tau, g_tau_ref)
     for n in plain:
         torch.testing.assert_close(fused[n], plain[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_repeated_backward_with_retained_graph():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_repeated_backward_with_retained_graph(kernels):
     model = _small("resnet", "static", dtype=torch.float32).train()
     x = torch.randn(4, 3, 16, 16)
-    loss = model(x).square().mean()
-    loss.backward(retain_graph=True)
-    once = {n: p.grad.clone() for n, p in model.named_parameters()}
-    loss.backward()
+    with fused_aggregation(kernels):
+        loss = model(x).square().mean()
+        loss.backward(retain_graph=True)
+        once = {n: p.grad.clone() for n, p in model.named_parameters()}
+        loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-5, atol=1e-7)
 

@@ -6,7 +6,7 @@
  * a dense (B, N) block: sample b starts at element b * N.
  *
  *   forward:  out[b, :] = sum_k w[b, k] * xs[k][b, :]
- *   backward: slots[k][b, :] (+)= w[b, k] * g[b, :]   ("=" where fresh[k])
+ *   backward: slots[k][b, :] (+)= w[b, k] * g[b, :]   ("=" where fresh[k]; skipped when slots is NULL)
  *             dots[t, k] = <g[b, c0:c1], xs[k][b, c0:c1]> for task t = (b, chunk [c0, c1))
  *
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
@@ -123,6 +123,16 @@ static inline uint16_t bf16_store(float f) {
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
             const int64_t n = MIN(BLK, c1 - s);                                                                  \
             for (int64_t i = 0; i < n; i++) gb[i] = LD(g[off + s + i]);                                          \
+            if (!slots) { /* dots only: the slots are summed later, by the consumer (pull) */                    \
+                for (int64_t k = 0; k < K; k++) {                                                                \
+                    const T *x = xs[k] + off + s;                                                                \
+                    A acc = 0;                                                                                   \
+                    _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) acc +=                \
+                        gb[i] * LD(x[i]);                                                                        \
+                    dots[k] += (double)acc;                                                                      \
+                }                                                                                                \
+                continue;                                                                                        \
+            }                                                                                                    \
             for (int64_t k = 0; k < K; k++) {                                                                    \
                 const A wk = w[k];                                                                               \
                 T *sl = slots[k] + off + s;                                                                      \
@@ -179,8 +189,9 @@ DEFINE_KERNELS(f32, float, float, ID, ID)
 DEFINE_KERNELS(f64, double, double, ID, ID)
 DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
 
-/* ABI version checked by aggregation.py: bump when a signature changes. */
-int dynwire_agg_abi(void) { return 1; }
+/* ABI version checked by aggregation.py: bump when a signature or a contract changes
+ * (2: slots may be NULL, then only the dots are computed). */
+int dynwire_agg_abi(void) { return 2; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

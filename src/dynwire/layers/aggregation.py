@@ -73,7 +73,9 @@ def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
 # gradient slot (read and write): about 11 passes per edge. The fused kernels walk each sample in
 # blocks that stay in L1 and handle all ``K`` edges per block: the running sum (forward) and ``g``
 # (backward) are read from memory once per node, so an edge costs one pass forward, one in the
-# recomputation and three in backward (``x_k``, and the slot read and written): about 5. On CPU
+# recomputation and two in backward: ``x_k`` for the weight's gradient, and ``g`` once more when the
+# predecessor's tap sums all its consumers' ``w * g`` (``GradSlot.take``; accumulating into a slot
+# per edge instead reads and writes the slot, three passes). About 4 in all. On CPU
 # they are a small C/OpenMP library (``_aggkernel.c``, built at install time, one parallel loop per
 # call in PyTorch's own OpenMP runtime), called through ctypes. Tiled ATen ops (one call per
 # sample, L2-sized tile and edge) were tried first and measured no faster than the plain kernels:
@@ -89,10 +91,16 @@ class _FusedBackend:
         raise NotImplementedError
 
     def backward(
-        self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
+        self,
+        weights: Tensor,
+        fg: Tensor,
+        fx: list[Tensor],
+        fslots: list[Tensor] | None,
+        fresh: list[bool] | None,
+        need_w: bool,
     ) -> Tensor | None:
-        """``fslots[k] (+)= weights[:, k] * fg`` (``=`` where ``fresh[k]``); returns ``grad_w[b, k] = <fg[b], fx[k][b]>``
-        (float64) when ``need_w``."""
+        """``fslots[k] (+)= weights[:, k] * fg`` (``=`` where ``fresh[k]``; nothing when ``fslots`` is None);
+        returns ``grad_w[b, k] = <fg[b], fx[k][b]>`` (float64) when ``need_w``."""
         raise NotImplementedError
 
 
@@ -127,7 +135,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 1:
+            if lib.dynwire_agg_abi() != 2:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):
@@ -157,16 +165,24 @@ class _CpuKernels(_FusedBackend):
         self._fwd[fo.dtype](B, N, len(fx), xs, w.data_ptr(), fo.data_ptr(), FUSED_CHUNK, self._threads(fo.numel()))
 
     def backward(
-        self, weights: Tensor, fg: Tensor, fx: list[Tensor], fslots: list[Tensor], fresh: list[bool], need_w: bool
+        self,
+        weights: Tensor,
+        fg: Tensor,
+        fx: list[Tensor],
+        fslots: list[Tensor] | None,
+        fresh: list[bool] | None,
+        need_w: bool,
     ) -> Tensor | None:
         B, N = fg.shape
+        if fslots is None and not need_w:
+            return None
         K = len(fx)
         w = self._weights(weights, fg.dtype, B, K)
         chunks = -(-N // FUSED_CHUNK)
         dots = torch.empty(B * chunks, K, dtype=torch.float64) if need_w else None
         xs = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fx])
-        slots = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fslots])
-        fr = (ctypes.c_uint8 * K)(*fresh)
+        slots = None if fslots is None else (ctypes.c_void_p * K)(*[f.data_ptr() for f in fslots])
+        fr = None if fslots is None else (ctypes.c_uint8 * K)(*fresh)
         self._bwd[fg.dtype](
             B,
             N,
@@ -363,31 +379,62 @@ def _check_inputs(weights: Tensor, xs: Sequence[Tensor]) -> None:
 class GradSlot:
     """Gradient accumulator of one node output, shared by every aggregation that reads it.
 
-    The accumulated gradient belongs to one backward pass (autograd graph task). A pass that
-    runs an aggregation's backward but not the tap (``torch.autograd.grad`` with respect to a
-    threshold only, say) leaves a partial sum behind; it is tagged with that pass's id and
-    discarded by the next pass instead of being added to its gradient.
+    Consumers either add ``w * g`` into ``grad`` in place (``accumulate``: the plain kernels) or
+    leave ``(w, g)`` in ``pending`` (``defer``: the fused kernels), and the tap sums the pending
+    terms in one fused pass when the node's own backward runs (``take``). Deferring reads each
+    consumer's ``g`` once, where accumulating reads and writes the slot once per consumer.
+
+    The state belongs to one backward pass (autograd graph task). A pass that runs an
+    aggregation's backward but not the tap (``torch.autograd.grad`` with respect to a threshold
+    only, say) leaves a partial sum behind; it is tagged with that pass's id and discarded by the
+    next pass instead of being added to its gradient.
     """
 
-    __slots__ = ("grad", "task")
+    __slots__ = ("grad", "pending", "task")
 
     def __init__(self) -> None:
         self.grad: Tensor | None = None
+        self.pending: list[tuple[Tensor, Tensor]] = []
         self.task: int = -1
 
-    def accumulate(self, g: Tensor, w: Tensor) -> None:
+    def _claim(self) -> None:
         task = torch._C._current_graph_task_id()
-        if self.grad is None or self.task != task:
+        if self.task != task:
+            self.grad, self.pending, self.task = None, [], task
+
+    def accumulate(self, g: Tensor, w: Tensor) -> None:
+        """``grad += w * g`` now (``w`` broadcasts per sample)."""
+        self._claim()
+        if self.grad is None:
             self.grad = g * w
-            self.task = task
         else:
             self.grad.addcmul_(g, w)
 
-    def take(self) -> Tensor | None:
-        """The gradient accumulated in the current backward pass (and empty the slot)."""
-        acc, task = self.grad, self.task
-        self.grad, self.task = None, -1
-        return acc if acc is not None and task == torch._C._current_graph_task_id() else None
+    def defer(self, g: Tensor, w: Tensor) -> None:
+        """Remember ``w * g`` (``w``: ``(B,)``) for ``take`` to sum; ``g`` is kept alive until then."""
+        self._claim()
+        self.pending.append((w, g))
+
+    def take(self, grad: Tensor | None = None) -> Tensor | None:
+        """This backward pass's gradient plus ``grad`` (the node output's other consumers); empties
+        the slot. None when there is neither."""
+        acc, pending, task = self.grad, self.pending, self.task
+        self.grad, self.pending, self.task = None, [], -1
+        if task != torch._C._current_graph_task_id():
+            acc, pending = None, []
+        terms = [t for t in (acc, grad) if t is not None]
+        if not pending:
+            if len(terms) == 2:
+                return acc.add_(grad)
+            return terms[0] if terms else None
+        ws, gs = [w for w, _ in pending], [g for _, g in pending]
+        with torch.no_grad():
+            if terms and _fused_backend(gs + terms) is not None:  # the other terms in the same pass
+                return _aggregate_impl(torch.stack(ws + [torch.ones_like(ws[0])] * len(terms), 1), gs + terms)
+            out = _aggregate_impl(torch.stack(ws, 1), gs)
+            for t in terms:
+                out.add_(t)
+            return out
 
 
 class _Tap(torch.autograd.Function):
@@ -401,12 +448,7 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor | None):
-        acc = ctx.slot.take()
-        if acc is None:
-            return grad, None
-        if grad is not None:
-            acc.add_(grad)
-        return acc, None
+        return ctx.slot.take(grad), None
 
 
 def tap(x: Tensor) -> tuple[Tensor, GradSlot]:
@@ -423,28 +465,17 @@ def tap(x: Tensor) -> tuple[Tensor, GradSlot]:
 def _fused_backward_tapped(
     weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
 ):
-    """Fused backward into gradient slots; returns ``grad_w`` (None if not needed), or False when the
-    fused kernel does not apply (then nothing has been touched)."""
+    """Fused backward into gradient slots: ``grad_w`` in one pass that reads ``grad`` once and every
+    input once, and ``(w_k, grad)`` deferred to each slot, which its tap sums with its other
+    consumers' terms in one pass (``GradSlot.take``). Returns ``grad_w`` (None if not needed), or
+    False when the fused kernel does not apply (then nothing has been touched)."""
     backend = _fused_backend([grad, *xs])
-    if backend is None or len({id(s) for s in slots}) != len(slots):
+    if backend is None:
         return False
-    task = torch._C._current_graph_task_id()
-    fresh = [s.grad is None or s.task != task for s in slots]
-    for s, f in zip(slots, fresh):
-        if not f and (s.grad.stride(), s.grad.shape, s.grad.dtype, s.grad.device) != (
-            grad.stride(),
-            grad.shape,
-            grad.dtype,
-            grad.device,
-        ):
-            return False
-    targets = [torch.empty_like(grad) if f else s.grad for s, f in zip(slots, fresh)]
-    grad_w = backend.backward(
-        weights.detach(), _flat(grad), [_flat(x) for x in xs], [_flat(t) for t in targets], fresh, need_w
-    )
-    for s, t, f in zip(slots, targets, fresh):
-        if f:
-            s.grad, s.task = t, task
+    w = weights.detach()
+    grad_w = backend.backward(w, _flat(grad), [_flat(x) for x in xs], None, None, need_w)
+    for k, s in enumerate(slots):
+        s.defer(grad, w[:, k])
     return None if grad_w is None else grad_w.to(weights.dtype)
 
 
