@@ -10,11 +10,12 @@ variant splits the time into forward, backward and optimizer, and the aggregatio
 each (forward sum, recomputation in backward, backward: dot products and the gradient sums).
 
 Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: fused
-aggregation kernels, recomputed node inputs), ``dynamic-plain`` (the same with the plain, one
+aggregation kernels, node inputs recomputed where a node has at most 8 predecessors, the default
+``recompute_max_inputs=8``), ``dynamic-plain`` (the same with the plain, one
 edge at a time kernels: what shipped before the fused ones), ``dynamic-push`` (fused kernels, but
 backward adds ``w * g`` into each predecessor's gradient slot per edge, as the first fused
-version did, instead of deferring to the taps), ``dynamic-maxin8`` (fused kernels,
-only node inputs with at most 8 predecessors recomputed: ``recompute_max_inputs=8``),
+version did, instead of deferring to the taps), ``dynamic-recompute-all`` (every node
+input recomputed: ``recompute_max_inputs=None``),
 ``dynamic-norecompute`` (fused kernels, node inputs stored) and ``dynamic-stack`` (naive
 ``torch.stack`` aggregation).
 
@@ -58,7 +59,7 @@ VARIANTS = (
     "dynamic",
     "dynamic-push",
     "dynamic-plain",
-    "dynamic-maxin8",
+    "dynamic-recompute-all",
     "dynamic-norecompute",
     "dynamic-stack",
 )
@@ -160,8 +161,8 @@ class _Variant:
 
         torch.manual_seed(0)
         wiring = "sequential" if variant == "sequential" else "dynamic"
-        kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
-        recompute = variant in ("dynamic", "dynamic-push", "dynamic-plain", "dynamic-maxin8")
+        kw = {"recompute_max_inputs": None} if variant == "dynamic-recompute-all" else {}
+        recompute = variant in ("dynamic", "dynamic-push", "dynamic-plain", "dynamic-recompute-all")
         self.name = variant
         self.model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
