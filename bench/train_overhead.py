@@ -10,12 +10,11 @@ variant splits the time into forward, backward and optimizer, and the aggregatio
 each (forward sum, recomputation in backward, backward: dot products and the gradient sums).
 
 Variants: ``sequential`` (torchvision's network), ``dynamic`` (DG-Net as shipped: fused
-aggregation kernels, node inputs recomputed where a node has at most 8 predecessors, the default
-``recompute_max_inputs=8``), ``dynamic-plain`` (the same with the plain, one
+aggregation kernels, every node input recomputed), ``dynamic-plain`` (the same with the plain, one
 edge at a time kernels: what shipped before the fused ones), ``dynamic-push`` (fused kernels, but
 backward adds ``w * g`` into each predecessor's gradient slot per edge, as the first fused
-version did, instead of deferring to the taps), ``dynamic-recompute-all`` (every node
-input recomputed: ``recompute_max_inputs=None``),
+version did, instead of deferring to the taps), ``dynamic-maxin8`` (only the inputs of
+nodes with at most 8 predecessors recomputed: ``recompute_max_inputs=8``),
 ``dynamic-norecompute`` (fused kernels, node inputs stored) and ``dynamic-stack`` (naive
 ``torch.stack`` aggregation).
 
@@ -32,8 +31,14 @@ each ``x_k`` once, each ``g_j`` once and the sum written once, ``2K + 2``) moved
 of a large out-of-cache ``torch.add(a, b, out=c)`` measured in the same rounds: ``of_bound`` =
 that time / the measured time.
 
-    python bench/train_overhead.py                       # micro, then resnet50 b8 + resnet101 b4, 224x224
-    python bench/train_overhead.py --parts micro
+**Stage** (``--parts stage``). The aggregation's whole backward through ResNet-101's layer3 (23
+blocks, 276 edges; block backward left out) with every tensor allocated as in a step: ``plain``,
+``push`` (the first fused version: each edge's ``w * g`` added into the predecessor's slot in the
+dots pass) and ``pull`` (shipped: dots, then one sum per tap). The fair A/B of the two fused
+designs, which the node-level micro-benchmark (pre-allocated slots) is not.
+
+    python bench/train_overhead.py                       # micro, stage, then resnet50 b8 + resnet101 b4, 224x224
+    python bench/train_overhead.py --parts micro stage
     python bench/train_overhead.py --parts steps --threads 1 --rounds 9
     python bench/train_overhead.py --parts steps --models resnet18:8 --rounds 2 --out /tmp/x.json
 
@@ -59,7 +64,7 @@ VARIANTS = (
     "dynamic",
     "dynamic-push",
     "dynamic-plain",
-    "dynamic-recompute-all",
+    "dynamic-maxin8",
     "dynamic-norecompute",
     "dynamic-stack",
 )
@@ -161,8 +166,8 @@ class _Variant:
 
         torch.manual_seed(0)
         wiring = "sequential" if variant == "sequential" else "dynamic"
-        kw = {"recompute_max_inputs": None} if variant == "dynamic-recompute-all" else {}
-        recompute = variant in ("dynamic", "dynamic-push", "dynamic-plain", "dynamic-recompute-all")
+        kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
+        recompute = variant in ("dynamic", "dynamic-push", "dynamic-plain", "dynamic-maxin8")
         self.name = variant
         self.model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -397,7 +402,9 @@ def run_steps(args) -> dict:
                         round(a["peak_rss_bytes"] / b["peak_rss_bytes"], 3) for a, b in zip(mem[v], mem[seq])
                     ],
                     "train_rss_gib": round(train[v] / 2**30, 3),
-                    "train_memory_ratio": round(train[v] / train[seq], 3),
+                    # None when the sequential process never grew past its pre-training peak (a
+                    # transient at start-up can set ru_maxrss): then only memory_ratio is meaningful
+                    "train_memory_ratio": round(train[v] / train[seq], 3) if train[seq] > 0 else None,
                     "split_s": {k: round(t, 4) for k, t in timing[0]["split"][v].items()},
                     # the aggregation's least traffic at the measured bandwidth, added to the sequential step:
                     # the best this variant's design can do on this machine
@@ -438,7 +445,7 @@ def print_steps(doc: dict) -> None:
         print(
             f"{r['model']:<10} {r['variant']:<20} {r['step_s_best']:>7.3f} "
             f"{spread:>27} {r['cpu_ratio']['median']:>6.3f} "
-            f"{r['memory_ratio']:>6.3f} {r['train_memory_ratio']:>12.3f} "
+            f"{r['memory_ratio']:>6.3f} {r['train_memory_ratio'] or float('nan'):>12.3f} "
             f"{s['agg_forward_cpu_s']:>6.3f}/{s['agg_recompute_cpu_s']:.3f}/{s['agg_backward_cpu_s']:.3f} "
             f"{(r.get('bound') or {}).get('time_ratio_floor', float('nan')):>6.3f}"
         )
@@ -575,12 +582,96 @@ def print_micro(doc: dict) -> None:
             )
 
 
+# ----------------------------------------------------------------------------------------- stage
+
+
+def run_stage(args) -> dict:
+    """The aggregation's whole backward through one complete-DAG stage (ResNet-101's layer3 at batch
+    4: 23 blocks and the output node, 276 edges), block backward left out: for node ``j = N..1``
+    the dot products of its ``j`` input edges and its inputs' gradient terms, then node ``j - 1``'s
+    tap takes its output gradient, which is the next ``g``. Paths: ``plain`` (one edge at a time into
+    the slots), ``push`` (fused, ``slot += w * g`` per edge in the dots pass) and ``pull`` (fused, as
+    shipped: dots, then each tap sums its deferred terms in one pass). Every tensor is allocated
+    inside the timed region, as in a training step."""
+    import torch
+
+    from dynwire.layers import aggregation as agg
+
+    n, shape = 23, (4, 1024, 14, 14)
+    torch.manual_seed(0)
+    ys = [torch.randn(shape) for _ in range(n)]
+    g0 = torch.randn(shape)
+    w = (torch.rand(shape[0], n + 1, n + 1) + 0.1) / 6  # keeps the chained sums of the order of g0
+    with _push_backward():
+        push = agg._fused_backward_tapped
+    paths = {"plain": agg._plain_backward_tapped, "push": push, "pull": agg._fused_backward_tapped}
+
+    def stage_backward(fn):
+        slots = [agg.GradSlot() for _ in range(n)]
+        g = g0
+        for j in range(n, 0, -1):
+            fn(w[:, j, :j].contiguous(), g, ys[:j], slots[:j], True)
+            g = slots[j - 1].take(None)
+        return g
+
+    ref = stage_backward(paths["plain"])
+    for name, fn in paths.items():  # the paths agree before they are timed
+        err = ((stage_backward(fn) - ref).abs().max() / ref.abs().max()).item()
+        if err > 1e-5:
+            raise RuntimeError(f"stage backward: {name} differs from plain by {err:.2e}")
+    threads0 = torch.get_num_threads()
+    tensor_bytes = g0.numel() * g0.element_size()
+    ideal = sum(2 * j + 2 for j in range(1, n + 1)) * tensor_bytes
+    rows = []
+    for threads in args.micro_threads:
+        torch.set_num_threads(threads)
+        clock = time.thread_time if threads == 1 else time.perf_counter
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        names = list(paths)
+        for r in range(args.micro_rounds):
+            for name in names[r % 3 :] + names[: r % 3]:
+                t0 = clock()
+                stage_backward(paths[name])
+                times[name].append(clock() - t0)
+        for name, ts in times.items():
+            rows.append(
+                {
+                    "threads": threads,
+                    "path": name,
+                    "ms_best": round(min(ts) * 1e3, 2),
+                    "ms_median": round(statistics.median(ts) * 1e3, 2),
+                    "gbs_best": round(ideal / min(ts) / 1e9, 2),
+                    "speedup_vs_push": round(statistics.median(p / t for p, t in zip(times["push"], ts)), 3),
+                }
+            )
+        print(f"{threads} thread(s) stage backward: done", flush=True)
+    torch.set_num_threads(threads0)
+    return {
+        "node": "resnet101.layer3 b4, 23 blocks + output node (276 edges)",
+        "ideal_mb": round(ideal / 2**20, 1),
+        "notes": "One stage's aggregation backward (dots and gradient terms of every edge, the taps' sums), block "
+        "backward left out; rounds rotate the paths; one thread timed with thread CPU time, more with wall time. "
+        "speedup_vs_push: median over rounds of push time / this path's time. ideal_mb: sum over nodes of 2K + 2 "
+        "passes; gbs_best = ideal / best time.",
+        "rows": rows,
+    }
+
+
+def print_stage(doc: dict) -> None:
+    print(f"\nstage backward, {doc['node']}: least traffic {doc['ideal_mb']} MiB")
+    for r in doc["rows"]:
+        print(
+            f"{r['threads']} thread(s) {r['path']:<6} {r['ms_best']:>8.1f} ms best {r['ms_median']:>8.1f} median "
+            f"{r['gbs_best']:>6.2f} GB/s  {r['speedup_vs_push']:.3f}x vs push"
+        )
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["micro", "steps"], choices=["micro", "steps"])
+    ap.add_argument("--parts", nargs="+", default=["micro", "stage", "steps"], choices=["micro", "stage", "steps"])
     ap.add_argument("--models", nargs="+", default=["resnet50:8", "resnet101:4"], help="name:batch pairs")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     ap.add_argument("--size", type=int, default=224)
@@ -618,7 +709,9 @@ def main() -> None:
     if os.path.exists(args.out):
         with open(args.out) as f:
             old = json.load(f)
-        doc = {k: v for k, v in old.items() if k == "micro" or k.startswith("steps_")}  # parts not rerun are kept
+        doc = {
+            k: v for k, v in old.items() if k in ("micro", "stage") or k.startswith("steps_")
+        }  # parts not rerun are kept
     doc["goal"] = "dynamic <= 1.05x time and <= 1.10x peak memory of sequential"
     doc["machine"] = {
         "cpus": os.cpu_count(),
@@ -631,7 +724,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_"))}
     # step results are kept per thread count: "steps_t2" (torch's default here), "steps_t1", ...
     steps_key = f"steps_t{args.threads or torch.get_num_threads()}"
-    for part, run, show in (("micro", run_micro, print_micro), (steps_key, run_steps, print_steps)):
+    parts = (("micro", run_micro, print_micro), ("stage", run_stage, print_stage), (steps_key, run_steps, print_steps))
+    for part, run, show in parts:
         if part.split("_")[0] not in args.parts:
             continue
         load0 = _loadavg()

@@ -123,8 +123,24 @@ static inline uint16_t bf16_store(float f) {
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
             const int64_t n = MIN(BLK, c1 - s);                                                                  \
             for (int64_t i = 0; i < n; i++) gb[i] = LD(g[off + s + i]);                                          \
-            if (!slots) { /* dots only: the slots are summed later, by the consumer (pull) */                    \
-                for (int64_t k = 0; k < K; k++) {                                                                \
+            if (!slots) { /* dots only (the slots are summed later, by the consumer: pull), 4 inputs at a time */ \
+                int64_t k = 0;                                                                                   \
+                for (; k + 4 <= K; k += 4) {                                                                     \
+                    const T *x0 = xs[k] + off + s, *x1 = xs[k + 1] + off + s;                                    \
+                    const T *x2 = xs[k + 2] + off + s, *x3 = xs[k + 3] + off + s;                                \
+                    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                            \
+                    _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t i = 0; i < n; i++) {          \
+                        a0 += gb[i] * LD(x0[i]);                                                                 \
+                        a1 += gb[i] * LD(x1[i]);                                                                 \
+                        a2 += gb[i] * LD(x2[i]);                                                                 \
+                        a3 += gb[i] * LD(x3[i]);                                                                 \
+                    }                                                                                            \
+                    dots[k] += (double)a0;                                                                       \
+                    dots[k + 1] += (double)a1;                                                                   \
+                    dots[k + 2] += (double)a2;                                                                   \
+                    dots[k + 3] += (double)a3;                                                                   \
+                }                                                                                                \
+                for (; k < K; k++) {                                                                             \
                     const T *x = xs[k] + off + s;                                                                \
                     A acc = 0;                                                                                   \
                     _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) acc +=                \
