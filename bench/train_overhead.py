@@ -5,7 +5,7 @@ micro-benchmark of one node's aggregation against the machine's memory bandwidth
 training step of each per round, the order rotated every round (after a warm-up step each), so
 that each round's ratio to ``sequential`` compares steps taken seconds apart in the same process
 under the same machine load; wall time and process CPU time are both recorded. Memory: each
-variant alone in fresh processes, peak RSS (``ru_maxrss``). One extra instrumented step per
+variant alone in fresh processes, peak RSS (``VmHWM``). One extra instrumented step per
 variant splits the time into forward, backward and optimizer, and the aggregation's share of
 each (forward sum, recomputation in backward, backward: dot products and the gradient sums).
 
@@ -315,8 +315,22 @@ def timing_worker(model_name: str, variants: list[str], batch: int, size: int, r
     }
 
 
+def _peak_rss_kb() -> int:
+    """This process image's peak RSS. Linux carries ``ru_maxrss`` over ``execve`` from the parent
+    (a bench process that ran the micro-benchmark first would set every worker's peak), so the
+    per-image ``VmHWM`` of ``/proc/self/status`` is read where it exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def memory_worker(model_name: str, variant: str, batch: int, size: int, steps: int) -> dict:
-    """Peak RSS of one variant alone in a fresh process (``ru_maxrss`` covers the whole process)."""
+    """Peak RSS of one variant alone in a fresh process (``VmHWM`` covers the whole process)."""
     import torch
 
     run = _Variant(model_name, variant)
@@ -325,9 +339,9 @@ def memory_worker(model_name: str, variant: str, batch: int, size: int, steps: i
     y = torch.randint(0, 1000, (batch,))
     # RSS of the runtime + model + data before any training step: subtracted to get the
     # memory that training itself adds (activations, gradients, optimizer state).
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kb = _peak_rss_kb()
     times = [run.step(x, y)[0] for _ in range(steps)]
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_kb = _peak_rss_kb()
     return {"peak_rss_bytes": rss_kb * 1024, "pre_train_rss_bytes": base_kb * 1024, "step_s": times}
 
 
@@ -403,7 +417,7 @@ def run_steps(args) -> dict:
                     ],
                     "train_rss_gib": round(train[v] / 2**30, 3),
                     # None when the sequential process never grew past its pre-training peak (a
-                    # transient at start-up can set ru_maxrss): then only memory_ratio is meaningful
+                    # transient at start-up can set the peak): then only memory_ratio is meaningful
                     "train_memory_ratio": round(train[v] / train[seq], 3) if train[seq] > 0 else None,
                     "split_s": {k: round(t, 4) for k, t in timing[0]["split"][v].items()},
                     # the aggregation's least traffic at the measured bandwidth, added to the sequential step:
@@ -417,7 +431,7 @@ def run_steps(args) -> dict:
         "rotated every round, after one warm-up step each; time_ratio / cpu_ratio: each round's step (wall / process "
         "CPU time, all threads) divided by the sequential step of the same round: median, min, max over rounds and "
         "processes. A busy machine inflates wall time far more than CPU time. Memory: fresh process per variant, "
-        "peak RSS (ru_maxrss) after memory_steps steps, best of memory_repeats; memory_ratio on whole-process peak "
+        "peak RSS (VmHWM) after memory_steps steps, best of memory_repeats; memory_ratio on whole-process peak "
         "RSS, train_memory_ratio on peak RSS minus the RSS before the first step (runtime, model, batch). split_s: "
         "one instrumented step after the timed rounds (first timing process): forward, backward, optimizer wall "
         "time, and the aggregation's forward sum, recomputation in backward and backward (dot products, slot "
