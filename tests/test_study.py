@@ -83,6 +83,7 @@ def test_grid_expansion_names_dedupe_and_seed_order(tmp_path: Path) -> None:
         ({"options": {"a": ["train.seed=3"]}}, "set by the study runner"),
         ({"options": {"a": ["nonsense"]}}, "section.key=value"),
         ({"reference": "nope"}, "reference"),
+        ({"compare": ["nope"]}, "compare must be a list of wirings"),
         ({"colour": 1}, "unknown key"),
     ],
 )
@@ -111,7 +112,9 @@ def _fake_run(st, run, top1: float, wall: float = 100.0) -> None:
 
 
 def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
-    st = _study(tmp_path)
+    raw = json.loads(json.dumps(GRID))
+    raw["groups"][0]["compare"] = ["dynamic"]  # also pair every cell with dynamic (Table 4's comparison)
+    st = _study(tmp_path, raw)
     for r in st.runs:
         if not r.overrides:
             _fake_run(st, r, TOP1[r.wiring][r.seed])
@@ -133,6 +136,9 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
     d = core["dynamic"]["diffs"]["vs static"]  # 0.5, -0.5, 1.0: mean 1/3, s = sqrt(7/12)
     assert d["mean"] == pytest.approx(1 / 3) and d["std"] == pytest.approx(math.sqrt(7 / 12))
     assert "vs sequential" not in core["sequential"]["diffs"] and "vs static" in core["sequential"]["diffs"]
+    d = core["static"]["diffs"]["vs dynamic"]  # -0.5, +0.5, -1.0
+    assert d["diffs"] == pytest.approx([-0.5, 0.5, -1.0]) and d["mean"] == pytest.approx(-1 / 3)
+    assert "vs dynamic" not in core["dynamic"]["diffs"]
     bias = {c["option"]: c for c in s["groups"][1]["cells"]}
     assert bias["bias +3"]["top1_by_seed"] == {"0": 90.5, "1": 91.0}  # shared with core's dynamic runs
     d = bias["bias -3"]["diffs"]["vs bias +3"]

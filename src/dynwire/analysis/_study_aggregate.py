@@ -158,7 +158,7 @@ def aggregate(
                 "paper": g.paper.get(c.label) or g.paper.get(c.option) or g.paper.get(c.wiring),
                 "diffs": {},
             }
-            for ref in ("sequential", "static"):
+            for ref in ("sequential", "static", *g.compare):
                 if c.wiring == ref and not c.overrides:
                     continue
                 ref_runs = _reference_runs(study, c.model, ref, all_seeds)

@@ -89,6 +89,7 @@ class Group:
     paper: dict[str, str] = field(default_factory=dict)
     contrast: str | None = None  # name of another group: compare gains (vs sequential) seed by seed
     note: str = ""
+    compare: list[str] = field(default_factory=list)  # more option-free wirings to pair against
 
 
 @dataclass
@@ -212,6 +213,7 @@ def study_from_dict(
             "paper",
             "contrast",
             "note",
+            "compare",
         }
         if set(g) - allowed:
             raise ValueError(f"{gw}: unknown key(s) {sorted(set(g) - allowed)}; allowed: {sorted(allowed)}")
@@ -243,6 +245,9 @@ def study_from_dict(
         ref = g.get("reference")
         if ref is not None and str(ref) not in options:
             raise ValueError(f"{gw}: reference {ref!r} is not one of the options {list(options)}")
+        compare = g.get("compare") or []
+        if not isinstance(compare, list) or any(str(w) not in WIRINGS for w in compare):
+            raise ValueError(f"{gw}: compare must be a list of wirings ({', '.join(WIRINGS)}), got {compare!r}")
         paper = g.get("paper") or {}
         if not isinstance(paper, dict):
             raise ValueError(f"{gw}: paper must map a cell label to a text")
@@ -256,6 +261,7 @@ def study_from_dict(
                 paper={str(k): str(v) for k, v in paper.items()},
                 contrast=None if g.get("contrast") is None else str(g["contrast"]),
                 note=str(g.get("note") or ""),
+                compare=[str(w) for w in compare],
             )
         )
     if not groups:

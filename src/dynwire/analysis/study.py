@@ -34,11 +34,12 @@ The study file::
           "bias 0": [model.wiring_kwargs.router_bias=0]
         seeds: 3
         reference: "bias +3"        # also report paired differences against this option
+        compare: [dynamic]          # ... and against these option-free wirings (any group's runs)
         curves: true                # plot training-loss curves (mean over seeds)
 
 Aggregation: per cell mean, sample std, n and the 95% t interval of the mean; paired differences
-(same seed) against ``sequential`` and ``static`` of the same model (option-free runs, from any
-group) with 95% t intervals; written as ``results.csv`` (one row per run), ``summary.json``,
+(same seed) against ``sequential`` and ``static`` of the same model, and the group's ``compare``
+wirings (option-free runs, from any group), with 95% t intervals; written as ``results.csv`` (one row per run), ``summary.json``,
 ``summary.md`` and PNG plots.
 
 This module holds the CLI and re-exports the pieces: ``_study_spec`` (the study file, its runs and
