@@ -58,6 +58,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from unittest import mock
 
 VARIANTS = (
     "sequential",
@@ -123,7 +124,6 @@ class _Timer:
 def _push_backward():
     """The first fused backward, for comparison: ``slot_k (+)= w_k * g`` per edge in the same pass as
     the dot products (the slot is read and written once per edge), nothing deferred to the taps."""
-    import contextlib
 
     import torch
 
@@ -145,15 +145,7 @@ def _push_backward():
                 s.grad, s.task, s.pending = t, task, []
         return None if grad_w is None else grad_w.to(weights.dtype)
 
-    @contextlib.contextmanager
-    def patched():
-        saved, agg._fused_backward_tapped = agg._fused_backward_tapped, push
-        try:
-            yield
-        finally:
-            agg._fused_backward_tapped = saved
-
-    return patched()
+    return mock.patch.object(agg, "_fused_backward_tapped", push)
 
 
 class _Variant:
@@ -191,15 +183,7 @@ class _Variant:
             s = torch.stack(list(xs), 1)
             return (s * w.to(s.dtype).view(*w.shape, *([1] * (s.ndim - 2)))).sum(1)
 
-        @contextlib.contextmanager
-        def stacked():
-            saved, stage_mod.aggregate = stage_mod.aggregate, naive
-            try:
-                yield
-            finally:
-                stage_mod.aggregate = saved
-
-        return stacked()
+        return mock.patch.object(stage_mod, "aggregate", naive)
 
     def step(self, x, y) -> tuple[float, float]:
         import torch
