@@ -74,6 +74,34 @@ def test_grid_expansion_names_dedupe_and_seed_order(tmp_path: Path) -> None:
     assert cfg["model"]["wiring_kwargs"] == {"router_bias": -3} and cfg["train"]["seed"] == 0
 
 
+def test_graph_per_seed_gives_random_wirings_one_graph_per_seed(tmp_path: Path) -> None:
+    raw = json.loads(json.dumps(GRID))
+    raw["groups"] = [
+        {
+            "name": "rw",
+            "models": ["cifar_randwire_small"],
+            "wirings": ["random-ws", "dynamic"],
+            "seeds": [0, 2],
+            "graph_per_seed": True,
+        }
+    ]
+    st = _study(tmp_path, raw)
+    by_name = {r.name: r for r in st.runs}
+    assert sorted(by_name) == [
+        "cifar_randwire_small__dynamic__s0",
+        "cifar_randwire_small__dynamic__s2",
+        "cifar_randwire_small__random-ws__graph_seed=0__s0",
+        "cifar_randwire_small__random-ws__graph_seed=2__s2",
+    ]
+    ws2 = by_name["cifar_randwire_small__random-ws__graph_seed=2__s2"]
+    assert expected_config(st, ws2)["model"]["wiring_kwargs"] == {"graph_seed": 2}
+    assert "model.wiring_kwargs.graph_seed=2" in st.command(ws2)
+    # the dynamic runs stay option-free, so other groups' `compare: [dynamic]` can pair with them
+    assert not by_name["cifar_randwire_small__dynamic__s2"].overrides
+    cell = next(c for c in st.groups[0].cells if c.wiring == "random-ws")
+    assert cell.label == "random-ws" and cell.overrides == ()
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -84,6 +112,7 @@ def test_grid_expansion_names_dedupe_and_seed_order(tmp_path: Path) -> None:
         ({"options": {"a": ["nonsense"]}}, "section.key=value"),
         ({"reference": "nope"}, "reference"),
         ({"compare": ["nope"]}, "compare must be a list of wirings"),
+        ({"graph_per_seed": "yes"}, "graph_per_seed must be true or false"),
         ({"colour": 1}, "unknown key"),
     ],
 )

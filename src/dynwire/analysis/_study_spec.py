@@ -141,6 +141,14 @@ class Study:
         return float(v) if v is not None else None
 
 
+def _graph_override(wiring: str, seed: int, per_seed: bool) -> tuple[str, ...]:
+    """``graph_per_seed``: seed ``s`` of a random wiring draws graph ``s`` (RandWire's mean +- std is
+    over graph instances); the fixed wirings have no graph to draw."""
+    if per_seed and wiring.startswith("random-"):
+        return (f"model.wiring_kwargs.graph_seed={seed}",)
+    return ()
+
+
 def _as_list(v: Any, what: str) -> list:
     if v is None:
         return []
@@ -214,6 +222,7 @@ def study_from_dict(
             "contrast",
             "note",
             "compare",
+            "graph_per_seed",
         }
         if set(g) - allowed:
             raise ValueError(f"{gw}: unknown key(s) {sorted(set(g) - allowed)}; allowed: {sorted(allowed)}")
@@ -232,11 +241,14 @@ def study_from_dict(
             for k, v in options_raw.items()
         }
         seeds = _seeds(g.get("seeds", 3), gw)
+        graph_per_seed = g.get("graph_per_seed", False)
+        if not isinstance(graph_per_seed, bool):
+            raise ValueError(f"{gw}: graph_per_seed must be true or false, got {graph_per_seed!r}")
         cells = []
         for m in models:
             for w in wirings:
                 for label, ovr in options.items():
-                    runs = [RunSpec(m, w, ovr, s) for s in seeds]
+                    runs = [RunSpec(m, w, ovr + _graph_override(w, s, graph_per_seed), s) for s in seeds]
                     for r in runs:
                         prev = names.setdefault(r.name, r)
                         if prev != r:

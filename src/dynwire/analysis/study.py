@@ -36,6 +36,10 @@ The study file::
         reference: "bias +3"        # also report paired differences against this option
         compare: [dynamic]          # ... and against these option-free wirings (any group's runs)
         curves: true                # plot training-loss curves (mean over seeds)
+      - name: randwire
+        models: [cifar_randwire_small]
+        wirings: [random-ws, dynamic]
+        graph_per_seed: true        # random-* runs of seed s use graph_seed=s (a new graph per seed)
 
 Aggregation: per cell mean, sample std, n and the 95% t interval of the mean; paired differences
 (same seed) against ``sequential`` and ``static`` of the same model, and the group's ``compare``
