@@ -1,6 +1,6 @@
 """Evaluate one checkpoint with each evaluation gate (hard / soft / masked, see README).
 
-python scripts/eval_gates.py runs/<run>/last.pt [--split val] [--subset N]
+python scripts/eval_gates.py runs/<run>/best.pt [--batch-size 256]   (the run's validation split, every image)
 """
 
 from __future__ import annotations
