@@ -147,8 +147,9 @@ def aggregate(
                 "planned": len(c.runs),
                 "top1_by_seed": {str(k): v for k, v in sorted(vals.items())},
                 "top1": ci.to_dict(),
-                "params": _first(x.get("params") for x in finished),
-                "macs": _first(x.get("macs") for x in finished),
+                # random wirings with graph_per_seed: each seed's graph has its own cost
+                "params": _mean_or_none(x.get("params") for x in finished),
+                "macs": _mean_or_none(x.get("macs") for x in finished),
                 "executed_macs": _stats.mean([x["executed_macs"] for x in finished if x.get("executed_macs")])
                 if any(x.get("executed_macs") for x in finished)
                 else None,
@@ -228,11 +229,9 @@ def aggregate(
     return summary
 
 
-def _first(values) -> Any:
-    for v in values:
-        if v is not None:
-            return v
-    return None
+def _mean_or_none(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return _stats.mean(vals) if vals else None
 
 
 def _counts(xs) -> dict[str, int]:
@@ -298,7 +297,7 @@ def _summary_md(s: dict[str, Any]) -> str:
             row = [c["model"], c["label"], f"{t['n']}/{c['planned']}", _pm(t), ci_txt]
             row += [_interval(c["diffs"][k], signed=True) if k in c["diffs"] else "—" for k in diff_keys]
             row += [
-                f"{c['params']:,}" if c.get("params") else "n/a",
+                f"{c['params']:,.0f}" if c.get("params") else "n/a",
                 f"{c['macs'] / 1e6:.2f}" if c.get("macs") else "n/a",
                 f"{c['executed_macs'] / 1e6:.2f}" if c.get("executed_macs") else "n/a",
                 f"{c['train_time_s']:.0f}" if c.get("train_time_s") else "n/a",
