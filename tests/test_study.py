@@ -131,11 +131,11 @@ TOP1 = {
 }
 
 
-def _fake_run(st, run, top1: float, wall: float = 100.0) -> None:
+def _fake_run(st, run, top1: float, wall: float = 100.0, macs: int = 2_000_000) -> None:
     d = st.run_dir(run)
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump(expected_config(st, run)))
-    final = {"val": {"top1": top1, "loss": 0.3, "top5": 99.0}, "params": 1000, "macs": 2_000_000, "train_time_s": 90.0}
+    final = {"val": {"top1": top1, "loss": 0.3, "top5": 99.0}, "params": 1000, "macs": macs, "train_time_s": 90.0}
     (d / "final.json").write_text(json.dumps(final))
     (d / STATUS_FILE).write_text(json.dumps({"attempts": [{"wall_s": wall, "outcome": "done"}], "wall_s_total": wall}))
 
@@ -146,7 +146,8 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
     st = _study(tmp_path, raw)
     for r in st.runs:
         if not r.overrides:
-            _fake_run(st, r, TOP1[r.wiring][r.seed])
+            # static's MACs differ by seed, as a random wiring's do with graph_per_seed: the cell shows the mean
+            _fake_run(st, r, TOP1[r.wiring][r.seed], macs=2_000_000 + (300_000 * r.seed if r.wiring == "static" else 0))
     # bias -3: only seed 0 finished; seed 1 never started
     _fake_run(st, next(r for r in st.runs if r.overrides and r.seed == 0), 89.0)
     st.results.mkdir(parents=True)
@@ -168,6 +169,8 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
     d = core["static"]["diffs"]["vs dynamic"]  # -0.5, +0.5, -1.0
     assert d["diffs"] == pytest.approx([-0.5, 0.5, -1.0]) and d["mean"] == pytest.approx(-1 / 3)
     assert "vs dynamic" not in core["dynamic"]["diffs"]
+    assert core["static"]["macs"] == pytest.approx(2_300_000) and core["dynamic"]["macs"] == 2_000_000
+    assert core["static"]["params"] == 1000
     bias = {c["option"]: c for c in s["groups"][1]["cells"]}
     assert bias["bias +3"]["top1_by_seed"] == {"0": 90.5, "1": 91.0}  # shared with core's dynamic runs
     d = bias["bias -3"]["diffs"]["vs bias +3"]
