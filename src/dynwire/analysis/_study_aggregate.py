@@ -150,12 +150,8 @@ def aggregate(
                 # random wirings with graph_per_seed: each seed's graph has its own cost
                 "params": _mean_or_none(x.get("params") for x in finished),
                 "macs": _mean_or_none(x.get("macs") for x in finished),
-                "executed_macs": _stats.mean([x["executed_macs"] for x in finished if x.get("executed_macs")])
-                if any(x.get("executed_macs") for x in finished)
-                else None,
-                "train_time_s": _stats.mean([x["train_time_s"] for x in finished if x.get("train_time_s")])
-                if finished
-                else None,
+                "executed_macs": _mean_or_none(x.get("executed_macs") or None for x in finished),
+                "train_time_s": _mean_or_none(x.get("train_time_s") or None for x in finished),
                 "paper": g.paper.get(c.label) or g.paper.get(c.option) or g.paper.get(c.wiring),
                 "diffs": {},
             }

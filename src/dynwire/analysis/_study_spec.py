@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..engine.config import config_from_dict, config_to_dict, load_config
-from ..graph.wiring import WIRINGS
+from ..graph.wiring import WIRINGS, WiringConfig
 
 #: The command that trains one run (``python -m dynwire.cli train``).
 TRAIN_COMMAND: tuple[str, ...] = ("-m", "dynwire.cli", "train")
@@ -144,7 +144,7 @@ class Study:
 def _graph_override(wiring: str, seed: int, per_seed: bool) -> tuple[str, ...]:
     """``graph_per_seed``: seed ``s`` of a random wiring draws graph ``s`` (RandWire's mean +- std is
     over graph instances); the fixed wirings have no graph to draw."""
-    if per_seed and wiring.startswith("random-"):
+    if per_seed and WiringConfig(kind=wiring).is_random:
         return (f"model.wiring_kwargs.graph_seed={seed}",)
     return ()
 
