@@ -80,3 +80,28 @@ def test_ranks_correlations_slope() -> None:
     # sxy = 4.5, sxx = 2, syy = 10.1667 -> r = 4.5 / sqrt(20.333) = 0.99795
     assert st.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(0.99795, abs=1e-5)
     assert math.isnan(st.linear_slope([1, 1], [0, 2]))
+
+
+def test_interval_is_the_paired_t_tests() -> None:
+    """The paired interval is scipy's paired t test interval (``ttest_rel``), at 95% and 90%."""
+    from scipy import stats
+
+    a = {0: 88.47, 1: 88.91, 2: 88.12, 3: 88.60, 4: 88.35}
+    b = {0: 88.60, 1: 88.40, 2: 88.30, 3: 88.75, 4: 88.01}
+    for level in (0.95, 0.90):
+        d = st.paired_diff(a, b, level)
+        ref = stats.ttest_rel(list(a.values()), list(b.values())).confidence_interval(level)
+        assert (d.ci.low, d.ci.high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+
+
+def test_undefined_values_are_nan_without_warnings(recwarn) -> None:
+    """Too few values or a constant side give NaN quietly; equal differences a zero-width interval."""
+    assert math.isnan(st.pearson([1.0], [2.0])) and math.isnan(st.pearson([1, 2, 3], [4, 4, 4]))
+    assert math.isnan(st.spearman([], [])) and math.isnan(st.spearman([2, 2], [1, 3]))
+    assert math.isnan(st.mean([])) and math.isnan(st.sample_std([1.0]))
+    assert st.rankdata([]) == []
+    same = st.paired_diff({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0})
+    assert same.ci.mean == pytest.approx(0.5) and same.ci.half_width == 0.0 and same.excludes_zero
+    with pytest.raises(ValueError, match="lengths differ"):
+        st.spearman([1, 2], [1, 2, 3])
+    assert not recwarn.list
