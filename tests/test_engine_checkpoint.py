@@ -125,6 +125,59 @@ def test_truncated_or_missing_checkpoint_gives_clear_error(tmp_path: Path) -> No
         load_checkpoint(tmp_path / "nope.pt")
 
 
+def test_random_bytes_give_one_message_everywhere(tmp_path: Path, capsys) -> None:
+    """`dynwire eval`, `dynwire analyze`, load_checkpoint and load_model say the same about a file
+    that is no checkpoint: not a dynwire file (it holds no code, so no "could run code")."""
+    from dynwire.cli import main as cli_main
+
+    rng = np.random.default_rng(0)
+    junk = tmp_path / "random_bytes.pt"
+    junk.write_bytes(b"\x13" + rng.integers(0, 256, 4095, dtype=np.uint8).tobytes())
+    expected = f"{str(junk)!r} is not a dynwire file (neither a PyTorch checkpoint nor safetensors)"
+    with pytest.raises(CheckpointError) as direct:
+        load_checkpoint(junk)
+    with pytest.raises(ValueError) as loaded:
+        dynwire.load_model(junk)
+    assert str(direct.value) == str(loaded.value) == expected
+    assert cli_main(["eval", "--checkpoint", str(junk)]) == 2
+    assert capsys.readouterr().err.strip() == f"dynwire eval: error: {expected}"
+    assert cli_main(["analyze", str(junk), "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip() == f"dynwire analyze: error: {expected}"
+    assert not (tmp_path / "a").exists()
+
+    # bytes that start like a pickle but are none: still not a dynwire file, and no "could run code"
+    fake = tmp_path / "fake_pickle.pt"
+    fake.write_bytes(b"\x80\x02" + rng.integers(0, 256, 64, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError) as direct:
+        load_checkpoint(fake)
+    with pytest.raises(ValueError) as loaded:
+        dynwire.load_model(fake)
+    assert str(direct.value) == str(loaded.value)
+    assert "is not a dynwire file (unreadable pickle data" in str(direct.value)
+    assert "could run code" not in str(direct.value)
+
+    # a safetensors export handed to `dynwire eval`: said so, with what loads it
+    export = tmp_path / "m.safetensors"
+    export_safetensors(_tiny_model(), export)
+    with pytest.raises(CheckpointError, match=r"is a safetensors export, not a training checkpoint.*load_model"):
+        load_checkpoint(export)
+
+
+def test_refused_objects_name_the_class(tmp_path: Path) -> None:
+    """A real pickle with a class weights-only loading refuses: "could run code", naming the class."""
+    import fractions
+
+    path = tmp_path / "obj.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "x": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "refused to load" in msg and "could run code" in msg and "fractions.Fraction" in msg
+    assert "In PyTorch 2.6" not in msg  # torch's advice to load with weights_only=False is not repeated
+    with pytest.raises(ValueError, match="refused to load"):
+        dynwire.load_model(path)
+
+
 def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
     random.seed(1)
     np.random.seed(2)

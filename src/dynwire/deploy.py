@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -161,19 +160,6 @@ def resolve_model_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _kind(path: Path) -> str:
-    """``"torch"`` (zip or legacy pickle), ``"safetensors"`` or ``"unknown"``, from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n <= os.path.getsize(path) - 8:
-            return "safetensors"
-    return "unknown"
-
-
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -188,10 +174,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Any]:
     """(state dict, build info or None, run config or None) of a checkpoint / export file."""
-    from .engine.checkpoint import load_checkpoint
+    from .engine.checkpoint import file_kind, load_checkpoint, not_a_dynwire_file
 
-    kind = _kind(path)
-    if kind == "safetensors":
+    if file_kind(path) == "safetensors":
         if use_ema:
             raise ValueError(f"{str(path)!r}: a safetensors export holds one set of weights; use_ema does not apply")
         state, meta = _read_safetensors(path)
@@ -202,9 +187,7 @@ def _read(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str,
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{str(path)!r}: corrupt {BUILD_KEY} metadata ({exc})") from exc
         return state, info, None
-    if kind != "torch":
-        raise ValueError(f"{str(path)!r} is not a dynwire file (neither a PyTorch checkpoint nor safetensors)")
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError (a ValueError) for anything else
     if "model" in ckpt and isinstance(ckpt["model"], Mapping):
         state = ckpt["model"]
         if use_ema:
@@ -219,7 +202,7 @@ def _read(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str,
         if use_ema:
             raise ValueError(f"{str(path)!r} is a bare state dict; use_ema does not apply")
         return dict(ckpt), None, None  # a bare state dict
-    raise ValueError(f"{str(path)!r} is not a dynwire file (no model weights in it)")
+    raise ValueError(not_a_dynwire_file(path, "no model weights in it"))
 
 
 def read_build_info(path: str | os.PathLike[str]) -> dict[str, Any]:

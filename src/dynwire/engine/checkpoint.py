@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import random
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ __all__ = [
     "CheckpointError",
     "atomic_torch_save",
     "load_checkpoint",
+    "file_kind",
+    "not_a_dynwire_file",
     "capture_rng_state",
     "restore_rng_state",
     "state_dict_sha256",
@@ -53,22 +56,62 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """``"torch"`` (a zip archive or a pickle), ``"safetensors"`` or ``"unknown"``, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n <= os.path.getsize(path) - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def not_a_dynwire_file(path: str | os.PathLike[str], why: str = "neither a PyTorch checkpoint nor safetensors") -> str:
+    """The one message for a file that is no checkpoint or export at all (random bytes, a text file)."""
+    return f"{str(path)!r} is not a dynwire file ({why})"
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """The line of a weights-only ``UnpicklingError`` that says what was refused, without torch's advice."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split("Check the documentation of torch.load", 1)[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; refuses pickled code objects.
 
-    Raises :class:`CheckpointError` (a ``ValueError``) for missing, corrupt or
-    unsafe files.
+    Raises :class:`CheckpointError` (a ``ValueError``) for missing, corrupt or unsafe files,
+    and for files that are no PyTorch checkpoint at all (the message :func:`dynwire.load_model`
+    gives for them too).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r}: file not found")
+    kind = file_kind(path)
+    if kind == "safetensors":
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors export, not a training checkpoint: it holds weights only "
+            "(rebuild it with dynwire.load_model)"
+        )
+    if kind != "torch":
+        raise CheckpointError(not_a_dynwire_file(path))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(exc)
+        if "global" not in detail.lower():  # not a refused class: bytes no pickler wrote
+            raise CheckpointError(not_a_dynwire_file(path, f"unreadable pickle data: {detail}")) from exc
         raise CheckpointError(
             f"checkpoint {str(path)!r}: refused to load: it holds objects other than tensors and "
             f"plain Python values, which weights_only loading does not unpickle (could run code). "
-            f"Details: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"Details: {detail}"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: unreadable or truncated ({exc})") from exc
