@@ -1,29 +1,4 @@
-"""Statistics and figures of the learned connectivity (paper App. 6.5, Figs. 5-7).
-
-``dynwire analyze CHECKPOINT --out DIR`` (or ``python -m dynwire.analysis.connectivity``) runs a
-trained model over a dataset split inside :func:`dynwire.record_adjacency` and accumulates, in a
-single streaming pass (nothing per sample is kept except a few samples for Fig. 7):
-
-* per stage, the mean and standard deviation over the samples of every edge weight (Figs. 5, 6),
-  for the weights actually used (after the Eq. 5 threshold) and for the raw router outputs;
-* the per-class mean adjacency;
-* the share of closed edges (an edge of the graph whose used weight is 0) and of removed nodes
-  (``rec.removed``: blocks the evaluation executor skipped for the sample, Sec. 3.3), per stage,
-  per edge and per node;
-* the multiply-adds each sample executed (``rec.macs``) and the number of open edges per sample;
-* a few samples per class and the most and least confident samples, drawn as graphs (Fig. 7);
-* the paper's observations (2) (output-edge weight falls with topological order) and (4)
-  (the standard deviation grows with order and with stage) as numbers: per-node means, least-squares
-  slope and Spearman correlation.
-
-It writes PNGs, ``analysis.json`` and ``analysis.md``. Convention (as in the paper's Fig. 2): in an
-``N x N`` matrix, row ``j`` holds node ``j``'s input edges and column ``i`` node ``i``'s output
-edges; node 0 is the stage's input node, node ``N-1`` its output node.
-
-This module holds the CLI and re-exports the pieces: ``_connectivity_stats`` (the streaming
-statistics), ``_connectivity_run`` (running a model or a checkpoint), ``_connectivity_report``
-(``analysis.json`` / ``analysis.md``) and ``_plots`` (the figures).
-"""
+"""``dynwire analyze`` (and ``python -m dynwire.analysis.connectivity``): the command line of the analysis."""
 
 from __future__ import annotations
 
@@ -32,25 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# The pieces, re-exported: this module stays the public face of the analysis (tests, the CLI and
-# the study import from it). Patch a name in the module that reads it.
-from ._connectivity_report import _fmt, _pct, write_report  # noqa: F401
-from ._connectivity_run import analyze_checkpoint, analyze_model, executed_macs, graph_stages  # noqa: F401
-from ._connectivity_stats import ConnectivityAccumulator, SampleRecord, StageStats  # noqa: F401
+from .pipeline import analyze_checkpoint
+from .report import _fmt, _pct
 
-__all__ = [
-    "StageStats",
-    "SampleRecord",
-    "ConnectivityAccumulator",
-    "analyze_model",
-    "analyze_checkpoint",
-    "executed_macs",
-    "write_report",
-    "main_analyze",
-]
+__all__ = ["ANALYZE_DESCRIPTION", "add_arguments", "build_parser", "run_analyze", "main_analyze"]
 
-
-# --------------------------------------------------------------------------- CLI
 ANALYZE_DESCRIPTION = "Statistics and figures of a trained model's learned connectivity (paper App. 6.5, Figs. 5-7)."
 
 
@@ -132,7 +93,3 @@ def main_analyze(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"dynwire analyze: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_analyze())

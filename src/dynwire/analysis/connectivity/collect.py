@@ -1,9 +1,9 @@
-"""Running a model for :mod:`dynwire.analysis.connectivity`: the analysis pass and executed MACs.
+"""Step 1 of :mod:`dynwire.analysis.connectivity`, collecting: running a model and recording its wiring.
 
-:func:`analyze_model` runs a model over a loader inside :func:`dynwire.record_adjacency` and fills
-a :class:`~dynwire.analysis.connectivity.ConnectivityAccumulator`; :func:`analyze_checkpoint`
-rebuilds model and split from a training checkpoint and writes the report; :func:`executed_macs`
-measures only the mean multiply-adds executed per sample.
+:func:`analyze_model` runs a model over a loader inside :func:`dynwire.record_adjacency` and feeds
+a :class:`~dynwire.analysis.connectivity.ConnectivityAccumulator` (step 2, :mod:`.stats`);
+:func:`load_for_eval` rebuilds model and split from a training checkpoint as ``dynwire eval``
+does; :func:`executed_macs` measures only the mean multiply-adds executed per sample.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import build_loader
-from ..engine import build_model, build_split, config_from_dict, load_checkpoint, seed_everything
-from ..engine.config import apply_overrides
-from ..engine.distributed import pick_device
-from ..graph.adjacency import record_adjacency
-from ..graph.stage import GraphStage
-from ._connectivity_report import write_report
-from ._connectivity_stats import ConnectivityAccumulator
+from ...data import build_loader
+from ...engine import build_model, build_split, config_from_dict, load_checkpoint, seed_everything
+from ...engine.config import apply_overrides
+from ...engine.distributed import pick_device
+from ...graph.adjacency import record_adjacency
+from ...graph.stage import GraphStage
+from .stats import ConnectivityAccumulator
 
 
 # --------------------------------------------------------------------------- running a model
@@ -96,7 +95,7 @@ def analyze_model(
 
 
 @dataclass
-class _Loaded:
+class Loaded:
     """A checkpoint's model, ready for evaluation, and its evaluation split."""
 
     ckpt: dict[str, Any]
@@ -108,7 +107,7 @@ class _Loaded:
     device: torch.device
 
 
-def _load_for_eval(
+def load_for_eval(
     checkpoint: str | Path,
     *,
     data_dir: str | None,
@@ -118,7 +117,7 @@ def _load_for_eval(
     overrides: Sequence[str],
     use_ema: bool,
     device: str,
-) -> _Loaded:
+) -> Loaded:
     """Rebuild model and split from a training checkpoint, as ``dynwire eval`` does (classes and input
     size from its ``data_info``); ``max_images``: a fixed random subset (seeded by ``train.seed``)."""
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
@@ -145,11 +144,11 @@ def _load_for_eval(
     model.load_state_dict(weights)
     model.to(dev)
     loader = build_loader(ds, cfg.data.batch_size, train=False, num_workers=cfg.data.num_workers)
-    return _Loaded(ckpt, cfg, model, ds, info, loader, dev)
+    return Loaded(ckpt, cfg, model, ds, info, loader, dev)
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -171,8 +170,8 @@ def executed_macs(
 ) -> dict[str, Any]:
     """Mean multiply-adds executed per sample (``rec.macs``, removed nodes skipped) of a checkpoint's
     model over a split, with its top-1 on the same images as a check. Only the MAC total is kept."""
-    with _torch_threads(num_threads):
-        ld = _load_for_eval(
+    with torch_threads(num_threads):
+        ld = load_for_eval(
             checkpoint,
             data_dir=data_dir,
             split=split,
@@ -211,66 +210,3 @@ def executed_macs(
         "epoch": int(ld.ckpt.get("epoch", 0)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-def analyze_checkpoint(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    *,
-    data_dir: str | None = None,
-    split: str = "val",
-    max_images: int | None = None,
-    batch_size: int | None = None,
-    per_class: int = 2,
-    top_k: int = 4,
-    device: str = "auto",
-    overrides: Sequence[str] = (),
-    use_ema: bool = False,
-    num_threads: int | None = None,
-    plots: bool = True,
-) -> dict[str, Any]:
-    """Rebuild the model and evaluation split from a training checkpoint, analyze, write the report.
-
-    ``max_images`` takes a fixed random subset of the split (seeded by the run's ``train.seed``,
-    as ``data.val_subset`` does). Returns the ``analysis.json`` dict.
-    """
-    ld = _load_for_eval(
-        checkpoint,
-        data_dir=data_dir,
-        split=split,
-        max_images=max_images,
-        batch_size=batch_size,
-        overrides=overrides,
-        use_ema=use_ema,
-        device=device,
-    )
-    with _torch_threads(num_threads if num_threads is not None else ld.cfg.train.num_threads):
-        t0 = time.perf_counter()
-        acc = analyze_model(
-            ld.model,
-            ld.loader,
-            num_classes=int(ld.info.num_classes),
-            device=ld.device,
-            per_class=per_class,
-            top_k=top_k,
-            progress=True,
-        )
-        seconds = time.perf_counter() - t0
-    ckpt, cfg, ds = ld.ckpt, ld.cfg, ld.dataset
-    class_names = getattr(ds, "classes", None)
-    meta = {
-        "checkpoint": str(checkpoint),
-        "epoch": int(ckpt.get("epoch", 0)),
-        "global_step": int(ckpt.get("global_step", 0)),
-        "model": cfg.model.name,
-        "wiring": cfg.model.wiring,
-        "wiring_kwargs": dict(cfg.model.wiring_kwargs),
-        "dataset": cfg.data.name,
-        "split": split,
-        "max_images": max_images,
-        "subset_seed": cfg.train.seed,
-        "weights": "ema" if use_ema else "model",
-        "overrides": list(overrides),
-        "seconds": round(seconds, 2),
-    }
-    return write_report(acc, out_dir, meta=meta, class_names=class_names, plots=plots)

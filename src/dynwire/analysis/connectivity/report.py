@@ -1,4 +1,4 @@
-"""The report of :mod:`dynwire.analysis.connectivity`: ``analysis.json``, ``analysis.md`` and the figures."""
+"""Step 3 of :mod:`dynwire.analysis.connectivity`, the report: ``analysis.json``, ``analysis.md`` and the figures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._connectivity_stats import ConnectivityAccumulator
+from .stats import ConnectivityAccumulator
 
 
 # --------------------------------------------------------------------------- report
@@ -26,9 +26,9 @@ def write_report(
     summary = {"meta": dict(meta or {}), **acc.summary(class_names)}
     figures: dict[str, str] = {}
     if plots:
-        from . import _plots
+        from .plots import connectivity_figures  # matplotlib, only when drawing
 
-        figures = _plots.connectivity_figures(acc, summary, out)
+        figures = connectivity_figures(acc, summary, out)
     summary["figures"] = figures
     (out / "analysis.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     (out / "analysis.md").write_text(_markdown(summary), encoding="utf-8")

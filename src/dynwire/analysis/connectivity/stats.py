@@ -1,4 +1,4 @@
-"""Streaming statistics of :mod:`dynwire.analysis.connectivity`: per-stage edge-weight moments and samples.
+"""Step 2 of :mod:`dynwire.analysis.connectivity`, the statistics: per-stage edge-weight moments and samples.
 
 :class:`ConnectivityAccumulator` takes what :func:`dynwire.record_adjacency` recorded, batch by
 batch, into per-stage :class:`StageStats` (mean and standard deviation of every edge weight,
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _stats
+from .. import _stats
 
 
 # --------------------------------------------------------------------------- accumulation
