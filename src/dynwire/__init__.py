@@ -2,13 +2,12 @@
 
 from . import models  # noqa: F401  (registers the model zoo)
 from ._registry import create_model, get_model_cfg, list_models, register_model
+from ._version import __version__
 from .deploy import export_onnx, load_model
 from .graph.adjacency import record_adjacency
 from .graph.stage import GraphStage
 from .graph.wiring import WIRINGS, WiringConfig
 from .layers.aggregation import aggregate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "create_model",

@@ -108,7 +108,7 @@ def create_model(
         if "unexpected keyword argument" in str(e):
             raise ValueError(f"create_model('{name}'): {e}") from e
         raise
-    from .deploy import describe_build, load_weights
+    from .deploy.files import describe_build, load_weights  # files never imports the registry back
 
     model.build_config = describe_build(name, num_classes, model, rest)
     if checkpoint_path is not None:

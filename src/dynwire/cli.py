@@ -18,8 +18,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from ._registry import get_model_cfg, list_models
+from ._version import __version__
 from .analysis import connectivity, study
 from .detection.scenes import MAKE_SCENES_DESCRIPTION, add_make_scenes_arguments
 from .engine import TrainingDiverged, TrainingInterrupted, evaluate, export_safetensors, load_config, train
@@ -234,7 +234,7 @@ def _make_scenes(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .deploy import NoBuildInfoError, compare_onnx, export_input_size, export_onnx
+    from .deploy import NoBuildInfoError, compare_onnx, export_input_size, export_onnx, require_onnx
     from .deploy import export_safetensors as export_described
 
     fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "safetensors")
@@ -248,6 +248,7 @@ def _export(args: argparse.Namespace) -> int:
             print("note: the checkpoint does not say which model it holds; wrote the weights only", file=sys.stderr)
         print(f"wrote {out}")
         return 0
+    require_onnx(check=not args.no_check)  # the onnx extra, before any work
     import torch
 
     from .deploy import load_model

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .. import create_model
+from .._registry import create_model
 from ..data import DatasetInfo, build_dataset, build_loader
 from .config import RunConfig
 from .optim import WarmupCosineSchedule, build_optimizer
