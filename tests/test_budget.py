@@ -18,10 +18,12 @@ def _thresholds_at_quantile(model, x, q):
                 stage.edges.tau[j - 1] = torch.quantile(rec.router[name][:, j, :j].flatten(), q) + 1e-5
 
 
+@pytest.mark.parametrize("node", ["block", "branch"])
 @pytest.mark.parametrize("q", [0.0, 0.5, 0.8])
-def test_expected_fraction_matches_the_executor_when_gates_are_sharp(q):
+def test_expected_fraction_matches_the_executor_when_gates_are_sharp(q, node):
     torch.manual_seed(0)
-    m = dynwire.create_model("cifar_resnet56", num_classes=10, train_gate="hard")  # training forward = eval's
+    # training forward = eval's
+    m = dynwire.create_model("cifar_resnet56", num_classes=10, train_gate="hard", node=node)
     x = torch.randn(16, 3, 32, 32)
     _thresholds_at_quantile(m, x, q)
     budget = ComputeBudget(m, target=0.5, temperature=1e-7)

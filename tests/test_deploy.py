@@ -222,6 +222,10 @@ def test_onnx_matches_pruned_executor(name: str, tmp_path: Path) -> None:
     _check_onnx(name, tmp_path, **ONNX_KWARGS.get(name, {}))
 
 
+def test_onnx_branch_form(tmp_path: Path) -> None:
+    _check_onnx("cifar_resnet20", tmp_path, node="branch")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("wiring", ["static", "random-er"])
 def test_onnx_other_wirings(wiring: str, tmp_path: Path) -> None:
@@ -278,9 +282,9 @@ def _train_step(model, params, x, y):
     return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
 
 
-def _check_compile(name: str, backend: str, train_gate: str = "soft") -> None:
+def _check_compile(name: str, backend: str, train_gate: str = "soft", node: str = "block") -> None:
     x = torch.randn(4, *small_size(name), generator=torch.Generator().manual_seed(0))
-    model = _removing_model(name, x, train_gate=train_gate, drop_rate=0.0)  # no dropout: same RNG draws
+    model = _removing_model(name, x, train_gate=train_gate, drop_rate=0.0, node=node)  # no dropout: same RNG draws
     torch._dynamo.reset()
     with torch.no_grad():
         ref = model(x)  # eager: pruned executor
@@ -311,6 +315,10 @@ def _check_compile(name: str, backend: str, train_gate: str = "soft") -> None:
 def test_compile_fullgraph_traces_eval_and_training(train_gate: str) -> None:
     """No graph break (fullgraph=True) in evaluation or in a training step; aot_eager keeps it fast."""
     _check_compile("cifar_resnet20", "aot_eager", train_gate)
+
+
+def test_compile_fullgraph_branch_form() -> None:
+    _check_compile("cifar_resnet20", "aot_eager", "hard", node="branch")
 
 
 @pytest.mark.slow

@@ -63,10 +63,12 @@ def _images_targets():
 
 
 # --------------------------------------------------------------------------- the detector
-@pytest.mark.parametrize("name", dynwire.list_models())
-def test_every_family_trains_and_detects(name):
+@pytest.mark.parametrize(
+    "name,node", [(n, "block") for n in dynwire.list_models()] + [("resnet18", "branch"), ("mobilenet_v2", "branch")]
+)
+def test_every_family_trains_and_detects(name, node):
     torch.set_num_threads(1)
-    model = fasterrcnn_fpn(name, "dynamic", num_classes=3, **TINY)
+    model = fasterrcnn_fpn(name, "dynamic", num_classes=3, **TINY, backbone_kwargs=dict(node=node))
     assert isinstance(model, FasterRCNN)
     images, targets = _images_targets()
     model.train()

@@ -66,7 +66,13 @@ def _edge_weights(stage, j: int, outs: list[torch.Tensor], training: bool) -> tu
 def reference_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = model.forward_stem(x)
     for _, stage in model.graph_stages():
-        blocks = stage.blocks()
+        blocks = [stage._modules[str(i)] for i in range(stage.num_blocks)]
+        # branch form: node j >= 1 of a block with a residual branch is that branch, F(act(h))
+        branch = [
+            j > 0 and model.wiring.node == "branch" and model.wiring.kind != "sequential" and b.has_residual_branch
+            if hasattr(b, "has_residual_branch") else False
+            for j, b in enumerate(blocks)
+        ]
         outs: list[torch.Tensor] = []
         h = x
         for j in range(stage.num_nodes):
@@ -74,8 +80,9 @@ def reference_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 preds, w = _edge_weights(stage, j, outs, model.training)
                 h = aggregate_reference(w, [outs[i] for i in preds])
             if j < stage.num_blocks:
-                outs.append(blocks[j](h))
-        x = h
+                outs.append(blocks[j].forward_branch(h) if branch[j] else blocks[j](h))
+        acts = [b.branch_act for b, br in zip(blocks, branch) if br]
+        x = acts[-1](h) if acts and acts[-1] is not None else h
     return model.forward_head(model.forward_final(x))
 
 
@@ -95,14 +102,17 @@ KERNELS = [
 ]
 
 
+@pytest.mark.parametrize("node", ["block", "branch"])
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("wiring", ["dynamic", "static", "random-er", "sequential"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_model_matches_plain_autograd_reference(family, wiring, recompute, kernels):
+def test_model_matches_plain_autograd_reference(family, wiring, recompute, kernels, node):
     if kernels == "always" and wiring == "sequential":
         pytest.skip("no aggregation")
-    model = _small(family, wiring, recompute=recompute, act_layer=nn.SiLU).train()
+    if node == "branch" and (wiring == "sequential" or family == "randwire"):
+        pytest.skip("the same network in both forms (sequential ignores the form; RandWire's nodes have no shortcut)")
+    model = _small(family, wiring, recompute=recompute, act_layer=nn.SiLU, node=node).train()
     b, size = INPUT[family]
     x = torch.randn(b, 3, size, size, dtype=torch.float64)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -15,10 +15,12 @@ def _executor(model, kind: str) -> None:
         s.executor = kind
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_pruned_executor_equals_dense_reference(name):
+@pytest.mark.parametrize(
+    "name,node", [(m, "block") for m in MODELS] + [(m, "branch") for m in ("cifar_resnet20", "mobilenet_v2", "regnet_x_600mf")]
+)
+def test_pruned_executor_equals_dense_reference(name, node):
     torch.manual_seed(0)
-    model = dynwire.create_model(name, num_classes=10, wiring="dynamic").eval()
+    model = dynwire.create_model(name, num_classes=10, wiring="dynamic", node=node).eval()
     x = torch.randn(6, *small_size(name))
     set_thresholds_at_quantile(model, x, 0.6)
     with torch.no_grad(), dynwire.record_adjacency(model) as rec:
@@ -158,14 +160,15 @@ def test_every_wiring_reports_executed_macs(wiring):
 
 
 @pytest.mark.parametrize(
-    "name,wiring",
-    [(m, "dynamic") for m in MODELS]
-    + [(m, w) for m in ("cifar_resnet20", "mobilenet_v2") for w in ("static", "random-ws")],
+    "name,wiring,node",
+    [(m, "dynamic", "block") for m in MODELS]
+    + [(m, w, "block") for m in ("cifar_resnet20", "mobilenet_v2") for w in ("static", "random-ws")]
+    + [(m, w, "branch") for m in ("cifar_resnet20", "mobilenet_v2", "regnet_x_600mf") for w in ("dynamic", "static")],
 )
-def test_inference_fast_path_equals_dense_reference(name, wiring):
+def test_inference_fast_path_equals_dense_reference(name, wiring, node):
     # inference without recording takes graph._inference; the reference is the stage's general loop
     torch.manual_seed(0)
-    model = dynwire.create_model(name, num_classes=10, wiring=wiring).eval()
+    model = dynwire.create_model(name, num_classes=10, wiring=wiring, node=node).eval()
     x = torch.randn(5, *small_size(name))
     if wiring == "dynamic":
         set_thresholds_at_quantile(model, x, 0.6)

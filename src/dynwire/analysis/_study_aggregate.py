@@ -66,6 +66,17 @@ def run_executed_macs(study: Study, run: RunSpec, *, compute: bool = True) -> di
     return out
 
 
+def _imported_row(raw: dict[str, str]) -> dict[str, Any]:
+    """A row of an imported ``results.csv``, numbers parsed (empty fields dropped)."""
+    out: dict[str, Any] = {}
+    for k in RESULT_FIELDS:
+        v = raw.get(k)
+        if k in ("run", "model", "wiring", "options", "seed", "status") or v in (None, ""):
+            continue
+        out[k] = float(v) if k not in ("params", "epochs") else int(float(v))
+    return out
+
+
 def _run_row(study: Study, run: RunSpec, *, executed_macs: bool = True) -> dict[str, Any]:
     d = study.run_dir(run)
     row: dict[str, Any] = {
@@ -76,6 +87,8 @@ def _run_row(study: Study, run: RunSpec, *, executed_macs: bool = True) -> dict[
         "seed": run.seed,
         "status": run_status(study, run),
     }
+    if row["status"] == "done" and run.name in study.imported and not d.exists():
+        return {**row, **_imported_row(study.imported[run.name])}
     final = _read_json(d / "final.json") if row["status"] == "done" else None
     if final:
         val = final.get("val") or {}
@@ -156,9 +169,11 @@ def aggregate(
                 "diffs": {},
             }
             for ref in ("sequential", "static", *g.compare):
-                if c.wiring == ref and not c.overrides:
-                    continue
-                ref_runs = _reference_runs(study, c.model, ref, all_seeds)
+                if c.wiring == ref and (not c.overrides or g.reference is not None):
+                    continue  # itself, or the option reference's diff below says it
+                # a group with options pairs a cell with the same option's reference cell, if it has one
+                same = next((x for x in g.cells if x.model == c.model and x.wiring == ref and x.option == c.option), None)
+                ref_runs = same.runs if same is not None and c.option else _reference_runs(study, c.model, ref, all_seeds)
                 if ref_runs:
                     cell["diffs"][f"vs {ref}"] = _stats.paired_diff(vals, _top1_by_seed(rows, ref_runs)).to_dict()
             if g.reference is not None and c.option != g.reference:

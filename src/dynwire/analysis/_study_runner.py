@@ -64,8 +64,13 @@ def _lock_busy(run_dir: Path) -> bool:
 
 
 def run_status(study: Study, run: RunSpec, *, check_config: bool = True) -> str:
-    """``done``, ``stale``, ``busy``, ``failed`` (gave up after max_attempts), ``partial`` or ``new``."""
+    """``done``, ``stale``, ``busy``, ``failed`` (gave up after max_attempts), ``partial`` or ``new``.
+
+    A run whose folder is absent but whose row the study imports is ``done``.
+    """
     d = study.run_dir(run)
+    if run.name in study.imported and not d.exists():
+        return "done"  # trained elsewhere, its row imported (Study.imported)
     if check_config and config_mismatch(study, run):
         return "stale"
     if (d / "final.json").is_file():

@@ -104,6 +104,9 @@ class Study:
     estimates_s: dict[str, float]
     groups: list[Group]
     max_attempts: int = 3
+    #: finished runs recorded in other studies' ``results.csv`` (``imports:``), by run name: they
+    #: stand in for runs whose folder is absent (same recipe and seeds, trained elsewhere)
+    imported: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def runs(self) -> list[RunSpec]:
@@ -189,7 +192,9 @@ def study_from_dict(
     where = str(path) if path else "study"
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping")
-    known = {"name", "recipe", "output", "results", "data_dir", "estimates_s", "groups", "max_attempts", "notes"}
+    known = {
+        "name", "recipe", "output", "results", "data_dir", "estimates_s", "groups", "max_attempts", "notes", "imports"
+    }
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -289,6 +294,7 @@ def study_from_dict(
     out = Path(output or raw.get("output") or "runs/study").expanduser().resolve()
     res = Path(results or raw.get("results") or out / "results").expanduser().resolve()
     max_attempts = int(raw.get("max_attempts", 3))
+    imported = _read_imports(_as_list(raw.get("imports"), "imports"), path, where)
     return Study(
         path=path,
         name=str(raw.get("name") or (path.stem if path else "study")),
@@ -300,7 +306,26 @@ def study_from_dict(
         estimates_s={str(k): float(v) for k, v in est.items()},
         groups=groups,
         max_attempts=max_attempts,
+        imported=imported,
     )
+
+
+def _read_imports(paths: list[Any], study_path: Path | None, where: str) -> dict[str, dict[str, str]]:
+    """Finished rows of other studies' ``results.csv`` files (relative paths: to the study file)."""
+    import csv
+
+    rows: dict[str, dict[str, str]] = {}
+    for p in paths:
+        f = Path(str(p)).expanduser()
+        if not f.is_absolute() and study_path is not None:
+            f = study_path.parent / f
+        if not f.is_file():
+            raise ValueError(f"{where}: imports: {str(f)!r} not found (a results.csv written by `dynwire study`)")
+        with open(f, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("status") == "done" and row.get("run"):
+                    rows.setdefault(row["run"], row)
+    return rows
 
 
 def load_study(path: str | os.PathLike[str], *, output: str | None = None, results: str | None = None) -> Study:

@@ -15,7 +15,7 @@ from ._inference import forward_inference
 from .edges import EdgeWeights, build_edges
 from .wiring import WiringConfig
 
-__all__ = ["GraphStage"]
+__all__ = ["GraphStage", "BranchNode"]
 
 
 def _tracing() -> bool:
@@ -38,6 +38,13 @@ class GraphStage(nn.Module):
     ... (the names torchvision uses inside a ResNet layer); the edge weights live in ``edges``
     (an :class:`~dynwire.graph.edges.EdgeWeights`), the configuration in ``wiring``.
 
+    With ``wiring.node == "branch"`` node ``j >= 1`` of a block that has a residual branch
+    (``has_residual_branch``) runs only that branch, ``block.forward_branch`` (a
+    :class:`BranchNode` view; parameter names do not change), and the stage's output is passed
+    through the last such block's ``branch_act``: with every edge weight 1 the stage is the
+    unrolled residual network ``s_j = s_(j-1) + F_j(act(s_(j-1)))`` and returns ``act(s_(n-1))``,
+    what the next stage and the head receive from the chain.
+
     The stage owns its memory mechanics in training: gradient taps (each block output's
     gradient is accumulated in place from all its consumers) and recomputation of aggregated
     node inputs in backward (``wiring.recompute``). Both switch off under ``torch.compile`` and
@@ -56,6 +63,14 @@ class GraphStage(nn.Module):
         self.num_blocks = len(blocks)
         self.channels = channels
         self.wiring = wiring
+        # the callables that are the nodes (a plain list: the blocks stay the registered children)
+        self._nodes: list[nn.Module] = list(blocks)
+        self.output_act: nn.Module | None = None
+        if wiring.node == "branch" and wiring.kind != "sequential":
+            for j in range(1, len(blocks)):
+                if getattr(blocks[j], "has_residual_branch", False):
+                    self._nodes[j] = BranchNode(blocks[j])
+                    self.output_act = blocks[j].branch_act
         self.edges: EdgeWeights = build_edges(len(blocks), channels, wiring, stage_index)
         self.record_adjacency = False
         self.fused_grad = True  # accumulate node-output gradients in place (see layers.aggregation.tap)
@@ -79,7 +94,13 @@ class GraphStage(nn.Module):
         return self.num_blocks + 1
 
     def blocks(self) -> list[nn.Module]:
-        return [self._modules[str(i)] for i in range(self.num_blocks)]
+        """The nodes' callables: the blocks, or their :class:`BranchNode` views in branch form."""
+        return list(self._nodes)
+
+    @property
+    def node_form(self) -> list[str]:
+        """``"branch"`` or ``"block"`` for each block node."""
+        return ["branch" if isinstance(b, BranchNode) else "block" for b in self._nodes]
 
     def set_eval_gate(self, mode: str) -> None:
         if mode not in EVAL_GATES:
@@ -105,9 +126,11 @@ class GraphStage(nn.Module):
             self.macs = macs.total
             return x
         if self._fast_inference(x):
-            return forward_inference(self, x, blocks, pruned=True)
-        with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
-            return self._forward_graph(x, blocks)
+            out = forward_inference(self, x, blocks, pruned=True)
+        else:
+            with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
+                out = self._forward_graph(x, blocks)
+        return out if self.output_act is None else self.output_act(out)
 
     def _fast_inference(self, x: Tensor) -> bool:
         """Inference on the pruned executor, nothing recorded: the few-ops path (``graph._inference``)."""
@@ -226,6 +249,20 @@ class GraphStage(nn.Module):
         idx = alive.nonzero().squeeze(1)
         y = run(block, h.index_select(0, idx), idx)
         return y.new_zeros((alive.numel(), *y.shape[1:])).index_copy(0, idx, y)
+
+
+class BranchNode(nn.Module):
+    """Node view of a block in branch form: calls ``block.forward_branch`` (no shortcut).
+
+    Held by the stage outside its registered children, so the block's parameters keep their names.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block.forward_branch(x)
 
 
 def alive_probabilities(p_open: list[Tensor], preds: list[list[int]], batch: int) -> list[Tensor]:

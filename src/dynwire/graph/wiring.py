@@ -16,9 +16,10 @@ from typing import Any
 
 from ..layers.router import EVAL_GATES, TRAIN_GATES
 
-__all__ = ["WiringConfig", "WIRINGS", "resolve_wiring", "random_dag_edges", "complete_dag_edges"]
+__all__ = ["WiringConfig", "WIRINGS", "NODE_FORMS", "resolve_wiring", "random_dag_edges", "complete_dag_edges"]
 
 WIRINGS: tuple[str, ...] = ("sequential", "dynamic", "static", "random-er", "random-ba", "random-ws")
+NODE_FORMS: tuple[str, ...] = ("block", "branch")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class WiringConfig:
             straight-through gradient), so the training forward matches evaluation.
         er_p, ba_m, ws_k, ws_p: RandWire generator parameters (defaults: Table 4).
         graph_seed: seed of the random generators; stage ``k`` uses ``graph_seed + k``.
+        node: what a node of the DAG is. ``"block"``: a whole block, its shortcut included (the
+            literal reading). ``"branch"``: the residual branch of the block without its shortcut
+            (the unrolled ResNet of the paper's footnote 1): block 0 of each stage stays whole, the
+            DAG's edges are the shortcuts, and with every edge weight 1 the stage is the residual
+            network ``s_j = s_(j-1) + F_j(act(s_(j-1)))``. Blocks without a residual branch (RandWire's
+            nodes, MobileNetV2's strided blocks) stay whole in either form; ``sequential`` ignores it.
         recompute: recompute aggregated node inputs in backward instead of storing them.
         recompute_max_inputs: recompute only nodes with at most this many predecessors
             (``None``: all); the others store their input. Recomputing node ``j`` costs ``j + 1``
@@ -61,6 +68,7 @@ class WiringConfig:
     ws_k: int = 4
     ws_p: float = 0.75
     graph_seed: int = 0
+    node: str = "block"
     recompute: bool = True
     recompute_max_inputs: int | None = None
 
@@ -87,6 +95,8 @@ class WiringConfig:
             raise ValueError(f"ws_k={self.ws_k!r}: the Watts-Strogatz K must be an even int >= 2")
         if not (0.0 <= self.ws_p <= 1.0):
             raise ValueError(f"ws_p={self.ws_p!r}: the Watts-Strogatz rewiring probability must be in [0, 1]")
+        if self.node not in NODE_FORMS:
+            raise ValueError(f"node={self.node!r} is not valid; choose one of {', '.join(NODE_FORMS)}")
         if self.recompute_max_inputs is not None and (
             not isinstance(self.recompute_max_inputs, int) or self.recompute_max_inputs < 1
         ):

@@ -64,6 +64,18 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
 
+    #: the linear bottleneck adds without an activation: in branch form nothing moves
+    branch_act = None
+
+    @property
+    def has_residual_branch(self) -> bool:
+        """True when the block is ``x + F(x)`` (stride 1, same channels)."""
+        return self.use_res_connect
+
+    def forward_branch(self, x: Tensor) -> Tensor:
+        """The residual branch alone: ``F(x)``."""
+        return self.conv(x)
+
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 

@@ -15,7 +15,8 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.regnet import BlockParams, ResBottleneckBlock, SimpleStemIN
+from torchvision.models.regnet import BlockParams, SimpleStemIN
+from torchvision.models.regnet import ResBottleneckBlock as _TVResBottleneckBlock
 
 from .._registry import register_model
 from ..graph.wiring import WiringConfig
@@ -29,6 +30,26 @@ REGNET_PARAMS: dict[str, dict] = {
     "regnet_x_1_6gf": dict(depth=18, w_0=80, w_a=34.01, w_m=2.25, group_width=24),
     "regnet_y_600mf": dict(depth=15, w_0=48, w_a=32.54, w_m=2.32, group_width=16, se_ratio=0.25),
 }
+
+
+class ResBottleneckBlock(_TVResBottleneckBlock):
+    """torchvision's residual bottleneck (same parameters and forward) that names its branch."""
+
+    def __init__(
+        self, width_in: int, width_out: int, stride: int, norm_layer: Callable[..., nn.Module],
+        activation_layer: Callable[..., nn.Module], *args, **kwargs,
+    ) -> None:
+        super().__init__(width_in, width_out, stride, norm_layer, activation_layer, *args, **kwargs)
+        self.branch_act = activation_layer()  # out-of-place: the branch input is shared
+
+    @property
+    def has_residual_branch(self) -> bool:
+        """True when the block is ``act(x + F(x))`` (no projection)."""
+        return self.proj is None
+
+    def forward_branch(self, x: Tensor) -> Tensor:
+        """The residual branch alone, pre-activation order: ``F(act(x))``."""
+        return self.f(self.branch_act(x))
 
 
 class RegNet(GraphNet):

@@ -53,14 +53,28 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
+        # branch form (WiringConfig.node): the activation moves to the start of the branch; a
+        # separate, out-of-place instance, because the branch's input is a sum other nodes share
+        self.branch_act = act_layer()
+
+    @property
+    def has_residual_branch(self) -> bool:
+        """True when the block is ``act(x + F(x))`` with an identity shortcut."""
+        return self.downsample is None
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
 
+    def _branch(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+    def forward_branch(self, x: Tensor) -> Tensor:
+        """The residual branch alone, pre-activation order: ``F(act(x))``."""
+        return self._branch(self.branch_act(x))
+
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self._branch(x)
         out += identity
         return self.relu(out)
 
@@ -89,15 +103,28 @@ class Bottleneck(nn.Module):
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = act_layer(inplace=True)
         self.downsample = downsample
+        self.branch_act = act_layer()  # see BasicBlock
+
+    @property
+    def has_residual_branch(self) -> bool:
+        """True when the block is ``act(x + F(x))`` with an identity shortcut."""
+        return self.downsample is None
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def _branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        return self.bn3(self.conv3(out))
+
+    def forward_branch(self, x: Tensor) -> Tensor:
+        """The residual branch alone, pre-activation order: ``F(act(x))``."""
+        return self._branch(self.branch_act(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self._branch(x)
         out += identity
         return self.relu(out)
 
