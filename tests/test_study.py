@@ -195,6 +195,55 @@ def test_aggregate_matches_hand_computed_statistics(tmp_path: Path) -> None:
     assert s["groups"][0]["cells"][0]["top1"]["n"] == 2
 
 
+def test_imported_runs_stand_in_and_option_cells_pair_with_their_own_option(tmp_path: Path) -> None:
+    """A study that imports another study's results.csv: those runs are done (never rerun) and
+    enter the statistics; a cell with an option pairs with the same option's static cell."""
+    first = _study(tmp_path / "a")
+    for r in first.runs:
+        if not r.overrides:
+            _fake_run(first, r, TOP1[r.wiring][r.seed])
+    aggregate(first, plots=False)
+    node = ["model.wiring_kwargs.node=branch"]
+    raw = {
+        "name": "second",
+        "recipe": GRID["recipe"],
+        "imports": [str(first.results / "results.csv")],
+        "groups": [
+            {"name": "chain", "models": ["cifar_resnet20"], "wirings": ["sequential"], "seeds": 3},
+            {
+                "name": "forms",
+                "models": ["cifar_resnet20"],
+                "wirings": ["static", "dynamic"],
+                "options": {"block": [], "branch": node},
+                "reference": "block",
+                "seeds": 3,
+            },
+        ],
+    }
+    st = study_from_dict(raw, output=str(tmp_path / "b" / "runs"), results=str(tmp_path / "b" / "results"))
+    assert len(st.imported) == 9
+    todo = [r.name for r in st.runs if run_status(st, r) != "done"]
+    assert todo == [f"cifar_resnet20__{w}__node=branch__s{k}" for k in range(3) for w in ("static", "dynamic")]
+    branch_top1 = {"static": [90.0, 90.5, 91.0], "dynamic": [92.0, 91.0, 93.0]}
+    for r in st.runs:
+        if r.overrides:
+            _fake_run(st, r, branch_top1[r.wiring][r.seed])
+    s = aggregate(st, plots=False)
+    assert s["runs_done"] == 15
+    cells = {c["label"]: c for c in s["groups"][1]["cells"]}
+    assert cells["dynamic [block]"]["top1_by_seed"] == {str(k): TOP1["dynamic"][k] for k in range(3)}  # imported
+    d = cells["dynamic [branch]"]["diffs"]
+    # against the imported chain, against branch-form static (same option), against block form (reference)
+    assert d["vs sequential"]["diffs"] == pytest.approx([b - a for a, b in zip(TOP1["sequential"], [92.0, 91.0, 93.0])])
+    assert d["vs static"]["diffs"] == pytest.approx([2.0, 0.5, 2.0])
+    assert d["vs block"]["diffs"] == pytest.approx([b - a for a, b in zip(TOP1["dynamic"], [92.0, 91.0, 93.0])])
+    assert "vs static" not in cells["static [branch]"]["diffs"]  # not against itself
+    rows = (st.results / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 15
+    with pytest.raises(ValueError, match="imports: .*not found"):
+        study_from_dict({**raw, "imports": [str(tmp_path / "missing.csv")]})
+
+
 def test_dry_run_lists_status_and_estimate(tmp_path: Path, capsys) -> None:
     raw = dict(GRID, estimates_s={"cifar_resnet20": 300})
     path = tmp_path / "study.yaml"
