@@ -16,6 +16,7 @@ def test_golden_covers_registry():
     assert sorted(GOLDEN["models"]) == dynwire.list_models(), "run scripts/regen_golden.py"
     for name in GOLDEN["models"]:
         assert sorted(GOLDEN["models"][name]) == sorted(dynwire.WIRINGS)
+    assert sorted(GOLDEN["branch"]) == dynwire.list_models(), "run scripts/regen_golden.py"
 
 
 @pytest.mark.parametrize("wiring", dynwire.WIRINGS)
@@ -26,6 +27,16 @@ def test_golden_params_and_macs(name, wiring):
     assert (row.params, row.macs) == (want["params"], want["macs"]), (
         "architecture changed: review and run scripts/regen_golden.py"
     )
+
+
+@pytest.mark.parametrize("wiring", [w for w in dynwire.WIRINGS if w != "sequential"])
+@pytest.mark.parametrize("name", dynwire.list_models())
+def test_golden_params_and_macs_branch_form(name, wiring):
+    row = profile_model(name, wiring, node="branch")
+    want = GOLDEN["branch"][name][wiring]
+    block = GOLDEN["models"][name][wiring]
+    assert (row.params, row.macs) == (want["params"], want["macs"]), "run scripts/regen_golden.py"
+    assert row.params == block["params"]  # the form moves no parameter
 
 
 # Table 1's target is for the backbones of Table 1. RandWire's 32-node stages have a 528-edge complete

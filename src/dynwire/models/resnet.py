@@ -253,6 +253,18 @@ def cifar_resnet20(**kwargs) -> ResNet:
 
 
 @register_model(family="resnet", input_size=(3, 32, 32), paper="small-input variant (not in the paper)")
+def cifar_resnet32(**kwargs) -> ResNet:
+    """CIFAR-style ResNet-32: three stages of 5 BasicBlocks (He et al. 2016's CIFAR series)."""
+    return _resnet(BasicBlock, (5, 5, 5), **{**_CIFAR, **kwargs})
+
+
+@register_model(family="resnet", input_size=(3, 32, 32), paper="small-input variant (not in the paper)")
+def cifar_resnet44(**kwargs) -> ResNet:
+    """CIFAR-style ResNet-44: three stages of 7 BasicBlocks (He et al. 2016's CIFAR series)."""
+    return _resnet(BasicBlock, (7, 7, 7), **{**_CIFAR, **kwargs})
+
+
+@register_model(family="resnet", input_size=(3, 32, 32), paper="small-input variant (not in the paper)")
 def cifar_resnet56(**kwargs) -> ResNet:
     """CIFAR-style ResNet-56: 3x3 stem, three stages of 9 BasicBlocks (16/32/64 channels)."""
     return _resnet(BasicBlock, (9, 9, 9), **{**_CIFAR, **kwargs})
