@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from ._registry import get_model_cfg, list_models
 from ._version import __version__
@@ -413,9 +414,32 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+#: Commands that run models; where the fused CPU kernels were not built they say so, once per process.
+_KERNEL_COMMANDS = frozenset({"train", "eval", "detect", "analyze", "study", "export"})
+_KERNEL_NOTE = (
+    "note: dynwire's fused aggregation kernels (layers/_aggkernel.c) were not built when it was installed "
+    "(no C compiler with OpenMP): the plain PyTorch kernels run, with the same results, slower on the CPU"
+)
+_announced = False
+
+
+def announce_kernel_fallback(stream: TextIO | None = None) -> bool:
+    """Print :data:`_KERNEL_NOTE` once per process where the CPU kernels are missing; True if printed."""
+    global _announced
+    from .layers.aggregation import fused_available
+
+    if _announced or fused_available("cpu"):
+        return False
+    _announced = True
+    print(_KERNEL_NOTE, file=stream or sys.stderr, flush=True)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (errors reported as ``dynwire <cmd>: error: ...``)."""
     args = build_parser().parse_args(argv)
+    if args.command in _KERNEL_COMMANDS:
+        announce_kernel_fallback()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, TrainingDiverged, TrainingInterrupted) as e:  # incl. CheckpointError

@@ -5,6 +5,9 @@ differences, ranks with ties, Pearson's and Spearman's correlations and the leas
 slope. Thin wrappers that keep the conventions the callers rely on: plain Python floats and
 lists, NaN (not an exception, not a warning) where a value is undefined (too few values, a
 constant side), and ``ValueError`` for lengths that differ or arguments out of range.
+
+``scipy.stats`` is imported on first use (it takes about a second): the ``dynwire`` commands
+import this module through the analysis, and most of them compute no statistic.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 __all__ = [
     "mean",
@@ -33,6 +35,12 @@ __all__ = [
 ]
 
 _NAN = float("nan")
+
+
+def _scipy_stats():
+    from scipy import stats
+
+    return stats
 
 
 def _array(xs: Sequence[float]) -> np.ndarray:
@@ -59,7 +67,7 @@ def _check_df(df: float) -> None:
 def t_cdf(t: float, df: float) -> float:
     """CDF of Student's t distribution with ``df`` degrees of freedom (``scipy.stats.t.cdf``)."""
     _check_df(df)
-    return float(stats.t.cdf(t, df))
+    return float(_scipy_stats().t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -67,7 +75,7 @@ def t_quantile(p: float, df: float) -> float:
     if not 0.0 < p < 1.0:
         raise ValueError(f"probability must be in (0, 1), got {p}")
     _check_df(df)
-    return float(stats.t.ppf(p, df))
+    return float(_scipy_stats().t.ppf(p, df))
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def mean_ci(xs: Sequence[float], level: float = 0.95) -> MeanCI:
     a = _array(xs)
     n = int(a.size)
     m, s = mean(a), sample_std(a)
-    hw = t_quantile(0.5 + level / 2.0, n - 1) * float(stats.sem(a)) if n >= 2 else _NAN
+    hw = t_quantile(0.5 + level / 2.0, n - 1) * float(_scipy_stats().sem(a)) if n >= 2 else _NAN
     return MeanCI(n, m, s, hw, level)
 
 
@@ -151,7 +159,7 @@ def paired_diff(a: Mapping[int, float], b: Mapping[int, float], level: float = 0
 def rankdata(xs: Sequence[float]) -> list[float]:
     """Ranks 1..n, ties get the average of the ranks they span (``scipy.stats.rankdata``)."""
     a = _array(xs)
-    return [float(r) for r in stats.rankdata(a, method="average")] if a.size else []
+    return [float(r) for r in _scipy_stats().rankdata(a, method="average")] if a.size else []
 
 
 def _pair(x: Sequence[float], y: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +181,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
         return _NAN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.pearsonr(a, b).statistic)
+        return float(_scipy_stats().pearsonr(a, b).statistic)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -184,7 +192,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
         return _NAN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.spearmanr(a, b).statistic)
+        return float(_scipy_stats().spearmanr(a, b).statistic)
 
 
 def linear_slope(x: Sequence[float], y: Sequence[float]) -> float:
@@ -194,4 +202,4 @@ def linear_slope(x: Sequence[float], y: Sequence[float]) -> float:
         return _NAN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.linregress(a, b).slope)
+        return float(_scipy_stats().linregress(a, b).slope)
