@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: venv kernels data demo profile test test-fast lint format bench golden clean
+.PHONY: venv kernels data demo profile test test-fast lint format docs docs-serve bench golden clean
 
 venv: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: pip takes these wheels from local disk and never resolves a newer torch
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,docs]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 # The fused aggregation kernels (C/OpenMP, optional; `pip install` builds them too) next to their
@@ -49,6 +49,17 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The documentation site (MkDocs + Material + mkdocstrings) into build/site; the tables of numbers are
+# rendered from the committed result files first (scripts/render_tables.py). --strict: a broken link
+# or a missing API reference fails the build.
+docs: venv
+	$(PY) scripts/render_tables.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: venv
+	$(PY) scripts/render_tables.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 bench: venv
 	$(PY) bench/train_overhead.py

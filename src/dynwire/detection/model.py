@@ -176,8 +176,9 @@ def fasterrcnn_fpn(
         norm: ``frozen_bn`` (Detectron2), ``bn`` (batch statistics) or ``sync_bn``.
         returned_stages: stage indices or names fed to the FPN (default: the last stage of
             each stride, at most 4, see :func:`default_returned_stages`).
-        min_size, max_size: ``GeneralizedRCNNTransform`` resizing; a tuple ``min_size`` picks
-            one size per training batch at random (multi-scale training).
+        min_size: ``GeneralizedRCNNTransform`` resizing, the shorter side; a tuple picks one
+            size per training batch at random (multi-scale training).
+        max_size: ``GeneralizedRCNNTransform`` resizing, the longest the longer side may be.
         backbone_weights: a ``dynwire train`` classification checkpoint or a torchvision
             state-dict file, see :func:`load_backbone_weights`.
         backbone_kwargs: extra ``create_model`` options (``router_bias``, ``eval_gate``, ...).

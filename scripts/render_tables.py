@@ -1,0 +1,539 @@
+"""Render the committed result files into the Markdown tables of the docs (and README's headline table).
+
+Every number on the documentation site that comes from a measurement is read here from the file
+that holds it, so the pages cannot drift from the results:
+
+* ``experiments/study/results/summary.json`` (``dynwire study --aggregate-only``): the study's
+  headline table and one table per group;
+* ``experiments/fmnist_resnet20/summary.json`` (``make demo``): the main job's two runs;
+* ``tests/golden/profile.json`` (``scripts/regen_golden.py``): Table 1's overhead, RandWire's
+  small regime;
+* ``bench/results/*.json`` (``bench/*.py``): training overhead, inference speed, compile memory;
+* ``experiments/det_fmnist_scenes/results.json``: the CPU detection runs.
+
+Writes ``docs/_generated/*.md`` (included by the pages with ``--8<--``), copies the figures the
+pages show into ``docs/_generated/img/``, and rewrites README.md's headline table between its
+``<!-- headline:start -->`` / ``<!-- headline:end -->`` markers. ``--check`` changes nothing and
+exits 1 when README's table is not what the results say.
+
+    python scripts/render_tables.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "_generated"
+STUDY = ROOT / "experiments" / "study" / "results" / "summary.json"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+# Figures the pages show (copied: MkDocs serves only what lies under docs/).
+FIGURES = {
+    "fig5_mean.png": "experiments/analysis_example/fig5_mean.png",
+    "fig6_std.png": "experiments/analysis_example/fig6_std.png",
+    "fig7_per_class.png": "experiments/analysis_example/fig7_per_class.png",
+    "order_trends.png": "experiments/analysis_example/order_trends.png",
+    "study_accuracy.png": "experiments/study/results/accuracy.png",
+    "study_paired_diffs.png": "experiments/study/results/paired_diffs.png",
+    "study_curves_router_bias.png": "experiments/study/results/curves_router_bias.png",
+    "fmnist_curves.png": "experiments/fmnist_resnet20/curves.png",
+    "det_curves.png": "experiments/det_fmnist_scenes/curves.png",
+}
+
+
+# --------------------------------------------------------------------------- formatting
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A Markdown table; ``align``: one of ``l``/``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def interval(d: dict[str, Any] | None) -> str:
+    """``+0.23 [+0.04, +0.42] *`` (``*``: the 95% interval excludes 0); ``—`` when absent."""
+    if not d or d.get("mean") is None:
+        return "—"
+    if d.get("ci_low") is None:
+        return f"{signed(d['mean'])} (n={d.get('n')})"
+    star = " *" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
+    return f"{signed(d['mean'])} [{signed(d['ci_low'])}, {signed(d['ci_high'])}]{star}"
+
+
+def mean_std(t: dict[str, Any]) -> str:
+    std = t.get("std")
+    return f"{t['mean']:.2f} ± {std:.2f}" if std is not None else f"{t['mean']:.2f}"
+
+
+def mega(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 1e6:.2f}"
+
+
+def ratio(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}x"
+
+
+def pct(new: float, base: float) -> str:
+    return f"{100 * (new - base) / base:.2f}%"
+
+
+# --------------------------------------------------------------------------- the study
+def _study() -> dict[str, Any]:
+    return json.loads(STUDY.read_text())
+
+
+def _group(study: dict[str, Any], name: str) -> dict[str, Any]:
+    for g in study["groups"]:
+        if g["name"] == name:
+            return g
+    raise KeyError(f"{STUDY}: no group {name!r}")
+
+
+def _cell(group: dict[str, Any], label: str) -> dict[str, Any]:
+    for c in group["cells"]:
+        if c["label"] == label:
+            return c
+    raise KeyError(f"group {group['name']!r}: no cell {label!r} (has {[c['label'] for c in group['cells']]})")
+
+
+# (group, cell label, row label, which diff goes in the "vs dynamic" column, paper column)
+HEADLINE_ROWS = [
+    ("core", "sequential", "sequential", None, "ResNet-18 70.30"),
+    ("core", "static", "static (alpha, Table 6)", None, "+0.21 (R18), +0.30 (R50) vs sequential"),
+    (
+        "core",
+        "dynamic",
+        "dynamic (alpha_b, Table 6)",
+        "",
+        "+1.02 / +1.58 vs sequential; +0.81 / +1.28 vs static",
+    ),
+    ("random", "random-er", "random-er (Table 4's generator)", "vs dynamic", "RandWire-ER 71.34 vs DG-Net 73.52"),
+    ("random", "random-ba", "random-ba", "vs dynamic", "RandWire-BA 71.16"),
+    ("random", "random-ws", "random-ws", "vs dynamic", "RandWire-WS 72.26"),
+    ("router_bias", "dynamic [bias 0]", "dynamic, router bias 0 (Fig. 4)", "vs bias +3", "+3 best (78.28, ResNet-50)"),
+    ("router_bias", "dynamic [bias -3]", "dynamic, router bias -3", "vs bias +3", "slowest start, lowest"),
+]
+
+
+def headline(study: dict[str, Any]) -> str:
+    """The README's headline table: cifar_resnet20, core + random + router-bias cells."""
+    rows = []
+    for gname, label, shown, third, paper in HEADLINE_ROWS:
+        c = _cell(_group(study, gname), label)
+        d = c.get("diffs", {})
+        if third == "":
+            last = "—"
+        elif third is None:
+            last = ""
+        elif third == "vs dynamic":
+            last = interval(d.get(third))
+        else:
+            last = f"{third}: {interval(d.get(third))}"
+        rows.append(
+            [
+                shown,
+                c["top1"]["n"],
+                mean_std(c["top1"]),
+                "—" if label == "sequential" else interval(d.get("vs sequential")),
+                "—" if label == "static" else interval(d.get("vs static")),
+                last,
+                paper,
+            ]
+        )
+    header = [
+        "cifar_resnet20",
+        "seeds",
+        "top-1 mean ± std",
+        "Δ vs sequential [95% CI]",
+        "Δ vs static [95% CI]",
+        "Δ vs dynamic [95% CI]",
+        "paper (ImageNet)",
+    ]
+    return table(header, rows, "lrrrrrl")
+
+
+def randwire_results(study: dict[str, Any]) -> str:
+    """RandWire's small regime at CPU size: the random generators against DG-Net, paired by seed."""
+    rows = []
+    for c in _group(study, "randwire")["cells"]:
+        rows.append(
+            [
+                c["label"] + (" (DG-Net)" if c["label"] == "dynamic" else ""),
+                c["top1"]["n"],
+                mean_std(c["top1"]),
+                "—" if c["label"] == "dynamic" else interval(c.get("diffs", {}).get("vs dynamic")),
+                mega(c.get("macs")),
+                (c.get("paper") or "").removeprefix("Table 4: "),
+            ]
+        )
+    header = ["cifar_randwire_small", "seeds", "top-1 mean ± std", "Δ vs dynamic [95% CI]", "MACs (M)"]
+    return table(header + ["paper (ImageNet, Table 4)"], rows, "lrrrrl")
+
+
+def study_groups(study: dict[str, Any]) -> str:
+    """One table per group of the study, with every paired difference the aggregation made."""
+    parts = [
+        f"Study `{study['study']}`: {study['runs_done']} of {study['runs_total']} runs aggregated, recipe "
+        f"`{study['recipe']['config']}` with `{' '.join(study['recipe']['set'])}`.\n"
+    ]
+    for g in study["groups"]:
+        diffs: list[str] = []
+        for c in g["cells"]:
+            diffs += [k for k in c.get("diffs", {}) if k not in diffs]
+        first = {"vs sequential": 0, "vs static": 1}
+        diffs.sort(key=lambda k: first.get(k, 2))  # stable: the others keep their order
+        header = ["cell", "n", "top-1 mean ± std", "95% CI of mean"]
+        header += [f"Δ {k} [95% CI]" for k in diffs] + ["params", "MMACs", "executed MMACs", "paper"]
+        rows = []
+        for c in g["cells"]:
+            t = c["top1"]
+            ci = f"[{t['ci_low']:.2f}, {t['ci_high']:.2f}]" if t.get("ci_low") is not None else "n/a"
+            row = [f"{c['model']} {c['label']}", f"{t['n']}/{c['planned']}", mean_std(t), ci]
+            row += [interval(c.get("diffs", {}).get(k)) for k in diffs]
+            row += [f"{c['params']:,.0f}", mega(c.get("macs")), mega(c.get("executed_macs")), c.get("paper") or ""]
+            rows.append(row)
+        parts.append(f"### {g['title']}\n")
+        if g.get("note"):
+            parts.append(g["note"] + "\n")
+        parts.append(table(header, rows, "lrrr" + "r" * len(diffs) + "rrrl"))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- the main job (make demo)
+def demo() -> str:
+    s = json.loads((ROOT / "experiments/fmnist_resnet20/summary.json").read_text())
+    rows = []
+    for wiring, f in s["final"].items():
+        rows.append(
+            [
+                wiring,
+                f"{f['val']['top1']:.2f}",
+                f"{f['params']:,}",
+                mega(f.get("macs")),
+                f"{f['train_images_per_s']:.0f}" if f.get("train_images_per_s") else "n/a",
+            ]
+        )
+    return table(["wiring", "test top-1 (%)", "params", "MACs (M)", "train images/s"], rows)
+
+
+# --------------------------------------------------------------------------- profile (golden)
+TABLE1_MODELS = [
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnext50_32x4d",
+    "mobilenet_v2",
+    "regnet_x_600mf",
+    "regnet_x_1_6gf",
+    "regnet_y_600mf",
+    "cifar_resnet20",
+    "cifar_resnet56",
+    "cifar_resnet18",
+]
+
+
+def _golden() -> dict[str, Any]:
+    return json.loads((ROOT / "tests/golden/profile.json").read_text())["models"]
+
+
+def table1() -> str:
+    g = _golden()
+    rows = []
+    for name in TABLE1_MODELS:
+        seq, dyn = g[name]["sequential"], g[name]["dynamic"]
+        rows.append(
+            [
+                name,
+                f"{seq['params']:,}",
+                pct(dyn["params"], seq["params"]),
+                f"{seq['macs'] / 1e6:.1f}",
+                pct(dyn["macs"], seq["macs"]),
+            ]
+        )
+    return table(["model", "params", "+params", "MACs (M)", "+MACs"], rows)
+
+
+RANDWIRE_PAPER = {
+    "random-er": ("random-er (P=0.2)", "602", ""),
+    "random-ba": ("random-ba (M=5)", "582", ""),
+    "random-ws": ("random-ws (K=4, P=0.75)", "572", "5.6M params, 583M FLOPs"),
+    "dynamic": ("dynamic (DG-Net)", "611", ""),
+    "static": ("static", "", ""),
+    "sequential": ("sequential", "", ""),
+}
+
+
+def randwire_small() -> str:
+    g = _golden()["randwire_small"]
+    rows = []
+    for wiring, (shown, dgnet, randwire) in RANDWIRE_PAPER.items():
+        rows.append([shown, f"{g[wiring]['params']:,}", f"{g[wiring]['macs'] / 1e6:.1f}", dgnet, randwire])
+    header = ["wiring", "params", "MACs (M)", "paper: FLOPs (M), DG-Net Table 4", "paper: RandWire Table 2"]
+    return table(header, rows, "lrrrl")
+
+
+# --------------------------------------------------------------------------- benchmarks
+def _bench(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "bench/results" / name).read_text())
+
+
+def train_steps(part: str = "steps_t2") -> str:
+    r = _bench("train_overhead.json")[part]
+    rows = []
+    for row in r["results"]:
+        if row["variant"] == "sequential":
+            continue
+        t = row["time_ratio"]
+        shipped = row["variant"] == "dynamic"
+        name = f"`{row['variant']}`" + (" (shipped)" if shipped else "")
+        rows.append(
+            [
+                row["model"],
+                row["batch"],
+                name,
+                f"{ratio(t['median'], 3)} ({t['min']:.3f}..{t['max']:.3f})",
+                ratio(row["bound"]["time_ratio_floor"], 3),
+                ratio(row["memory_ratio"], 3),
+            ]
+        )
+    header = [
+        "model",
+        "batch",
+        "variant",
+        f"step time vs sequential, median (min..max of {r['rounds']} rounds)",
+        "floor",
+        "peak RSS vs sequential",
+    ]
+    return f"`{r['command']}`\n\n" + table(header, rows, "lrlrrr")
+
+
+def stage_backward() -> str:
+    r = _bench("train_overhead.json")["stage"]
+    by: dict[int, dict[str, Any]] = {}
+    for row in r["rows"]:
+        by.setdefault(row["threads"], {})[row["path"]] = row
+    rows = []
+    for threads, paths in sorted(by.items()):
+        pull = paths["pull"]
+        rows.append(
+            [
+                threads,
+                f"{paths['plain']['ms_best']:.0f} ms",
+                f"{paths['push']['ms_best']:.0f} ms",
+                f"{pull['ms_best']:.0f} ms ({pull['speedup_vs_push']:.2f}x faster than push; {pull['gbs_best']:.1f} GB/s)",
+            ]
+        )
+    head = f"{r['node']}; least traffic {r['ideal_mb']:.0f} MB; best time over the rounds.\n\n"
+    return head + table(["threads", "plain", "`push` (first fused version)", "`pull` (shipped)"], rows)
+
+
+def inference_dense() -> str:
+    part = _bench("inference.json")["parts"]["dense"]
+    rows = []
+    for r in part["results"]:
+        v = r["variants"]
+        size = "x".join(map(str, r["input"][1:]))
+        rows.append(
+            [
+                f"{r['model']} ({size})",
+                r["batch"],
+                ratio(v["dynamic"]["latency_ratio"]),
+                ratio(v["dynamic-reference"]["latency_ratio"]),
+                ratio(1.0 / v["dynamic"]["throughput_ratio"]),
+                ratio(v["static"]["latency_ratio"]),
+            ]
+        )
+    header = [
+        "model",
+        "batch N",
+        "`dynamic` latency b1",
+        "`dynamic-reference` latency b1",
+        "`dynamic` time per image at N",
+        "`static` latency b1",
+    ]
+    return f"`{part['command']}`, against `sequential`:\n\n" + table(header, rows)
+
+
+def inference_removal() -> str:
+    part = _bench("inference.json")["parts"]["removal"]
+    (r,) = part["results"]
+    rows = [
+        [
+            f"{float(k):.2f}",
+            f"{s['executed_mac_fraction']:.3f}",
+            ratio(s["throughput_vs_none_removed"]),
+            ratio(s["latency_b1_vs_none_removed"]),
+        ]
+        for k, s in r["shares"].items()
+    ]
+    head = f"`{r['model']}`, batch {r['batch']}: the pruned executor against the same model with nothing removed.\n\n"
+    return head + table(["removed share", "executed MACs", "throughput", "batch-1 latency"], rows)
+
+
+def inference_trained() -> str:
+    part = _bench("inference.json")["parts"]["trained"]
+    (r,) = part["results"]
+    rows = [
+        [
+            name.split("_", 1)[-1],
+            f"{v['top1']:.2f}",
+            f"{v['executed_mac_fraction']:.3f}",
+            ratio(v["latency_ratio"]),
+            ratio(v["throughput_ratio"]),
+        ]
+        for name, v in r["variants"].items()
+    ]
+    head = f"`{part['command']}`, {r['images']}:\n\n"
+    header = ["run", "test top-1", "executed MACs", "batch-1 latency", f"throughput at {r['batch']}"]
+    return head + table(header, rows)
+
+
+def inference_compile() -> str:
+    part = _bench("inference.json")["parts"]["compile"]
+    (r,) = part["results"]
+    rows = [[f"`{name}`", ratio(v["latency_ratio"]), ratio(v["throughput_ratio"])] for name, v in r["variants"].items()]
+    head = f"`{part['command']}`, `{r['model']}`, batch {r['batch']}, against {r['vs']}:\n\n"
+    return head + table(["variant", "batch-1 latency", f"throughput at {r['batch']}"], rows)
+
+
+COMPILE_MEMORY_NAMES = {
+    "sequential": "`sequential`, eager",
+    "dynamic": "`dynamic`, eager (taps + recomputation, as shipped)",
+    "dynamic-nomech": "`dynamic`, eager, both mechanics off",
+    "sequential-compiled": "`sequential`, `torch.compile`",
+    "dynamic-compiled": "`dynamic`, `torch.compile(fullgraph=True)`",
+}
+
+
+def compile_memory() -> str:
+    c = _bench("compile_memory.json")
+    s = c["setup"]
+    rows = [
+        [
+            COMPILE_MEMORY_NAMES.get(r["variant"], f"`{r['variant']}`"),
+            f"{r['step_added_mib']:.0f} MiB",
+            ratio(r["memory_vs_dynamic"], 3),
+        ]
+        for r in c["results"]
+    ]
+    head = f"`{s['model']}`, batch {s['batch']}, {s['input']}x{s['input']}, {s['threads']} thread(s):\n\n"
+    return head + table(["variant", "step adds", "vs eager `dynamic`"], rows, "lrr")
+
+
+# --------------------------------------------------------------------------- connectivity analysis
+ANALYSES = {
+    "default recipe": "experiments/analysis_example/analysis.json",
+    "router bias 0, tau 0.5, hard gate": "experiments/analysis_example/hard_gate/analysis.json",
+    "the study's dynamic seed 0": "experiments/analysis_example/study_dynamic_s0/analysis.json",
+}
+
+
+def analysis_example() -> str:
+    rows = []
+    for name, path in ANALYSES.items():
+        a = json.loads((ROOT / path).read_text())
+        st = a["stages"].values()
+        em = a.get("executed_macs") or {}
+        rows.append(
+            [
+                name,
+                a["images"],
+                f"{a['top1']:.2f}",
+                " / ".join(f"{100 * s['closed_edge_share']:.2f}" for s in st),
+                " / ".join(f"{100 * s['removed_node_share']:.2f}" for s in st),
+                mega(em.get("mean")),
+            ]
+        )
+    header = ["`cifar_resnet20`, dynamic", "images", "top-1", "closed edges (%)", "removed nodes (%)", "executed MMACs"]
+    stages = " / ".join(json.loads((ROOT / next(iter(ANALYSES.values()))).read_text())["stages"])
+    return table(header, rows, "lrrrrr") + f"\nPer stage: {stages}. From each folder's `analysis.json`.\n"
+
+
+# --------------------------------------------------------------------------- detection
+def detection() -> str:
+    d = json.loads((ROOT / "experiments/det_fmnist_scenes/results.json").read_text())
+    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    rows = []
+    for wiring, run in d["runs"].items():
+        ev = run["eval"]
+        rows.append(
+            [wiring] + ["n/a" if ev.get(k) is None else f"{ev[k]:.1f}" for k in cols] + [ev["iter"], ev["images"]]
+        )
+    return table(["wiring"] + cols + ["iteration", "val images"], rows)
+
+
+# --------------------------------------------------------------------------- driver
+SNIPPETS: dict[str, Callable[[], str]] = {
+    "study_headline.md": lambda: headline(_study()),
+    "study_groups.md": lambda: study_groups(_study()),
+    "randwire_results.md": lambda: randwire_results(_study()),
+    "demo.md": demo,
+    "table1.md": table1,
+    "randwire_small.md": randwire_small,
+    "train_steps_t2.md": lambda: train_steps("steps_t2"),
+    "train_steps_t1.md": lambda: train_steps("steps_t1"),
+    "stage_backward.md": stage_backward,
+    "inference_dense.md": inference_dense,
+    "inference_removal.md": inference_removal,
+    "inference_trained.md": inference_trained,
+    "inference_compile.md": inference_compile,
+    "compile_memory.md": compile_memory,
+    "detection.md": detection,
+    "analysis_example.md": analysis_example,
+}
+
+
+def readme_with_headline(text: str, block: str) -> str:
+    if HEADLINE_START not in text or HEADLINE_END not in text:
+        raise ValueError(f"README.md lacks the {HEADLINE_START} ... {HEADLINE_END} markers")
+    head, rest = text.split(HEADLINE_START, 1)
+    _, tail = rest.split(HEADLINE_END, 1)
+    return f"{head}{HEADLINE_START}\n{block}{HEADLINE_END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if README's headline table is stale")
+    args = p.parse_args(argv)
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    new = readme_with_headline(text, headline(_study()))
+    if args.check:
+        if new != text:
+            print(
+                "README.md: the headline table differs from experiments/study/results/summary.json; "
+                "run python scripts/render_tables.py",
+                file=sys.stderr,
+            )
+            return 1
+        for make in SNIPPETS.values():  # every table still renders from its file
+            make()
+        return 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, make in SNIPPETS.items():
+        (OUT / name).write_text(make(), encoding="utf-8")
+    img = OUT / "img"
+    img.mkdir(exist_ok=True)
+    for name, src in FIGURES.items():
+        shutil.copyfile(ROOT / src, img / name)
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+        print("README.md: headline table updated")
+    print(f"wrote {len(SNIPPETS)} tables and {len(FIGURES)} figures to {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
