@@ -117,6 +117,8 @@ def set_executor(model: nn.Module, executor: str) -> dict[nn.Module, str]:
 
 
 def export_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` an export traces with: ``input_size`` checked against the model's channels,
+    or else the training input size its build information records, else its registered size."""
     info = build_info_of(model) or {}
     in_chans = int(getattr(model, "in_chans", info.get("in_chans", 3)))
     if input_size is None:
