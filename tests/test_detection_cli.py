@@ -136,7 +136,7 @@ def test_train_eval_detect_through_the_cli(tmp_path, scenes, capsys):
     code, _, err = _cli(capsys, "detect", "--checkpoint", str(run / "last.pt"), "nope.png", "--out", str(tmp_path))
     assert code == 2 and err.startswith("dynwire detect: error: image 'nope.png': file not found")
     code, _, err = _cli(capsys, "detect", "--checkpoint", str(recipe), str(img), "--out", str(tmp_path))
-    assert code == 2 and err.startswith("dynwire detect: error: checkpoint")
+    assert code == 2 and err.startswith(f"dynwire detect: error: {str(recipe)!r} is not a dynwire file")
 
 
 def test_detection_recipe_errors_use_the_cli_format(tmp_path, scenes, capsys):
