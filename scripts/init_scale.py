@@ -20,7 +20,13 @@ import dynwire
 from dynwire._registry import get_model_cfg
 from dynwire.analysis.scale import stage_output_stds
 
-FORMS = [("sequential", "block"), ("static", "block"), ("static", "branch"), ("dynamic", "block"), ("dynamic", "branch")]
+FORMS = [
+    ("sequential", "block"),
+    ("static", "block"),
+    ("static", "branch"),
+    ("dynamic", "block"),
+    ("dynamic", "branch"),
+]
 
 
 def measure(name: str, size: int | None, batch: int, seed: int) -> list[dict]:

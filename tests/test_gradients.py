@@ -70,7 +70,8 @@ def reference_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # branch form: node j >= 1 of a block with a residual branch is that branch, F(act(h))
         branch = [
             j > 0 and model.wiring.node == "branch" and model.wiring.kind != "sequential" and b.has_residual_branch
-            if hasattr(b, "has_residual_branch") else False
+            if hasattr(b, "has_residual_branch")
+            else False
             for j, b in enumerate(blocks)
         ]
         outs: list[torch.Tensor] = []

@@ -16,7 +16,8 @@ def _executor(model, kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name,node", [(m, "block") for m in MODELS] + [(m, "branch") for m in ("cifar_resnet20", "mobilenet_v2", "regnet_x_600mf")]
+    "name,node",
+    [(m, "block") for m in MODELS] + [(m, "branch") for m in ("cifar_resnet20", "mobilenet_v2", "regnet_x_600mf")],
 )
 def test_pruned_executor_equals_dense_reference(name, node):
     torch.manual_seed(0)

@@ -172,8 +172,12 @@ def aggregate(
                 if c.wiring == ref and (not c.overrides or g.reference is not None):
                     continue  # itself, or the option reference's diff below says it
                 # a group with options pairs a cell with the same option's reference cell, if it has one
-                same = next((x for x in g.cells if x.model == c.model and x.wiring == ref and x.option == c.option), None)
-                ref_runs = same.runs if same is not None and c.option else _reference_runs(study, c.model, ref, all_seeds)
+                same = next(
+                    (x for x in g.cells if x.model == c.model and x.wiring == ref and x.option == c.option), None
+                )
+                ref_runs = (
+                    same.runs if same is not None and c.option else _reference_runs(study, c.model, ref, all_seeds)
+                )
                 if ref_runs:
                     cell["diffs"][f"vs {ref}"] = _stats.paired_diff(vals, _top1_by_seed(rows, ref_runs)).to_dict()
             if g.reference is not None and c.option != g.reference:

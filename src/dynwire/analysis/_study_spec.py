@@ -193,7 +193,16 @@ def study_from_dict(
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping")
     known = {
-        "name", "recipe", "output", "results", "data_dir", "estimates_s", "groups", "max_attempts", "notes", "imports"
+        "name",
+        "recipe",
+        "output",
+        "results",
+        "data_dir",
+        "estimates_s",
+        "groups",
+        "max_attempts",
+        "notes",
+        "imports",
     }
     unknown = set(raw) - known
     if unknown:

@@ -36,8 +36,14 @@ class ResBottleneckBlock(_TVResBottleneckBlock):
     """torchvision's residual bottleneck (same parameters and forward) that names its branch."""
 
     def __init__(
-        self, width_in: int, width_out: int, stride: int, norm_layer: Callable[..., nn.Module],
-        activation_layer: Callable[..., nn.Module], *args, **kwargs,
+        self,
+        width_in: int,
+        width_out: int,
+        stride: int,
+        norm_layer: Callable[..., nn.Module],
+        activation_layer: Callable[..., nn.Module],
+        *args,
+        **kwargs,
     ) -> None:
         super().__init__(width_in, width_out, stride, norm_layer, activation_layer, *args, **kwargs)
         self.branch_act = activation_layer()  # out-of-place: the branch input is shared
