@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_generated"
 STUDY = ROOT / "experiments" / "study" / "results" / "summary.json"
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+BRANCH_START, BRANCH_END = "<!-- branch:start -->", "<!-- branch:end -->"
+BRANCH_STUDY = ROOT / "experiments" / "study_branch" / "results" / "summary.json"
+INIT_SCALE = ROOT / "experiments" / "init_scale" / "init_scale.json"
 
 # Figures the pages show (copied: MkDocs serves only what lies under docs/).
 FIGURES = {
@@ -475,7 +478,72 @@ def detection() -> str:
 
 
 # --------------------------------------------------------------------------- driver
+# (group, cell label, row label): the branch-node study (issue 16), block and branch form side by side
+BRANCH_ROWS = [
+    ("chain56", "sequential", "cifar_resnet56 sequential"),
+    ("depth", "static [block]", "cifar_resnet56 static, block nodes"),
+    ("depth", "static [branch]", "cifar_resnet56 static, **branch nodes**"),
+    ("depth", "dynamic [block]", "cifar_resnet56 dynamic, block nodes"),
+    ("depth", "dynamic [branch]", "cifar_resnet56 dynamic, **branch nodes**"),
+    ("chain20", "sequential", "cifar_resnet20 sequential"),
+    ("core", "static [block]", "cifar_resnet20 static, block nodes"),
+    ("core", "static [branch]", "cifar_resnet20 static, **branch nodes**"),
+    ("core", "dynamic [block]", "cifar_resnet20 dynamic, block nodes"),
+    ("core", "dynamic [branch]", "cifar_resnet20 dynamic, **branch nodes**"),
+    ("random", "random-er [branch]", "cifar_resnet20 random-er, **branch nodes**"),
+]
+
+
+def _branch_study() -> dict[str, Any]:
+    return json.loads(BRANCH_STUDY.read_text())
+
+
+def branch_results(study: dict[str, Any]) -> str:
+    """Block against branch nodes (``WiringConfig.node``), paired by seed with the chain and each other."""
+    rows = []
+    for gname, label, shown in BRANCH_ROWS:
+        c = _cell(_group(study, gname), label)
+        d = c.get("diffs", {})
+        rows.append(
+            [
+                shown,
+                f"{c['top1']['n']}/{c['planned']}",
+                mean_std(c["top1"]) if c["top1"]["n"] else "—",
+                "—" if label == "sequential" else interval(d.get("vs sequential")),
+                interval(d.get("vs static")) if "dynamic" in label else "—",
+                interval(d.get("vs block")) if "[branch]" in label else "—",
+            ]
+        )
+    header = ["cell", "seeds", "top-1 mean ± std", "Δ vs sequential", "Δ vs static (same form)", "Δ vs block form"]
+    return table(header, rows, "lrrrrr")
+
+
+def branch_contrast(study: dict[str, Any]) -> str:
+    """The depth group's gain contrast: (cell - sequential) at resnet56 minus the same at resnet20."""
+    con = _group(study, "depth").get("contrasts", {"rows": []})
+    rows = [[r["label"], interval(r)] for r in con["rows"]]
+    return table(["cell", "gain at 56 minus gain at 20 [95% CI]"], rows, "lr")
+
+
+def init_scale() -> str:
+    """Every stage's output std at initialisation (``scripts/init_scale.py``), per family, wiring, form."""
+    doc = json.loads(INIT_SCALE.read_text())
+    rows = []
+    for r in doc["rows"]:
+        stages = [k for k in r["stds"] if k != "logits"]
+        text = " / ".join(f"{r['stds'][k]:.3g}" for k in stages)
+        rows.append([r["model"], r["wiring"], r["node"], r["size"], text, f"{r['max_ratio']:.3g}"])
+    return table(
+        ["model", "wiring", "node", "input", "stage output std, stage by stage", "max ratio to sequential"],
+        rows,
+        "lllrlr",
+    )
+
+
 SNIPPETS: dict[str, Callable[[], str]] = {
+    "branch_results.md": lambda: branch_results(_branch_study()),
+    "branch_contrast.md": lambda: branch_contrast(_branch_study()),
+    "init_scale.md": init_scale,
     "study_headline.md": lambda: headline(_study()),
     "study_groups.md": lambda: study_groups(_study()),
     "randwire_results.md": lambda: randwire_results(_study()),
@@ -495,12 +563,20 @@ SNIPPETS: dict[str, Callable[[], str]] = {
 }
 
 
+def _between(text: str, start: str, end: str, block: str) -> str:
+    if start not in text or end not in text:
+        raise ValueError(f"README.md lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}{end}{tail}"
+
+
 def readme_with_headline(text: str, block: str) -> str:
-    if HEADLINE_START not in text or HEADLINE_END not in text:
-        raise ValueError(f"README.md lacks the {HEADLINE_START} ... {HEADLINE_END} markers")
-    head, rest = text.split(HEADLINE_START, 1)
-    _, tail = rest.split(HEADLINE_END, 1)
-    return f"{head}{HEADLINE_START}\n{block}{HEADLINE_END}{tail}"
+    """README with its generated tables replaced: the headline, and the branch-node rows."""
+    text = _between(text, HEADLINE_START, HEADLINE_END, block)
+    if BRANCH_START in text:
+        text = _between(text, BRANCH_START, BRANCH_END, branch_results(_branch_study()))
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

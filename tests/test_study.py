@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import write_fmnist_fixture
 
-from dynwire.analysis.study import (
+from dynwire.cli import main as cli_main
+from dynwire.study import (
     STATUS_FILE,
     _lock_busy,
     aggregate,
@@ -25,7 +26,6 @@ from dynwire.analysis.study import (
     run_status,
     study_from_dict,
 )
-from dynwire.cli import main as cli_main
 
 GRID = {
     "name": "unit",
@@ -381,7 +381,7 @@ def test_killed_trainer_and_killed_runner_resume(tmp_path: Path, fmnist256: Path
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
     )
     runner = subprocess.Popen(
-        [sys.executable, "-m", "dynwire.analysis.study", "--config", str(path), "--jobs", "2", "--no-aggregate"],
+        [sys.executable, "-m", "dynwire.study", "--config", str(path), "--jobs", "2", "--no-aggregate"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from . import study
 from ._registry import get_model_cfg, list_models
 from ._version import __version__
-from .analysis import connectivity, study
+from .analysis import connectivity
 from .detection.scenes import MAKE_SCENES_DESCRIPTION, add_make_scenes_arguments
 from .engine import TrainingDiverged, TrainingInterrupted, evaluate, export_safetensors, load_config, train
 from .graph.wiring import WIRINGS

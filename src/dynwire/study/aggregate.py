@@ -1,4 +1,4 @@
-"""Aggregation of :mod:`dynwire.analysis.study`: ``results.csv``, ``summary.json``, ``summary.md`` and plots.
+"""Aggregation of :mod:`dynwire.study`: ``results.csv``, ``summary.json``, ``summary.md`` and plots.
 
 :func:`aggregate` reads every run of a study (measuring the executed MACs of finished runs once,
 :func:`run_executed_macs`), computes per-cell means with 95% t intervals and paired differences
@@ -11,9 +11,9 @@ import csv
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import _stats
-from ._study_runner import STATUS_FILE, _read_json, _write_json, run_status
-from ._study_spec import RunSpec, Study
+from ..analysis import _stats
+from .runner import STATUS_FILE, _read_json, _write_json, run_status
+from .spec import RunSpec, Study
 
 RESULT_FIELDS = [
     "run",
@@ -59,7 +59,7 @@ def run_executed_macs(study: Study, run: RunSpec, *, compute: bool = True) -> di
         return cached
     if not compute:
         return None
-    from .connectivity import executed_macs
+    from ..analysis.connectivity import executed_macs
 
     out = {**executed_macs(ckpt, data_dir=study.data_dir, device="cpu", num_threads=1), "checkpoint_key": key}
     _write_json(d / EXECUTED_MACS_FILE, out)
@@ -230,7 +230,7 @@ def aggregate(
         "groups": groups_out,
         "figures": {},
     }
-    from . import _study_plots
+    from . import plots as _study_plots
 
     if plots and done:
         summary["figures"] = _study_plots.study_figures(study, summary, rows, out_dir)

@@ -1,4 +1,4 @@
-"""The study file of :mod:`dynwire.analysis.study`: its runs, cells and groups, and the config a run trains with.
+"""The study file of :mod:`dynwire.study`: its runs, cells and groups, and the config a run trains with.
 
 :func:`load_study` / :func:`study_from_dict` validate a study description and expand its grid
 (model x wiring x options x seeds) into :class:`RunSpec` runs with stable names;

@@ -1,4 +1,4 @@
-"""Plots of :mod:`dynwire.analysis.study`: accuracy per cell, paired differences, training-loss curves."""
+"""Plots of :mod:`dynwire.study`: accuracy per cell, paired differences, training-loss curves."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._plots import pyplot
+from ..analysis._plots import pyplot
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .study import Study
+    from .spec import Study
 
 __all__ = ["study_figures", "read_metrics"]
 

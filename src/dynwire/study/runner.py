@@ -1,4 +1,4 @@
-"""The runner of :mod:`dynwire.analysis.study`: run status, per-run locks and the trainer processes.
+"""The runner of :mod:`dynwire.study`: run status, per-run locks and the trainer processes.
 
 :func:`run_status` classifies a run from its folder; :func:`run_study` runs every unfinished run
 as a ``dynwire train`` subprocess, ``jobs`` at a time, holding a lock on ``<run>/.study.lock``
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import _stats
-from ._study_spec import RunSpec, Study, config_mismatch
+from ..analysis import _stats
+from .spec import RunSpec, Study, config_mismatch
 
 STATUS_FILE = "study_run.json"
 LOCK_FILE = ".study.lock"
