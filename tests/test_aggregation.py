@@ -181,7 +181,7 @@ def _op_and_tapped(w, xs, g):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_fused_equals_plain(k, channels_last, chunk, monkeypatch):
-    from dynwire.layers import aggregation as agg
+    from dynwire.layers import _fused as agg
 
     if chunk is not None:
         monkeypatch.setattr(agg, "FUSED_CHUNK", chunk)
@@ -213,7 +213,7 @@ def test_fused_equals_plain_float32_large():
 @needs_fused
 @pytest.mark.parametrize("tapped", [False, True])
 def test_fused_gradcheck(tapped, monkeypatch):
-    from dynwire.layers import aggregation as agg
+    from dynwire.layers import _fused as agg
 
     monkeypatch.setattr(agg, "FUSED_CHUNK", 50)  # three tasks per sample
 
