@@ -26,6 +26,7 @@ from dynwire.study import (
     run_status,
     study_from_dict,
 )
+from dynwire.study.runner import _estimator, _finished_durations
 
 GRID = {
     "name": "unit",
@@ -227,7 +228,7 @@ def test_imported_runs_stand_in_and_option_cells_pair_with_their_own_option(tmp_
     branch_top1 = {"static": [90.0, 90.5, 91.0], "dynamic": [92.0, 91.0, 93.0]}
     for r in st.runs:
         if r.overrides:
-            _fake_run(st, r, branch_top1[r.wiring][r.seed])
+            _fake_run(st, r, branch_top1[r.wiring][r.seed], wall=250.0)
     s = aggregate(st, plots=False)
     assert s["runs_done"] == 15
     cells = {c["label"]: c for c in s["groups"][1]["cells"]}
@@ -242,6 +243,19 @@ def test_imported_runs_stand_in_and_option_cells_pair_with_their_own_option(tmp_
     assert len(rows) == 1 + 15
     with pytest.raises(ValueError, match="imports: .*not found"):
         study_from_dict({**raw, "imports": [str(tmp_path / "missing.csv")]})
+
+    # a study importing its own committed results: with its run folders gone (a fresh checkout) the
+    # finished runs stay done, and the ETA comes from their recorded wall time, cell by cell
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "runs")
+    own = {**raw, "imports": [str(first.results / "results.csv"), str(st.results / "results.csv")]}
+    again = study_from_dict(own, output=str(tmp_path / "b" / "runs"), results=str(tmp_path / "b" / "results"))
+    assert all(run_status(again, r) == "done" for r in again.runs)
+    est = _estimator(again, _finished_durations(again, again.runs))
+    branch = next(r for r in again.runs if r.overrides)
+    assert est(branch) == pytest.approx(250.0)
+    assert est(next(r for r in again.runs if not r.overrides and r.wiring == "dynamic")) == pytest.approx(100.0)
 
 
 def test_dry_run_lists_status_and_estimate(tmp_path: Path, capsys) -> None:

@@ -135,30 +135,54 @@ class RunnerReport:
         return 1 if self.failed else 0
 
 
+def _imported_stands_in(study: Study, r: RunSpec) -> bool:
+    return r.name in study.imported and not study.run_dir(r).exists()
+
+
+def _cell(r: RunSpec) -> str:
+    return f"{r.model}__{r.wiring}__{r.options_slug}"
+
+
 def _finished_durations(study: Study, runs: Sequence[RunSpec]) -> dict[str, list[float]]:
-    """Wall seconds of finished runs, by model (from the runner's per-run status files)."""
+    """Wall seconds of finished runs, by cell (model, wiring, options) and by model.
+
+    From the runner's per-run status files, or the ``wall_s`` of an imported row.
+    """
     out: dict[str, list[float]] = {}
     for r in runs:
         d = study.run_dir(r)
-        if not (d / "final.json").is_file():
-            continue
-        st = _read_json(d / STATUS_FILE)
-        if st and st.get("wall_s_total"):
-            out.setdefault(r.model, []).append(float(st["wall_s_total"]))
+        wall = None
+        if (d / "final.json").is_file():
+            st = _read_json(d / STATUS_FILE)
+            if st and st.get("wall_s_total"):
+                wall = float(st["wall_s_total"])
+        elif r.name in study.imported and not d.exists():
+            try:
+                wall = float(study.imported[r.name].get("wall_s") or "nan")
+            except ValueError:
+                wall = None
+            if wall is not None and not wall > 0:
+                wall = None
+        if wall is not None:
+            out.setdefault(_cell(r), []).append(wall)
+            out.setdefault(r.model, []).append(wall)
     return out
 
 
 def _estimator(study: Study, durations: dict[str, list[float]]) -> Callable[[RunSpec], float | None]:
-    every = [x for v in durations.values() for x in v]
+    models = {m: v for m, v in durations.items() if "__" not in m}
+    every = [x for v in models.values() for x in v]
 
     def est(r: RunSpec) -> float | None:
-        if durations.get(r.model):
-            return _stats.mean(durations[r.model])
+        if durations.get(_cell(r)):
+            return _stats.mean(durations[_cell(r)])
+        if models.get(r.model):
+            return _stats.mean(models[r.model])
         e = study.estimate(r)
         if e is not None:
             # scale the file's estimate by how fast finished runs of other models actually were
             ratios = [
-                _stats.mean(v) / study.estimates_s[m] for m, v in durations.items() if study.estimates_s.get(m) and v
+                _stats.mean(v) / study.estimates_s[m] for m, v in models.items() if study.estimates_s.get(m) and v
             ]
             return e * (_stats.mean(ratios) if ratios else 1.0)
         return _stats.mean(every) if every else None
@@ -315,7 +339,7 @@ def run_study(
         durations = _finished_durations(study, runs)
         est = _estimator(study, durations)
         now = time.monotonic()
-        done_n = sum(1 for r in runs if (study.run_dir(r) / "final.json").is_file())
+        done_n = sum(1 for r in runs if (study.run_dir(r) / "final.json").is_file() or _imported_stands_in(study, r))
         remaining = [est(r) for r in pending]
         # a run past its estimate is assumed to need another tenth of it
         remaining += [
