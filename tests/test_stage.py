@@ -257,3 +257,21 @@ def test_graphs_command_reports_collapsed_stages(capsys):
     ba, er = out.split("resnet50, random-er")
     assert ba.count("| no |") == 4  # BA with M=5 on 3-6 blocks: one star graph whatever the seed
     assert "| layer3 | random-er | 7 |" in er and "| yes |" in er
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 4, 7), (3, 5)])
+def test_router_pooling_gradient_matches_autograd_mean_and_stays_a_broadcast_view(shape):
+    """The router's global mean (layers.router.global_mean) against ``x.mean`` of plain autograd, in float64."""
+    from dynwire.layers.router import global_mean
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(shape[:2], dtype=torch.float64)
+    (ours,) = torch.autograd.grad(global_mean(x), x, g)
+    ref_out = x.mean(dim=tuple(range(2, x.ndim))) if x.ndim > 2 else x
+    (ref,) = torch.autograd.grad(ref_out, x, g)
+    torch.testing.assert_close(global_mean(x), ref_out)
+    torch.testing.assert_close(ours, ref)
+    if x.ndim > 2:
+        assert 0 in ours.stride()[2:]  # not materialised: the consumer adds the broadcast view
+    assert torch.autograd.gradcheck(global_mean, (x[:2, :3].detach().clone().requires_grad_(),))

@@ -14,6 +14,37 @@ EVAL_GATES: tuple[str, ...] = ("hard", "soft", "masked")
 TRAIN_GATES: tuple[str, ...] = ("soft", "hard")
 
 
+class _GlobalMean(torch.autograd.Function):
+    """Global average pooling whose gradient stays a broadcast view ``(B, C, 1, 1) -> (B, C, H, W)``.
+
+    ``x.mean((2, 3))``'s backward writes a full ``(B, C, H, W)`` map (``expand`` then ``div``) for
+    every router, which the node output's gradient then reads again; here the division happens on
+    the ``(B, C)`` gradient and the consumer adds the broadcast view where it sums the node's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        return x.mean(dim=tuple(range(2, x.ndim)))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        shape = ctx.shape
+        count = 1
+        for d in shape[2:]:
+            count *= d
+        return (grad / count).reshape(*grad.shape, *([1] * (len(shape) - 2))).expand(shape)
+
+
+def global_mean(x: Tensor) -> Tensor:
+    """``x.mean`` over the spatial dimensions ``(B, C, ...) -> (B, C)``; a broadcast view as gradient."""
+    if x.ndim <= 2:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        return _GlobalMean.apply(x)
+    return x.mean(dim=tuple(range(2, x.ndim)))
+
+
 class Router(nn.Module):
     """``phi(x) = sigmoid(W^T GAP(x) + b)``: weights of a node's output edges (Eq. 4).
 
@@ -34,8 +65,8 @@ class Router(nn.Module):
         nn.init.constant_(self.fc.bias, self.bias_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        # mean() rather than adaptive_avg_pool2d: its backward does not keep x alive.
-        pooled = x.mean(dim=tuple(range(2, x.ndim))) if x.ndim > 2 else x
+        # a mean rather than adaptive_avg_pool2d: its backward does not keep x alive
+        pooled = global_mean(x)
         logits = self.fc(pooled)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # route in float32 under autocast; float64 models stay float64

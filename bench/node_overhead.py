@@ -1,0 +1,254 @@
+"""Where DG-Net's time above the chain goes on the small models (issue 19), measured in one run.
+
+For each model (``cifar_resnet20``, ``cifar_resnet56`` by default; batch 64, 28x28, one channel,
+the study's inputs) one process holds ``sequential`` and DG-Net (``dynamic``) in both node forms,
+plus ablations of DG-Net that each switch one part of its machinery off:
+
+* ``norecompute``: node inputs stored instead of recomputed in backward (``recompute=False``);
+* ``notaps``: no gradient taps (``GraphStage.fused_grad = False``: autograd sums the edges' gradients);
+* ``norouters``: the routers are not run (every edge weight a constant, no router forward or backward).
+
+Times are this thread's CPU time (one torch thread). Every variant runs one training step per round, the order rotated each round (after a warm-up
+step each); each round's time is divided by the ``sequential`` step of the same round, the median
+over rounds reported. A part's cost is the median over rounds of ``dynamic - ablation`` (seconds,
+and as a share of the sequential step). The aggregation's own kernels (forward sums, their
+recomputation, backward dot products and the taps' sums) are timed inside the shipped variant by
+wrapping them; ``rest`` is what is left of the overhead: the per-node glue (gates, stacking of edge
+weights, op dispatch, Python). ``ops`` counts the aten operators one step dispatches (profiler).
+
+Evaluation (``torch.no_grad``, eval mode): batch 64 and batch 1, same interleaving.
+
+    python bench/node_overhead.py                         # both models, 1 thread
+    python bench/node_overhead.py --models cifar_resnet20 --rounds 5 --out /tmp/x.json
+
+Writes ``bench/results/node_overhead.json`` (``--out``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from unittest import mock
+
+import torch
+from torch.nn import functional as F
+
+import dynwire
+from dynwire.graph.edges import RoutedEdges
+from dynwire.graph.stage import GraphStage
+from dynwire.layers import aggregation as agg
+
+FORMS = ("block", "branch")
+ABLATIONS = ("norecompute", "notaps", "norouters")
+
+
+def _clock() -> float:
+    """Thread CPU time: with one torch thread all work is on this thread, and time the machine gives
+    other processes does not count (wall time on a shared 2-core machine jitters by several %)."""
+    return time.thread_time()
+
+
+def _build(name: str, variant: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if variant == "sequential":
+        return dynwire.create_model(name, num_classes=10, in_chans=1, wiring="sequential")
+    form, _, ablation = variant.partition("-")
+    m = dynwire.create_model(
+        name, num_classes=10, in_chans=1, wiring="dynamic", node=form, recompute=ablation != "norecompute"
+    )
+    if ablation == "notaps":
+        for s in m.modules():
+            if isinstance(s, GraphStage):
+                s.fused_grad = False
+    return m
+
+
+def _context(variant: str):
+    if not variant.endswith("norouters"):
+        return contextlib.nullcontext()
+
+    def observe(self, state, i, y):  # every output edge of node i at sigmoid(3), no router work
+        state.router_out.append(y.new_full((y.shape[0], self.num_blocks - i), 0.95))
+
+    return mock.patch.object(RoutedEdges, "observe", observe)
+
+
+class _Kernels:
+    """Wall time inside the aggregation's kernels (forward, recomputation, backward, taps' sums)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def wrap(self, fn):
+        def wrapped(*a, **kw):
+            t0 = _clock()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.t += _clock() - t0
+
+        return wrapped
+
+    @contextlib.contextmanager
+    def active(self):
+        with (
+            mock.patch.object(agg, "_aggregate_impl", self.wrap(agg._aggregate_impl)),
+            mock.patch.object(agg, "_fused_backward_tapped", self.wrap(agg._fused_backward_tapped)),
+            mock.patch.object(agg, "_plain_backward_tapped", self.wrap(agg._plain_backward_tapped)),
+        ):
+            yield
+
+
+def _ops(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    return sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
+
+
+def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:
+    variants = ["sequential"] + [f"{f}{'-' + a if a else ''}" for f in FORMS for a in ("", *ABLATIONS)]
+    models = {v: _build(name, v).train() for v in variants}
+    opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+
+    def step(v: str) -> None:
+        with _context(v):
+            opts[v].zero_grad(set_to_none=True)
+            F.cross_entropy(models[v](x), y).backward()
+            opts[v].step()
+
+    for v in variants:
+        step(v)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            t0 = _clock()
+            step(v)
+            wall[v].append(_clock() - t0)
+    seq = wall["sequential"]
+    kernels = {}
+    for f in FORMS:
+        k = _Kernels()
+        with k.active():
+            step(f)
+        kernels[f] = k.t
+    ops = {v: _ops(lambda v=v: step(v)) for v in ["sequential", *FORMS]}
+
+    train = {}
+    for f in FORMS:
+        over = [a - b for a, b in zip(wall[f], seq)]
+        parts = {a: statistics.median([d - e for d, e in zip(wall[f], wall[f"{f}-{a}"])]) for a in ABLATIONS}
+        parts["aggregation kernels"] = kernels[f]
+        rest = statistics.median(over) - parts["norecompute"] - parts["notaps"] - parts["norouters"] - kernels[f]
+        train[f] = {
+            "ratio": round(statistics.median([a / b for a, b in zip(wall[f], seq)]), 3),
+            "overhead_s": round(statistics.median(over), 5),
+            "parts_s": {k: round(t, 5) for k, t in parts.items()},
+            "parts_share_of_sequential": {k: round(t / statistics.median(seq), 4) for k, t in parts.items()},
+            "rest_s": round(rest, 5),
+            "ops": ops[f],
+        }
+        for a in ABLATIONS:
+            train[f][f"ratio_{a}"] = round(statistics.median([p / q for p, q in zip(wall[f"{f}-{a}"], seq)]), 3)
+
+    # evaluation, batch 64 and batch 1
+    for m in models.values():
+        m.eval()
+    ev = ["sequential", *FORMS]
+    x1 = x[:1].contiguous()
+    ev_t: dict[tuple[str, int], list[float]] = {(v, b): [] for v in ev for b in (batch, 1)}
+    with torch.no_grad():
+        for v in ev:
+            models[v](x)
+        for r in range(rounds):
+            for v in ev[r % len(ev) :] + ev[: r % len(ev)]:
+                t0 = _clock()
+                models[v](x)
+                ev_t[(v, batch)].append(_clock() - t0)
+                ts = []
+                for _ in range(eval_reps):
+                    t0 = _clock()
+                    models[v](x1)
+                    ts.append(_clock() - t0)
+                ev_t[(v, 1)].append(statistics.median(ts))
+    evaluation = {
+        f: {
+            f"b{b}_ratio": round(statistics.median([p / q for p, q in zip(ev_t[(f, b)], ev_t[("sequential", b)])]), 3)
+            for b in (batch, 1)
+        }
+        for f in FORMS
+    }
+    return {
+        "model": name,
+        "batch": batch,
+        "input": size,
+        "sequential_step_s": round(statistics.median(seq), 5),
+        "sequential_ops": ops["sequential"],
+        "train": train,
+        "eval": evaluation,
+        "eval_sequential_s": {f"b{b}": round(statistics.median(ev_t[("sequential", b)]), 6) for b in (batch, 1)},
+    }
+
+
+def table(doc: dict) -> str:
+    lines = [
+        "| model | form | train step | of which: recompute | taps | routers | aggregation kernels | rest "
+        "| aten ops (chain) | eval b64 | eval b1 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in doc["results"]:
+        for f, t in r["train"].items():
+            sh = t["parts_share_of_sequential"]
+            rest = t["rest_s"] / r["sequential_step_s"]
+            lines.append(
+                f"| {r['model']} | {f} | {t['ratio']:.2f}x | {sh['norecompute']:+.1%} | {sh['notaps']:+.1%} "
+                f"| {sh['norouters']:+.1%} | {sh['aggregation kernels']:+.1%} | {rest:+.1%} "
+                f"| {t['ops']} ({r['sequential_ops']}) | {r['eval'][f]['b64_ratio']:.2f}x | {r['eval'][f]['b1_ratio']:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--eval-reps", type=int, default=5, help="batch-1 calls per round (their median)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "node_overhead.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        t0 = time.perf_counter()
+        results.append(measure(name, args.batch, args.size, args.rounds, args.eval_reps))
+        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    doc = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "torch": torch.__version__,
+        "loadavg_after": list(os.getloadavg()),
+        "notes": __doc__.split("\n\n")[1:4],
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, args.out)
+    print(table(doc))
+
+
+if __name__ == "__main__":
+    main()
