@@ -18,6 +18,10 @@ weights, op dispatch, Python). ``ops`` counts the aten operators one step dispat
 
 Evaluation (``torch.no_grad``, eval mode): batch 64 and batch 1, same interleaving.
 
+Each model runs in a fresh process per heap policy: ``kept`` (``dynwire.keep_freed_memory()``, what
+the CLI does: freed feature maps stay in glibc's heap) and ``default`` (glibc's own, which unmaps
+freed maps above its mmap threshold, so every allocation is faulted in again).
+
     python bench/node_overhead.py                         # both models, 1 thread
     python bench/node_overhead.py --models cifar_resnet20 --rounds 5 --out /tmp/x.json
 
@@ -32,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from unittest import mock
@@ -226,21 +231,45 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--eval-reps", type=int, default=5, help="batch-1 calls per round (their median)")
+    ap.add_argument(
+        "--malloc",
+        nargs="+",
+        default=["kept", "default"],
+        choices=["kept", "default"],
+        help="glibc heap: 'kept' = dynwire.keep_freed_memory() (what the CLI does), 'default' = glibc's own; "
+        "each runs in its own process",
+    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "node_overhead.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = []
-    for name in args.models:
-        t0 = time.perf_counter()
-        results.append(measure(name, args.batch, args.size, args.rounds, args.eval_reps))
-        print(f"{name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    if args.worker:  # one model, one heap policy, in this process: JSON on stdout
+        if args.malloc == ["kept"]:
+            assert dynwire.keep_freed_memory(), "glibc mallopt unavailable"
+        r = measure(args.worker, args.batch, args.size, args.rounds, args.eval_reps)
+        print(json.dumps({**r, "malloc": args.malloc[0]}))
+        return
+    by_policy: dict[str, list[dict]] = {m: [] for m in args.malloc}
+    for policy in args.malloc:
+        for name in args.models:
+            t0 = time.perf_counter()
+            cmd = [sys.executable, __file__, "--worker", name, "--malloc", policy]
+            cmd += ["--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
+            cmd += ["--rounds", str(args.rounds), "--eval-reps", str(args.eval_reps)]
+            env = {**os.environ, "DYNWIRE_MALLOC_TUNING": "1" if policy == "kept" else "0"}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            by_policy[policy].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"{name} ({policy} heap): {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    results = by_policy.get("kept") or by_policy["default"]
     doc = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
         "torch": torch.__version__,
         "loadavg_after": list(os.getloadavg()),
         "notes": __doc__.split("\n\n")[1:4],
+        "malloc": "results: " + ("kept (dynwire.keep_freed_memory)" if "kept" in by_policy else "default"),
         "results": results,
+        "results_default_malloc": by_policy.get("default") if "kept" in by_policy else None,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
@@ -248,6 +277,9 @@ def main() -> None:
         json.dump(doc, f, indent=1)
     os.replace(tmp, args.out)
     print(table(doc))
+    if doc["results_default_malloc"]:
+        print("\nglibc's default heap (freed maps unmapped):")
+        print(table({"results": doc["results_default_malloc"]}))
 
 
 if __name__ == "__main__":

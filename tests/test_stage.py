@@ -275,3 +275,19 @@ def test_router_pooling_gradient_matches_autograd_mean_and_stays_a_broadcast_vie
     if x.ndim > 2:
         assert 0 in ours.stride()[2:]  # not materialised: the consumer adds the broadcast view
     assert torch.autograd.gradcheck(global_mean, (x[:2, :3].detach().clone().requires_grad_(),))
+
+
+def test_keep_freed_memory_applies_once_and_can_be_switched_off(tmp_path):
+    """dynwire.keep_freed_memory (what the CLI calls): applied on glibc, skipped with DYNWIRE_MALLOC_TUNING=0."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "import dynwire; print(dynwire.keep_freed_memory(), dynwire.keep_freed_memory())"
+    run = lambda env: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    ).stdout.split()
+    if platform.libc_ver()[0] == "glibc":
+        assert run({"DYNWIRE_MALLOC_TUNING": "1"}) == ["True", "True"]
+    assert run({"DYNWIRE_MALLOC_TUNING": "0"}) == ["False", "False"]

@@ -1,6 +1,7 @@
 """dynwire: instance-aware connectivity (DG-Net, Differentiable Dynamic Wirings) for PyTorch."""
 
 from . import models  # noqa: F401  (registers the model zoo)
+from ._malloc import keep_freed_memory
 from ._registry import create_model, get_model_cfg, list_models, register_model
 from ._version import __version__
 from .deploy import export_onnx, load_model
@@ -21,5 +22,6 @@ __all__ = [
     "WIRINGS",
     "record_adjacency",
     "aggregate",
+    "keep_freed_memory",
     "__version__",
 ]
