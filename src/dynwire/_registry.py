@@ -66,6 +66,7 @@ def _unknown(name: str) -> ValueError:
 
 
 def get_model_cfg(name: str) -> ModelCfg:
+    """The registered facts about ``name`` (family, default input size, torchvision name, where in the paper)."""
     if name not in _CFGS:
         raise _unknown(name)
     return _CFGS[name]

@@ -1,5 +1,6 @@
-"""The ``dynwire`` command line: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``,
-for detection ``make-scenes`` and ``detect`` (``train``, ``eval`` and ``profile --detector`` take
+"""The ``dynwire`` command line (``dynwire --help``).
+
+Commands: ``train``, ``eval``, ``export``, ``profile``, ``graphs``, ``models``, for detection ``make-scenes`` and ``detect`` (``train``, ``eval`` and ``profile --detector`` take
 detection recipes, checkpoints and backbones too), ``analyze`` (connectivity statistics and figures
 of a checkpoint) and ``study`` (a resumable multi-seed grid of runs and its paired statistics).
 
