@@ -291,3 +291,17 @@ def test_keep_freed_memory_applies_once_and_can_be_switched_off(tmp_path):
     if platform.libc_ver()[0] == "glibc":
         assert run({"DYNWIRE_MALLOC_TUNING": "1"}) == ["True", "True"]
     assert run({"DYNWIRE_MALLOC_TUNING": "0"}) == ["False", "False"]
+
+
+@pytest.mark.parametrize("gate", ["masked", "hard", "soft"])
+def test_edge_gate_on_python_numbers_equals_the_tensor_gate(gate):
+    """The batch-1 path's gate (edge_gate_floats) against edge_gate, on the same float32 numbers."""
+    from dynwire.layers.router import edge_gate, edge_gate_floats
+
+    torch.manual_seed(0)
+    alpha, tau = torch.rand(40), torch.rand(40)
+    alpha[:5] = tau[:5]  # ties: open, as alpha >= tau
+    value, open_ = edge_gate(alpha, tau, training=False, eval_gate=gate)
+    v, o = edge_gate_floats(alpha.tolist(), tau.tolist(), gate)
+    torch.testing.assert_close(torch.tensor(v, dtype=torch.float32), value)
+    assert o == ([True] * 40 if open_ is None else open_.tolist())

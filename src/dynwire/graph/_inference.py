@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.aggregation import _aggregate_impl
+from ..layers.router import edge_gate_floats
+from .edges import RoutedEdges
 
 __all__ = ["forward_inference"]
 
@@ -79,6 +81,9 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module]) -> Tensor:
     node costs its block, its router and one ``add_`` per live input, and a removed node nothing."""
     n = len(blocks)
     removal = g.can_close()
+    routers = tau = None
+    if isinstance(g, RoutedEdges) and type(g).output_gates is RoutedEdges.output_gates:
+        routers, tau = g.routers, g.tau.tolist()
     if g.data_dependent:
         value = [[0.0] * (n + 1) for _ in range(n + 1)]
         opened = [[False] * (n + 1) for _ in range(n + 1)]
@@ -111,11 +116,17 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module]) -> Tensor:
         y = blocks[j](h)
         xs.append(y)
         if g.data_dependent:
-            a, v, o = g.output_gates(j, y)
-            for r, vv in enumerate(v.tolist()[0], start=j + 1):
+            if routers is not None:  # one router call and one .tolist(); the gate on Python numbers
+                a = routers[j](y)
+                v, o = edge_gate_floats(a.tolist()[0], tau[j:], g.eval_gate)
+                o = [o] if removal else None
+            else:
+                a, v, o = g.output_gates(j, y)
+                v, o = v.tolist()[0], None if o is None else o.tolist()
+            for r, vv in enumerate(v, start=j + 1):
                 value[r][j] = vv
             if o is not None:
-                for r, oo in enumerate(o.tolist()[0], start=j + 1):
+                for r, oo in enumerate(o[0], start=j + 1):
                     opened[r][j] = oo
             alpha_out[j] = a
     raise AssertionError("unreachable")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Router", "edge_gate", "EVAL_GATES", "TRAIN_GATES"]
+__all__ = ["Router", "edge_gate", "edge_gate_floats", "EVAL_GATES", "TRAIN_GATES"]
 
 EvalGate = Literal["hard", "soft", "masked"]
 EVAL_GATES: tuple[str, ...] = ("hard", "soft", "masked")
@@ -99,3 +101,18 @@ def edge_gate(
         return alpha * torch.sigmoid(alpha - tau), None
     keep = alpha >= tau
     return (alpha if eval_gate == "hard" else alpha * torch.sigmoid(alpha - tau)), keep
+
+
+def edge_gate_floats(alpha: list[float], tau: list[float], eval_gate: str = "masked") -> tuple[list[float], list[bool]]:
+    """:func:`edge_gate` in evaluation on Python numbers (one sample's edges): ``(value, open)``.
+
+    The batch-1 inference path gates a node's output edges this way after one ``.tolist()`` of its
+    router's output, instead of four tensor ops: same decisions (``alpha >= tau`` on the same
+    float32 numbers), values in double precision. ``eval_gate="soft"`` opens every edge.
+    """
+    if eval_gate == "hard":
+        return list(alpha), [a >= t for a, t in zip(alpha, tau)]
+    value = [a / (1.0 + math.exp(t - a)) for a, t in zip(alpha, tau)]  # alpha * sigmoid(alpha - tau)
+    if eval_gate == "soft":
+        return value, [True] * len(alpha)
+    return value, [a >= t for a, t in zip(alpha, tau)]
