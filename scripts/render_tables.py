@@ -540,7 +540,50 @@ def init_scale() -> str:
     )
 
 
+def node_overhead(key: str = "results") -> str:
+    """The small models' overhead above the chain, by part (bench/node_overhead.py)."""
+    doc = _bench("node_overhead.json")
+    rows = []
+    for r in doc.get(key) or []:
+        for form, t in r["train"].items():
+            sh = t["parts_share_of_sequential"]
+            rows.append(
+                [
+                    f"`{r['model']}`",
+                    form,
+                    ratio(t["ratio"]),
+                    f"{sh['norecompute']:+.1%}",
+                    f"{sh['notaps']:+.1%}",
+                    f"{sh['norouters']:+.1%}",
+                    f"{sh['aggregation kernels']:+.1%}",
+                    f"{t['rest_s'] / r['sequential_step_s']:+.1%}",
+                    f"{t['ops']} / {r['sequential_ops']}",
+                    ratio(r["eval"][form]["b64_ratio"]),
+                    ratio(r["eval"][form]["b1_ratio"]),
+                ]
+            )
+    return table(
+        [
+            "model",
+            "node",
+            "train step",
+            "recompute",
+            "taps",
+            "routers",
+            "aggregation kernels",
+            "rest",
+            "aten ops / chain",
+            "eval b64",
+            "eval b1",
+        ],
+        rows,
+        "llrrrrrrrrr",
+    )
+
+
 SNIPPETS: dict[str, Callable[[], str]] = {
+    "node_overhead.md": node_overhead,
+    "node_overhead_default_malloc.md": lambda: node_overhead("results_default_malloc"),
     "branch_results.md": lambda: branch_results(_branch_study()),
     "branch_contrast.md": lambda: branch_contrast(_branch_study()),
     "init_scale.md": init_scale,
