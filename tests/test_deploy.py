@@ -76,7 +76,7 @@ def test_load_model_rebuilds_the_run_like_eval_does(run_dir: Path) -> None:
     cfg = model.build_config
     assert cfg["name"] == "cifar_resnet20" and cfg["wiring"] == "dynamic" and cfg["num_classes"] == 10
     assert cfg["in_chans"] == 1 and cfg["input_size"] == [1, 12, 12] and len(cfg["classes"]) == 10
-    assert cfg["wiring_kwargs"] == {"graph_seed": 3} and model.drop_rate == 0.1
+    assert cfg["wiring_kwargs"] == {"graph_seed": 3, "node": "block"} and model.drop_rate == 0.1
     last = dynwire.load_model(run_dir / "last.pt")
     assert torch.equal(_logits(last, x), _logits(model, x))  # one epoch: best.pt is last.pt
     ema = dynwire.load_model(run_dir, use_ema=True)
@@ -92,7 +92,11 @@ def test_safetensors_export_is_self_describing(run_dir: Path, tmp_path: Path, ca
     assert cli_main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
     with safe_open(str(out), framework="pt") as f:
         meta = json.loads(f.metadata()[BUILD_KEY])
-    assert meta["name"] == "cifar_resnet20" and meta["in_chans"] == 1 and meta["wiring_kwargs"] == {"graph_seed": 3}
+    assert (
+        meta["name"] == "cifar_resnet20"
+        and meta["in_chans"] == 1
+        and meta["wiring_kwargs"] == {"graph_seed": 3, "node": "block"}
+    )
     model, ref = dynwire.load_model(out), dynwire.load_model(run_dir)
     x = _x()
     assert torch.equal(_logits(model, x), _logits(ref, x))
@@ -109,6 +113,54 @@ def test_safetensors_export_is_self_describing(run_dir: Path, tmp_path: Path, ca
     back = dynwire.load_model(tmp_path / "mem.safetensors")
     assert back.build_config["wiring"] == "static" and back.num_classes == 7
     assert torch.equal(_logits(back, _x(2)), _logits(m, _x(2)))
+
+
+def test_files_written_before_the_node_form_was_recorded_load_as_block(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """dynwire 0.1 files (training checkpoints and build info of version 1) did not store the node
+    form: they were all built with node="block" and load as that, whatever the default is now."""
+    from safetensors.torch import save_file
+
+    from dynwire.engine.checkpoint import stored_config
+
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    assert ckpt["version"] == 2 and ckpt["config"]["model"]["wiring_kwargs"]["node"] == "block"  # explicit now
+    ref = dynwire.load_model(run_dir)
+    x = _x()
+    old = copy.deepcopy(ckpt)
+    old["version"] = 1
+    del old["config"]["model"]["wiring_kwargs"]["node"]
+    assert stored_config(old)["model"]["wiring_kwargs"] == {"graph_seed": 3, "node": "block"}
+    assert "node" not in old["config"]["model"]["wiring_kwargs"]  # a copy: the checkpoint is not changed
+    torch.save(old, tmp_path / "v1.pt")
+    m = dynwire.load_model(tmp_path / "v1.pt")
+    assert all(f == "block" for _, st in m.graph_stages() for f in st.node_form)
+    assert torch.equal(_logits(m, x), _logits(ref, x))
+    # a version-1 file that names its form keeps it
+    old["config"]["model"]["wiring_kwargs"]["node"] = "branch"
+    torch.save(old, tmp_path / "v1_branch.pt")
+    b = dynwire.load_model(tmp_path / "v1_branch.pt")
+    assert any(f == "branch" for _, st in b.graph_stages() for f in st.node_form)
+    # build info of version 1 (safetensors metadata) without node
+    meta = dict(ref.build_config, version=1, wiring_kwargs={"graph_seed": 3})
+    meta = {
+        k: v
+        for k, v in meta.items()
+        if k in ("name", "num_classes", "in_chans", "wiring", "wiring_kwargs", "model_kwargs", "version")
+    }
+    save_file(
+        {k: v.contiguous() for k, v in ref.state_dict().items()},
+        str(tmp_path / "v1.safetensors"),
+        metadata={BUILD_KEY: json.dumps(meta)},
+    )
+    s = dynwire.load_model(tmp_path / "v1.safetensors")
+    assert s.build_config["wiring_kwargs"]["node"] == "block" and torch.equal(_logits(s, x), _logits(ref, x))
+    # resuming a run in the other form is refused before anything is written
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "r")
+    argv = ["train", "--config", str(tmp_path / "r" / "config.yaml"), "--resume", "--output-dir", str(tmp_path)]
+    assert cli_main([*argv, "--set", "output.name=r", "model.wiring_kwargs.node=branch"]) == 2
+    assert "trained with node='block'" in capsys.readouterr().err
 
 
 def test_create_model_checkpoint_path(run_dir: Path, tmp_path: Path) -> None:

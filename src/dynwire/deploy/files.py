@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.checkpoint import file_kind, load_checkpoint, not_a_dynwire_file, unwrap_model
+from ..engine.checkpoint import file_kind, load_checkpoint, not_a_dynwire_file, stored_config, unwrap_model
 
 __all__ = [
     "BUILD_KEY",
@@ -41,7 +41,9 @@ __all__ = [
 
 #: Metadata key of a safetensors / ONNX export that holds the build information (JSON).
 BUILD_KEY = "dynwire.build"
-BUILD_VERSION = 1  #: version of the build information this dynwire writes and reads
+#: version of the build information this dynwire writes and reads. 2: ``wiring_kwargs`` always
+#: holds ``node``; version 1 files were all built with ``node="block"`` and load as that.
+BUILD_VERSION = 2
 
 
 class NoBuildInfoError(ValueError):
@@ -56,14 +58,15 @@ def build_info_of(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _wiring_kwargs(wiring: Any) -> dict[str, Any]:
-    """Wiring options that differ from the :class:`WiringConfig` defaults (``kind`` excluded)."""
+    """Wiring options that differ from the :class:`WiringConfig` defaults, and ``node`` (``kind`` excluded)."""
     from ..graph.wiring import WiringConfig
 
     default = WiringConfig()
     return {
         f.name: getattr(wiring, f.name)
         for f in dataclasses.fields(WiringConfig)
-        if f.name != "kind" and getattr(wiring, f.name) != getattr(default, f.name)
+        # the node form always: a later default must not change what a file loads as
+        if f.name != "kind" and (f.name == "node" or getattr(wiring, f.name) != getattr(default, f.name))
     }
 
 
@@ -99,7 +102,7 @@ def _info_from_checkpoint(ckpt: Mapping[str, Any], path: Path) -> tuple[Any, dic
             f"{str(path)!r} is not a dynwire training checkpoint (no 'config'/'model' entries; it holds: {keys}); "
             "for a bare state dict build the model with dynwire.create_model(name, ..., checkpoint_path=...)"
         )
-    raw = ckpt["config"]
+    raw = stored_config(ckpt)
     if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping) and "fpn_channels" in raw["model"]:
         raise ValueError(f"{str(path)!r} is a detection checkpoint (Faster R-CNN); load it with dynwire.detection")
     try:
@@ -134,7 +137,12 @@ def _check_build(info: Mapping[str, Any], path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{str(path)!r}: written by a newer dynwire (build info version {info['version']}); upgrade dynwire"
         )
-    return dict(info)
+    info = dict(info)
+    if int(info.get("version", BUILD_VERSION)) < 2:
+        from ..graph.wiring import LEGACY_NODE
+
+        info["wiring_kwargs"] = {"node": LEGACY_NODE, **dict(info.get("wiring_kwargs") or {})}
+    return info
 
 
 # --------------------------------------------------------------------------- files

@@ -7,7 +7,6 @@ detector (with config overrides), :func:`evaluate_detector_checkpoint` runs COCO
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..engine.checkpoint import CheckpointError, load_checkpoint
+from ..engine.checkpoint import CheckpointError, load_checkpoint, stored_config
 from ._builders import build_detector
 from .coco import CocoDetection, coco_split_paths, collate_detection
 from .config import (
@@ -64,7 +63,7 @@ def is_detection_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def _checkpoint_config(ckpt: dict[str, Any], overrides: Sequence[str] = ()) -> DetectionConfig:
-    raw = copy.deepcopy(ckpt["config"])
+    raw = stored_config(ckpt)
     for item in overrides:
         apply_detection_override(raw, item)
     return detection_config_from_dict(raw)

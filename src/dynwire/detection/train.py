@@ -40,7 +40,13 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..engine.checkpoint import atomic_torch_save, state_dict_sha256
+from ..engine.checkpoint import (
+    CKPT_VERSION,
+    atomic_torch_save,
+    state_dict_sha256,
+    stored_config,
+    with_explicit_node,
+)
 from ..engine.distributed import (
     DistInfo,
     all_gather_objects,
@@ -111,6 +117,17 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "summary"}
 
 
+def _node_explicit(model: dict | None) -> dict | None:
+    """A detection config's model section with the node form spelled out (as checkpoints store it)."""
+    from ..graph.wiring import WiringConfig
+
+    if not isinstance(model, dict):
+        return model
+    wk = dict(model.get("wiring_kwargs") or {})
+    wk.setdefault("node", (model.get("backbone_kwargs") or {}).get("node", WiringConfig.node))
+    return {**model, "wiring_kwargs": wk}
+
+
 def train_detector(
     cfg: DetectionConfig | dict[str, Any],
     out_dir: str | os.PathLike[str] | None = None,
@@ -179,8 +196,11 @@ class _DetectionRun:
         self.train_ds, self.val_ds = train_ds, val_ds
         ckpt = _load(self.resume_path) if self.resume_path is not None else None
         if ckpt is not None:
-            c = ckpt.get("config", {})
-            if c.get("model") != self.cfg_dict["model"] or c.get("schedule") != self.cfg_dict["schedule"]:
+            c = stored_config(ckpt) if "config" in ckpt else {}
+            if (
+                _node_explicit(c.get("model")) != _node_explicit(self.cfg_dict["model"])
+                or c.get("schedule") != self.cfg_dict["schedule"]
+            ):
                 raise ValueError(
                     f"checkpoint '{self.resume_path}' was trained with another model or schedule section; "
                     "use a new output folder (or the checkpoint's config.yaml)"
@@ -255,12 +275,13 @@ class _DetectionRun:
             atomic_torch_save(
                 {
                     "format": CHECKPOINT_FORMAT,
+                    "version": CKPT_VERSION,  # 2: the node form is explicit (engine.checkpoint.stored_config)
                     "model": self.raw_model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "iter": it,
                     "pending_eval": pending_eval,
                     "world_size": self.dist.world_size,
-                    "config": self.cfg_dict,
+                    "config": with_explicit_node(self.cfg_dict, self.raw_model),
                     "num_classes": self.train_ds.num_classes,
                     "class_names": list(self.train_ds.class_names),
                     "label_to_cat_id": dict(self.train_ds.label_to_cat_id),

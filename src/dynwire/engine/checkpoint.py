@@ -34,7 +34,14 @@ __all__ = [
     "state_dict_sha256",
     "unwrap_model",
     "export_safetensors",
+    "CKPT_VERSION",
+    "stored_config",
+    "with_explicit_node",
 ]
+
+#: version of the training checkpoints this dynwire writes. 2: the node form is explicit (files of
+#: version 1 were all built with ``node="block"``, see :func:`stored_config`).
+CKPT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -121,6 +128,41 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
 
 
 # --------------------------------------------------------------------------- RNG
+def stored_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A training checkpoint's run config (a copy), with what older versions left implicit filled in.
+
+    Version 1 checkpoints (dynwire 0.1) did not record ``model.wiring_kwargs.node``: they were all
+    built with ``node="block"``, the default then, so that is what they load as, whatever the
+    default is now.
+    """
+    import copy
+
+    from ..graph.wiring import LEGACY_NODE
+
+    raw = copy.deepcopy(dict(ckpt["config"]))
+    model = raw.get("model")
+    if int(ckpt.get("version", 1)) < 2 and isinstance(model, dict):
+        kwargs = dict(model.get("wiring_kwargs") or {})
+        kwargs.setdefault("node", LEGACY_NODE)
+        model["wiring_kwargs"] = kwargs
+    return raw
+
+
+def with_explicit_node(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``config`` with ``model.wiring_kwargs.node`` set to the form ``model`` was built in, where the
+    config left it to the default (what version-2 checkpoints store, so a later default cannot
+    change what they load as)."""
+    from ..graph.stage import GraphStage
+
+    stage = next((m for m in unwrap_model(model).modules() if isinstance(m, GraphStage)), None)
+    m = config.get("model")
+    if stage is None or not isinstance(m, dict):
+        return config
+    kwargs = dict(m.get("wiring_kwargs") or {})
+    kwargs.setdefault("node", stage.wiring.node)
+    return {**config, "model": {**m, "wiring_kwargs": kwargs}}
+
+
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of python ``random``, numpy, torch (and CUDA) as weights-only-safe values."""
     py_version, py_state, py_gauss = random.getstate()

@@ -18,7 +18,7 @@ from ..data import build_loader
 from ..graph.adjacency import record_adjacency
 from ..graph.stage import GraphStage
 from .builders import build_model, build_split, seed_everything
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, stored_config
 from .config import RunConfig, apply_overrides, config_from_dict
 from .distributed import DistInfo, all_reduce_sum, pick_device
 from .meters import accuracy_counts
@@ -122,7 +122,7 @@ def evaluate(
         )
     root = None if data_dir is None else str(data_dir)
     data_overrides = {"root": root, "batch_size": batch_size, "num_workers": num_workers, "val_subset": subset}
-    raw = apply_overrides(ckpt["config"], list(overrides))
+    raw = apply_overrides(stored_config(ckpt), list(overrides))
     raw["data"] = {**(raw.get("data") or {}), **{k: v for k, v in data_overrides.items() if v is not None}}
     cfg = config_from_dict(raw)
     dev = pick_device(device)

@@ -36,7 +36,16 @@ from torch.utils.data import Dataset
 from ..analysis.profile import count_macs
 from ..graph.budget import ComputeBudget
 from .builders import build_datasets, build_loaders, build_model, build_optimization, seed_everything
-from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state, state_dict_sha256
+from .checkpoint import (
+    CKPT_VERSION,
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    state_dict_sha256,
+    stored_config,
+    with_explicit_node,
+)
 from .config import RunConfig, config_to_dict, save_config
 from .distributed import (
     DistInfo,
@@ -58,8 +67,6 @@ from .signals import SignalGuard, TrainingInterrupted
 from .state import TrainState
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "train"]
-
-CKPT_VERSION = 1
 
 
 class TrainingDiverged(FloatingPointError):
@@ -157,7 +164,7 @@ class _Trainer:
             **self.state.state_dict(),
             "world_size": self.dist.world_size,
             "rng": all_gather_objects(capture_rng_state(), self.dist),
-            "config": config_to_dict(self.cfg),
+            "config": with_explicit_node(config_to_dict(self.cfg), self.raw_model),
             "data_info": self.data_info,
         }
         last = self.run_dir / "last.pt"
@@ -172,6 +179,8 @@ class _Trainer:
         for key in ("model", "optimizer", "scheduler", "rng", *TrainState.REQUIRED):
             if key not in ckpt:
                 raise ValueError(f"checkpoint {str(path)!r}: missing {key!r}; not a dynwire training checkpoint")
+        if "config" in ckpt:
+            _check_node_form(stored_config(ckpt), self.cfg, path)
         try:
             self.raw_model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
@@ -394,6 +403,22 @@ class _Trainer:
             atomic_write_json(self.run_dir / "final.json", final)
         barrier(self.dist)
         return final
+
+
+def _check_node_form(stored: dict, cfg: RunConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint in another node form: the weights would load (parameter names
+    are the same in both forms) into a different network."""
+    from ..graph.wiring import WiringConfig
+
+    if cfg.model.wiring == "sequential":
+        return
+    was = ((stored.get("model") or {}).get("wiring_kwargs") or {}).get("node", WiringConfig.node)
+    now = cfg.model.wiring_kwargs.get("node", WiringConfig.node)
+    if was != now:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with node={was!r} but this run builds node={now!r}; "
+            f"resume it with --set model.wiring_kwargs.node={was}"
+        )
 
 
 def train(

@@ -16,10 +16,21 @@ from typing import Any
 
 from ..layers.router import EVAL_GATES, TRAIN_GATES
 
-__all__ = ["WiringConfig", "WIRINGS", "NODE_FORMS", "resolve_wiring", "random_dag_edges", "complete_dag_edges"]
+__all__ = [
+    "WiringConfig",
+    "WIRINGS",
+    "NODE_FORMS",
+    "LEGACY_NODE",
+    "resolve_wiring",
+    "random_dag_edges",
+    "complete_dag_edges",
+]
 
 WIRINGS: tuple[str, ...] = ("sequential", "dynamic", "static", "random-er", "random-ba", "random-ws")
 NODE_FORMS: tuple[str, ...] = ("block", "branch")
+#: the node form of every file written before the form was recorded (dynwire 0.1: training
+#: checkpoints of version 1, build information of version 1): what ``node`` defaulted to then
+LEGACY_NODE = "block"
 
 
 @dataclass(frozen=True)

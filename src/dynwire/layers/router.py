@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ...data import build_loader
 from ...engine import build_model, build_split, config_from_dict, load_checkpoint, seed_everything
+from ...engine.checkpoint import stored_config
 from ...engine.config import apply_overrides
 from ...engine.distributed import pick_device
 from ...graph.adjacency import record_adjacency
@@ -123,7 +124,7 @@ def load_for_eval(
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"checkpoint {str(checkpoint)!r}: no config/model entry; not a dynwire training checkpoint")
-    raw = apply_overrides(ckpt["config"], list(overrides))
+    raw = apply_overrides(stored_config(ckpt), list(overrides))
     raw["data"] = dict(raw.get("data") or {})
     if data_dir is not None:
         raw["data"]["root"] = str(data_dir)
