@@ -69,11 +69,17 @@ def test_recompute_gives_identical_gradients():
 
 @pytest.mark.parametrize("recompute, max_inputs, expected_alive", [(False, None, 6), (True, None, 0), (True, 1, 3)])
 def test_recompute_frees_node_inputs(recompute, max_inputs, expected_alive):
-    """Node inputs (aggregated tensors) are freed after forward only when recomputed."""
+    """Node inputs (aggregated tensors) are freed after forward only when recomputed (block form: in
+    branch form the first layer saves ``act(input)``, not the input, so nothing keeps it anyway)."""
     import weakref
 
     m = dynwire.create_model(
-        "cifar_resnet20", num_classes=10, wiring="dynamic", recompute=recompute, recompute_max_inputs=max_inputs
+        "cifar_resnet20",
+        num_classes=10,
+        wiring="dynamic",
+        node="block",
+        recompute=recompute,
+        recompute_max_inputs=max_inputs,
     )
     refs = []
     for _, stage in m.graph_stages():

@@ -14,6 +14,7 @@ import dynwire
 from dynwire.analysis.connectivity import ConnectivityAccumulator, StageStats, main_analyze
 from dynwire.cli import main as cli_main
 from dynwire.engine import build_model, build_split, load_config
+from dynwire.engine.checkpoint import CKPT_VERSION
 from dynwire.engine.config import config_to_dict
 
 
@@ -142,7 +143,10 @@ TINY = [
 
 
 def _checkpoint(tmp_path: Path, data: Path, wiring: str, tau: float | None = None) -> tuple[Path, object]:
-    cfg = load_config("fmnist_resnet20", [*TINY, f"model.wiring={wiring}", f"data.root={data}"])
+    # block form: its untrained routers spread enough that a threshold of 0.5 removes nodes for some samples only
+    cfg = load_config(
+        "fmnist_resnet20", [*TINY, f"model.wiring={wiring}", "model.wiring_kwargs.node=block", f"data.root={data}"]
+    )
     _, info = build_split(cfg, "val", train=False)
     torch.manual_seed(0)
     model = build_model(cfg, info)
@@ -152,7 +156,10 @@ def _checkpoint(tmp_path: Path, data: Path, wiring: str, tau: float | None = Non
             if k.endswith("edges.tau"):
                 sd[k].fill_(tau)
     path = tmp_path / f"{wiring}.pt"
-    torch.save({"model": sd, "config": config_to_dict(cfg), "epoch": 1, "global_step": 3}, path)
+    # as the trainer writes it (version 2: the config's node form is what the model was built with)
+    torch.save(
+        {"version": CKPT_VERSION, "model": sd, "config": config_to_dict(cfg), "epoch": 1, "global_step": 3}, path
+    )
     return path, cfg
 
 

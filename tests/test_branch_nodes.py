@@ -102,7 +102,7 @@ def test_mobilenet_v2_branch_form_with_unit_weights_is_torchvision(monkeypatch):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_node_form_keeps_parameter_names_and_says_what_it_built(name):
-    block = dynwire.create_model(name, num_classes=3, wiring="dynamic")
+    block = dynwire.create_model(name, num_classes=3, wiring="dynamic", node="block")
     branch = dynwire.create_model(name, num_classes=3, wiring="dynamic", node="branch")
     assert list(block.state_dict()) == list(branch.state_dict())
     branch.load_state_dict(block.state_dict())
@@ -153,7 +153,7 @@ def test_block_form_explodes_where_branch_form_does_not():
     torch.manual_seed(0)
     seq = stage_output_stds(dynwire.create_model("cifar_resnet56", wiring="sequential").train(), x)
     torch.manual_seed(0)
-    blk = stage_output_stds(dynwire.create_model("cifar_resnet56", wiring="static").train(), x)
+    blk = stage_output_stds(dynwire.create_model("cifar_resnet56", wiring="static", node="block").train(), x)
     assert blk["layer3"] > 10 * seq["layer3"]
 
 

@@ -76,7 +76,7 @@ def test_load_model_rebuilds_the_run_like_eval_does(run_dir: Path) -> None:
     cfg = model.build_config
     assert cfg["name"] == "cifar_resnet20" and cfg["wiring"] == "dynamic" and cfg["num_classes"] == 10
     assert cfg["in_chans"] == 1 and cfg["input_size"] == [1, 12, 12] and len(cfg["classes"]) == 10
-    assert cfg["wiring_kwargs"] == {"graph_seed": 3, "node": "block"} and model.drop_rate == 0.1
+    assert cfg["wiring_kwargs"] == {"graph_seed": 3, "node": "branch"} and model.drop_rate == 0.1
     last = dynwire.load_model(run_dir / "last.pt")
     assert torch.equal(_logits(last, x), _logits(model, x))  # one epoch: best.pt is last.pt
     ema = dynwire.load_model(run_dir, use_ema=True)
@@ -95,7 +95,7 @@ def test_safetensors_export_is_self_describing(run_dir: Path, tmp_path: Path, ca
     assert (
         meta["name"] == "cifar_resnet20"
         and meta["in_chans"] == 1
-        and meta["wiring_kwargs"] == {"graph_seed": 3, "node": "block"}
+        and meta["wiring_kwargs"] == {"graph_seed": 3, "node": "branch"}
     )
     model, ref = dynwire.load_model(out), dynwire.load_model(run_dir)
     x = _x()
@@ -115,6 +115,12 @@ def test_safetensors_export_is_self_describing(run_dir: Path, tmp_path: Path, ca
     assert torch.equal(_logits(back, _x(2)), _logits(m, _x(2)))
 
 
+def _without_node(ckpt: dict) -> dict:
+    cfg = copy.deepcopy(ckpt["config"])
+    del cfg["model"]["wiring_kwargs"]["node"]
+    return cfg
+
+
 def test_files_written_before_the_node_form_was_recorded_load_as_block(run_dir: Path, tmp_path: Path, capsys) -> None:
     """dynwire 0.1 files (training checkpoints and build info of version 1) did not store the node
     form: they were all built with node="block" and load as that, whatever the default is now."""
@@ -123,9 +129,15 @@ def test_files_written_before_the_node_form_was_recorded_load_as_block(run_dir: 
     from dynwire.engine.checkpoint import stored_config
 
     ckpt = load_checkpoint(run_dir / "best.pt")
-    assert ckpt["version"] == 2 and ckpt["config"]["model"]["wiring_kwargs"]["node"] == "block"  # explicit now
-    ref = dynwire.load_model(run_dir)
+    assert ckpt["version"] == 2 and ckpt["config"]["model"]["wiring_kwargs"]["node"] == "branch"  # explicit now
     x = _x()
+    # the same weights in block form: what a 0.1 file holding them was
+    ref = build_model(
+        config_from_dict(stored_config({**ckpt, "version": 1, "config": _without_node(ckpt)})),
+        type("I", (), ckpt["data_info"]),
+    ).eval()
+    ref.load_state_dict(ckpt["model"])
+    ref.build_config = dynwire.load_model(run_dir).build_config
     old = copy.deepcopy(ckpt)
     old["version"] = 1
     del old["config"]["model"]["wiring_kwargs"]["node"]
@@ -135,6 +147,7 @@ def test_files_written_before_the_node_form_was_recorded_load_as_block(run_dir: 
     m = dynwire.load_model(tmp_path / "v1.pt")
     assert all(f == "block" for _, st in m.graph_stages() for f in st.node_form)
     assert torch.equal(_logits(m, x), _logits(ref, x))
+    assert not torch.allclose(_logits(m, x), _logits(dynwire.load_model(run_dir), x))  # the forms differ
     # a version-1 file that names its form keeps it
     old["config"]["model"]["wiring_kwargs"]["node"] = "branch"
     torch.save(old, tmp_path / "v1_branch.pt")
@@ -159,8 +172,8 @@ def test_files_written_before_the_node_form_was_recorded_load_as_block(run_dir: 
 
     shutil.copytree(run_dir, tmp_path / "r")
     argv = ["train", "--config", str(tmp_path / "r" / "config.yaml"), "--resume", "--output-dir", str(tmp_path)]
-    assert cli_main([*argv, "--set", "output.name=r", "model.wiring_kwargs.node=branch"]) == 2
-    assert "trained with node='block'" in capsys.readouterr().err
+    assert cli_main([*argv, "--set", "output.name=r", "model.wiring_kwargs.node=block"]) == 2
+    assert "trained with node='branch'" in capsys.readouterr().err
 
 
 def test_create_model_checkpoint_path(run_dir: Path, tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ def test_wheel_in_a_fresh_venv_runs_every_command(tmp_path: Path) -> None:
         res.stderr
     )
     assert "Traceback" not in res.stderr and not (tmp_path / "m.onnx").exists()
-    assert time.monotonic() - t_onnx < 60
+    assert time.monotonic() - t_onnx < 300  # a hang guard (a loaded 2-core machine takes ~100 s)
     lap("export")
 
     times["total"] = round(time.monotonic() - t_all, 1)

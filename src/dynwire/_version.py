@@ -1,3 +1,3 @@
 """The package version, in one place (setuptools reads it from here without importing dynwire)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -54,12 +54,13 @@ class WiringConfig:
             straight-through gradient), so the training forward matches evaluation.
         er_p, ba_m, ws_k, ws_p: RandWire generator parameters (defaults: Table 4).
         graph_seed: seed of the random generators; stage ``k`` uses ``graph_seed + k``.
-        node: what a node of the DAG is. ``"block"``: a whole block, its shortcut included (the
-            literal reading). ``"branch"``: the residual branch of the block without its shortcut
-            (the unrolled ResNet of the paper's footnote 1): block 0 of each stage stays whole, the
+        node: what a node of the DAG is. ``"branch"`` (default since 0.2): the residual branch of
+            the block without its shortcut (the unrolled ResNet of the paper's footnote 1): block 0 of each stage stays whole, the
             DAG's edges are the shortcuts, and with every edge weight 1 the stage is the residual
             network ``s_j = s_(j-1) + F_j(act(s_(j-1)))``. Blocks without a residual branch (RandWire's
             nodes, MobileNetV2's strided blocks) stay whole in either form; ``sequential`` ignores it.
+            ``"block"``: a whole block, its shortcut included (the literal reading, the default of
+            0.1; files written by 0.1 load as it).
         recompute: recompute aggregated node inputs in backward instead of storing them.
         recompute_max_inputs: recompute only nodes with at most this many predecessors
             (``None``: all); the others store their input. Recomputing node ``j`` costs ``j + 1``
@@ -79,7 +80,7 @@ class WiringConfig:
     ws_k: int = 4
     ws_p: float = 0.75
     graph_seed: int = 0
-    node: str = "block"
+    node: str = "branch"
     recompute: bool = True
     recompute_max_inputs: int | None = None
 
