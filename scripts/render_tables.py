@@ -583,7 +583,7 @@ def node_overhead(key: str = "results") -> str:
 
 SNIPPETS: dict[str, Callable[[], str]] = {
     "node_overhead.md": node_overhead,
-    "node_overhead_default_malloc.md": lambda: node_overhead("results_default_malloc"),
+    "node_overhead_kept_malloc.md": lambda: node_overhead("results_kept_malloc"),
     "branch_results.md": lambda: branch_results(_branch_study()),
     "branch_contrast.md": lambda: branch_contrast(_branch_study()),
     "init_scale.md": init_scale,

@@ -2,16 +2,16 @@
 
 glibc serves allocations above its mmap threshold (dynamic, starting at 128 KiB) with fresh
 ``mmap`` pages and unmaps them on ``free``, so a feature map that is allocated again is faulted in
-page by page: with one thread that costs about as much as the convolution that writes it. A graph
-stage allocates more maps per step than the chain (one node input per aggregation), so it pays
-more: on ``cifar_resnet20`` (batch 64, 28x28, one thread) evaluation went from 1.39x to 1.15x of
-the chain with the heap kept (``bench/node_overhead.py``). PyTorch's CPU performance guide
-recommends jemalloc or tcmalloc for the same reason; this is the no-install version.
+page by page. A graph stage allocates more maps per step than the chain (one node input per
+aggregation), so it pays more. PyTorch's CPU performance guide recommends jemalloc or tcmalloc for
+the same reason; this is the no-install version. It is opt-in: ``bench/node_overhead.py`` runs
+each heap policy in its own process, and there the process that used it trained and evaluated
+*slower* (the chain and DG-Net alike) than the one on glibc's default heap. Measure before using it.
 
 :func:`keep_freed_memory` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and the
 trim threshold to 1 GiB: memory a process has freed (up to 1 GiB at the top of its heap) stays
-reserved for its next allocation instead of going back to the system; the peak stays the peak. The CLI calls it (``DYNWIRE_MALLOC_TUNING=0`` switches it off); a
-library user opts in by calling it. Elsewhere than glibc it does nothing.
+reserved for its next allocation instead of going back to the system.
+``DYNWIRE_MALLOC_TUNING=0`` makes it a no-op. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations

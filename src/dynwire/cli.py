@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TextIO
 
 from . import study
-from ._malloc import keep_freed_memory
 from ._registry import get_model_cfg, list_models
 from ._version import __version__
 from .analysis import connectivity
@@ -441,7 +440,6 @@ def announce_kernel_fallback(stream: TextIO | None = None) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (errors reported as ``dynwire <cmd>: error: ...``)."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # freed feature maps stay in the heap (see dynwire._malloc)
     if args.command in _KERNEL_COMMANDS:
         announce_kernel_fallback()
     try:
