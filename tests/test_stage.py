@@ -305,3 +305,17 @@ def test_edge_gate_on_python_numbers_equals_the_tensor_gate(gate):
     v, o = edge_gate_floats(alpha.tolist(), tau.tolist(), gate)
     torch.testing.assert_close(torch.tensor(v, dtype=torch.float32), value)
     assert o == ([True] * 40 if open_ is None else open_.tolist())
+
+
+def test_router_weight_std_is_a_wiring_option():
+    """``router_weight_std`` sets the routers' initial weight spread (issue 17) and is validated."""
+    torch.manual_seed(0)
+    wide = dynwire.create_model("cifar_resnet20", num_classes=10, router_weight_std=0.5)
+    torch.manual_seed(0)
+    base = dynwire.create_model("cifar_resnet20", num_classes=10)
+    w_wide = torch.cat([r.fc.weight.detach().flatten() for r in wide.layer2.edges.routers])
+    w_base = torch.cat([r.fc.weight.detach().flatten() for r in base.layer2.edges.routers])
+    assert 0.4 < float(w_wide.std()) < 0.6 and 0.005 < float(w_base.std()) < 0.02
+    assert wide.build_config["wiring_kwargs"]["router_weight_std"] == 0.5
+    with pytest.raises(ValueError, match="router_weight_std=-1.*>= 0"):
+        WiringConfig(router_weight_std=-1.0)

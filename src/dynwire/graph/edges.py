@@ -191,7 +191,7 @@ class RoutedEdges(_Thresholded):
     def __init__(self, num_blocks: int, channels: int, cfg: WiringConfig) -> None:
         super().__init__(num_blocks, cfg)
         n = num_blocks
-        self.routers = nn.ModuleList(Router(channels, n - i, cfg.router_bias) for i in range(n))
+        self.routers = nn.ModuleList(Router(channels, n - i, cfg.router_bias, cfg.router_weight_std) for i in range(n))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

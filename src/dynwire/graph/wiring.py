@@ -43,6 +43,8 @@ class WiringConfig:
             weight per edge shared by all samples (Table 6's alpha), ``random-*`` RandWire
             graphs (Table 4) with learnable static edge weights.
         router_bias: initial router bias (App. 6.4; +3 opens every edge at the start).
+        router_weight_std: standard deviation of the routers' initial weights (0.01; issue 17 asks
+            whether a wider start makes the routers vary more per image).
         tau_init: initial value of each node's learnable threshold tau (Eq. 5).
         eval_gate: how evaluation applies Eq. 5: ``masked`` (default: edges with
             ``alpha < tau`` closed, open edges keep the training value
@@ -72,6 +74,7 @@ class WiringConfig:
 
     kind: str = "dynamic"
     router_bias: float = 3.0
+    router_weight_std: float = 0.01
     tau_init: float = 0.0
     eval_gate: str = "masked"
     train_gate: str = "soft"
@@ -91,10 +94,12 @@ class WiringConfig:
             close = difflib.get_close_matches(str(self.kind), WIRINGS, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown wiring '{self.kind}'; choose one of {', '.join(WIRINGS)}.{hint}")
-        for name in ("router_bias", "tau_init"):
+        for name in ("router_bias", "tau_init", "router_weight_std"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"wiring {name}={v!r} must be a finite number")
+        if self.router_weight_std < 0:
+            raise ValueError(f"wiring router_weight_std={self.router_weight_std!r} must be >= 0")
         if self.eval_gate not in EVAL_GATES:
             raise ValueError(f"eval_gate={self.eval_gate!r} is not valid; choose one of {', '.join(EVAL_GATES)}")
         if self.train_gate not in TRAIN_GATES:
