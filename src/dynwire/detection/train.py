@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Subset
 from ..engine.checkpoint import (
     CKPT_VERSION,
     atomic_torch_save,
+    config_node,
     state_dict_sha256,
     stored_config,
     with_explicit_node,
@@ -119,13 +120,9 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _node_explicit(model: dict | None) -> dict | None:
     """A detection config's model section with the node form spelled out (as checkpoints store it)."""
-    from ..graph.wiring import WiringConfig
-
     if not isinstance(model, dict):
         return model
-    wk = dict(model.get("wiring_kwargs") or {})
-    wk.setdefault("node", (model.get("backbone_kwargs") or {}).get("node", WiringConfig.node))
-    return {**model, "wiring_kwargs": wk}
+    return {**model, "wiring_kwargs": {**(model.get("wiring_kwargs") or {}), "node": config_node(model)}}
 
 
 def train_detector(

@@ -37,6 +37,7 @@ __all__ = [
     "CKPT_VERSION",
     "stored_config",
     "with_explicit_node",
+    "config_node",
 ]
 
 #: version of the training checkpoints this dynwire writes. 2: the node form is explicit (files of
@@ -127,7 +128,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     return obj
 
 
-# --------------------------------------------------------------------------- RNG
+# --------------------------------------------------------------------------- stored configs
 def stored_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """A training checkpoint's run config (a copy), with what older versions left implicit filled in.
 
@@ -163,6 +164,18 @@ def with_explicit_node(config: dict[str, Any], model: nn.Module) -> dict[str, An
     return {**config, "model": {**m, "wiring_kwargs": kwargs}}
 
 
+def config_node(model: Mapping[str, Any] | None) -> str:
+    """The node form a config's ``model`` section builds: ``wiring_kwargs.node``, else a detection
+    backbone's ``backbone_kwargs.node``, else the current default."""
+    from ..graph.wiring import WiringConfig
+
+    model = model or {}
+    return (model.get("wiring_kwargs") or {}).get(
+        "node", (model.get("backbone_kwargs") or {}).get("node", WiringConfig.node)
+    )
+
+
+# --------------------------------------------------------------------------- RNG
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of python ``random``, numpy, torch (and CUDA) as weights-only-safe values."""
     py_version, py_state, py_gauss = random.getstate()

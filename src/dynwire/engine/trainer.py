@@ -40,6 +40,7 @@ from .checkpoint import (
     CKPT_VERSION,
     atomic_torch_save,
     capture_rng_state,
+    config_node,
     load_checkpoint,
     restore_rng_state,
     state_dict_sha256,
@@ -408,12 +409,10 @@ class _Trainer:
 def _check_node_form(stored: dict, cfg: RunConfig, path: Path) -> None:
     """Refuse to resume a checkpoint in another node form: the weights would load (parameter names
     are the same in both forms) into a different network."""
-    from ..graph.wiring import WiringConfig
-
     if cfg.model.wiring == "sequential":
         return
-    was = ((stored.get("model") or {}).get("wiring_kwargs") or {}).get("node", WiringConfig.node)
-    now = cfg.model.wiring_kwargs.get("node", WiringConfig.node)
+    was = config_node(stored.get("model"))
+    now = config_node({"wiring_kwargs": cfg.model.wiring_kwargs})
     if was != now:
         raise ValueError(
             f"checkpoint {str(path)!r} was trained with node={was!r} but this run builds node={now!r}; "

@@ -119,14 +119,14 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module]) -> Tensor:
             if routers is not None:  # one router call and one .tolist(); the gate on Python numbers
                 a = routers[j](y)
                 v, o = edge_gate_floats(a.tolist()[0], tau[j:], g.eval_gate)
-                o = [o] if removal else None
+                o = o if removal else None
             else:
                 a, v, o = g.output_gates(j, y)
-                v, o = v.tolist()[0], None if o is None else o.tolist()
+                v, o = v.tolist()[0], None if o is None else o.tolist()[0]
             for r, vv in enumerate(v, start=j + 1):
                 value[r][j] = vv
             if o is not None:
-                for r, oo in enumerate(o[0], start=j + 1):
+                for r, oo in enumerate(o, start=j + 1):
                     opened[r][j] = oo
             alpha_out[j] = a
     raise AssertionError("unreachable")

@@ -31,10 +31,7 @@ class _GlobalMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         shape = ctx.shape
-        count = 1
-        for d in shape[2:]:
-            count *= d
-        return (grad / count).reshape(*grad.shape, *([1] * (len(shape) - 2))).expand(shape)
+        return (grad / math.prod(shape[2:])).reshape(*grad.shape, *([1] * (len(shape) - 2))).expand(shape)
 
 
 def global_mean(x: Tensor) -> Tensor:
