@@ -132,6 +132,67 @@ def test_recorded_removed_nodes_and_macs_are_used() -> None:
     assert s["samples"]["per_class"]["a"][0]["removed_nodes"] == {"s": [1]}
 
 
+def test_per_sample_compute_summary_against_plain_numpy() -> None:
+    n = 3
+    mask = _tril_mask(n)
+    adj = torch.ones(6, n, n) * torch.as_tensor(mask)
+    logits = torch.tensor([[4.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.0, 0.5]])
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    ref = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.1], [0.5, 0.0], [0.0, 4.0]])
+    macs = torch.tensor([5e6, 1e6, 6e6, 2e6, 4e6, 3e6])
+    removed = torch.zeros(6, n, dtype=torch.bool)
+    removed[macs < 5e6, 1] = True
+    acc = ConnectivityAccumulator({"s": mask}, num_classes=2, per_class=0, top_k=2)
+    for i in (0, 3):
+        acc.update(
+            {"s": adj[i : i + 3]},
+            logits[i : i + 3],
+            labels[i : i + 3],
+            removed={"s": removed[i : i + 3]},
+            macs=macs[i : i + 3],
+            reference_logits=ref[i : i + 3],
+        )
+    em = acc.summary(["a", "b"])["executed_macs"]
+    from scipy import stats as sps
+
+    own = torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
+    ref_loss = torch.nn.functional.cross_entropy(ref, labels, reduction="none").numpy()
+    assert em["vs_loss_spearman"] == pytest.approx(sps.spearmanr(macs.numpy(), own).statistic)
+    assert em["vs_reference_loss_spearman"] == pytest.approx(sps.spearmanr(macs.numpy(), ref_loss).statistic)
+    assert em["cv"] == pytest.approx(macs.numpy().std(ddof=1) / macs.numpy().mean())
+    assert em["removal"] == "per-sample" and em["distinct_values"] == 6
+    assert em["per_class_mean"] == {
+        "a": {"n": 3, "mean": pytest.approx(10e6 / 3)},
+        "b": {"n": 3, "mean": pytest.approx(11e6 / 3)},
+    }
+    assert [r.index for r in acc.cheapest] == [1, 3] and [r.index for r in acc.most_expensive] == [2, 0]
+    with pytest.raises(ValueError, match="same classes"):
+        acc.update(
+            {"s": adj[:1]},
+            logits[:1],
+            labels[:1],
+            removed={"s": removed[:1]},
+            macs=macs[:1],
+            reference_logits=ref[:1, :1],
+        )
+
+
+@pytest.mark.parametrize("remove", [False, True])
+def test_equal_macs_for_every_sample_is_static_or_no_removal(remove: bool) -> None:
+    n = 3
+    mask = _tril_mask(n)
+    adj = torch.ones(4, n, n) * torch.as_tensor(mask)
+    removed = torch.zeros(4, n, dtype=torch.bool)
+    removed[:, 1] = remove
+    acc = ConnectivityAccumulator({"s": mask}, num_classes=2, per_class=0, top_k=0)
+    acc.update(
+        {"s": adj}, torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]), removed={"s": removed}, macs=torch.full((4,), 2e6)
+    )
+    em = acc.summary()["executed_macs"]
+    assert em["removal"] == ("static" if remove else "none") and em["cv"] == 0.0
+    assert em["vs_reference_loss_spearman"] is None
+
+
 # --------------------------------------------------------------------------- end to end
 TINY = [
     "data.image_size=12",
@@ -171,7 +232,9 @@ def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_analyze_cli_end_to_end_matches_direct_recording(tmp_path: Path, fmnist: Path, capsys) -> None:
     ckpt, cfg = _checkpoint(tmp_path, fmnist, "dynamic", tau=0.5)
     out = tmp_path / "ana"
-    rc = main_analyze([str(ckpt), "--out", str(out), "--batch-size", "7", "--per-class", "1", "--top-k", "2"])
+    ref_ckpt, ref_cfg = _checkpoint(tmp_path, fmnist, "sequential")
+    args = [str(ckpt), "--out", str(out), "--batch-size", "7", "--per-class", "1", "--top-k", "2"]
+    rc = main_analyze([*args, "--reference", str(ref_ckpt)])
     assert rc == 0
     assert "analyzed 40 images" in capsys.readouterr().out
     s = json.loads((out / "analysis.json").read_text())
@@ -187,6 +250,8 @@ def test_analyze_cli_end_to_end_matches_direct_recording(tmp_path: Path, fmnist:
         "fig7_least_confident",
         "open_edges_hist",
         "macs_hist",
+        "fig7_cheapest",
+        "fig7_most_expensive",
     }
     assert set(s["figures"]) == expected_figs
     for f in s["figures"].values():
@@ -226,6 +291,20 @@ def test_analyze_cli_end_to_end_matches_direct_recording(tmp_path: Path, fmnist:
     assert em["n"] == 40 and em["mean"] == pytest.approx(float(rec.macs.double().mean()), rel=1e-9)
     assert em["min"] < em["max"], "removed nodes should make the executed MACs vary by sample"
     assert "Executed MACs per sample" in md and "![macs_hist](macs_hist.png)" in md
+    assert em["removal"] == "per-sample" and "Removal is **per-sample**" in md
+    # the reference's difficulty: the sequential model's per-image loss on the same images, by brute force
+    ref_model = build_model(ref_cfg, info)
+    ref_model.load_state_dict(torch.load(ref_ckpt, weights_only=True)["model"])
+    with torch.no_grad():
+        ref_loss = torch.nn.functional.cross_entropy(ref_model.eval()(x), y, reduction="none")
+    from scipy import stats as sps
+
+    want = sps.spearmanr(rec.macs.double().numpy(), ref_loss.numpy()).statistic
+    assert em["vs_reference_loss_spearman"] == pytest.approx(want, abs=1e-6)
+    assert s["meta"]["reference"] == str(ref_ckpt)
+    cheap = s["samples"]["cheapest"]
+    assert len(cheap) == 2 and cheap[0]["macs"] == pytest.approx(float(rec.macs.min()))
+    assert s["samples"]["most_expensive"][0]["macs"] == pytest.approx(float(rec.macs.max()))
 
 
 def test_analyze_sequential_max_images_without_plots(tmp_path: Path, fmnist: Path) -> None:

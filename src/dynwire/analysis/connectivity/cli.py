@@ -25,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
     p.add_argument("--per-class", type=int, default=2, help="samples per class drawn in Fig. 7 (default 2)")
     p.add_argument("--top-k", type=int, default=4, help="most/least confident samples drawn (default 4)")
+    p.add_argument(
+        "--reference",
+        metavar="CKPT",
+        help="a second checkpoint on the same data (e.g. the dense sequential model): its per-image loss is "
+        "the difficulty that executed MACs are rank-correlated with",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: the run's train.num_threads)")
     p.add_argument("--ema", action="store_true", help="analyze the EMA weights")
@@ -70,6 +76,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             use_ema=args.ema,
             num_threads=args.num_threads,
             plots=not args.no_plots,
+            reference=args.reference,
         )
     except KeyError as exc:  # a stage without a record: report it like other bad input
         raise ValueError(str(exc)) from None
@@ -79,7 +86,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     em = s.get("executed_macs")
     if em:
         print(
-            f"executed MACs per sample: mean {em['mean'] / 1e6:.3f} M (min {em['min'] / 1e6:.3f}, max {em['max'] / 1e6:.3f})"
+            f"executed MACs per sample: mean {em['mean'] / 1e6:.3f} M (min {em['min'] / 1e6:.3f}, max {em['max'] / 1e6:.3f},"
+            f" std/mean {100 * (em['cv'] or 0):.2f}%): removal is {em['removal']}"
         )
     print(f"wrote {Path(args.out) / 'analysis.md'}")
     return 0

@@ -51,8 +51,12 @@ def analyze_model(
     per_class: int = 2,
     top_k: int = 4,
     progress: bool = False,
+    reference: nn.Module | None = None,
 ) -> ConnectivityAccumulator:
-    """Run ``model`` (in eval mode) over ``loader`` and return the filled accumulator."""
+    """Run ``model`` (in eval mode) over ``loader`` and return the filled accumulator.
+
+    ``reference``: a second model run on the same images (e.g. the dense static network) whose
+    per-sample loss measures their difficulty, for the rank correlation with executed MACs."""
     device = torch.device(device)
     stages = graph_stages(model)
     masks = {n: s.edges.edge_mask_matrix().numpy() > 0 for n, s in stages.items()}
@@ -60,6 +64,8 @@ def analyze_model(
     acc = ConnectivityAccumulator(masks, num_classes, per_class=per_class, top_k=top_k)
     was_training = model.training
     model.eval()
+    if reference is not None:
+        reference.eval()
     t0, last = time.perf_counter(), 0.0
     try:
         for images, labels in loader:
@@ -71,6 +77,7 @@ def analyze_model(
             x = images.to(device)
             with record_adjacency(model) as rec:
                 logits = model(x)
+            ref_logits = reference(x) if reference is not None else None
             # a chain stage (sequential) runs its blocks without the graph executor: it removes no
             # node and records neither rec.removed nor its MACs, so rec.macs would miss its blocks
             no_removal = {n: torch.zeros(len(labels), stages[n].num_nodes, dtype=torch.bool) for n in chains}
@@ -82,6 +89,7 @@ def analyze_model(
                 macs=None if chains else rec.macs,
                 router=dict(rec.router),
                 images=images,
+                reference_logits=ref_logits,
             )
             now = time.perf_counter()
             if progress and now - last > 10:

@@ -30,11 +30,14 @@ def analyze_checkpoint(
     use_ema: bool = False,
     num_threads: int | None = None,
     plots: bool = True,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Rebuild the model and evaluation split from a training checkpoint, analyze, write the report.
 
     ``max_images`` takes a fixed random subset of the split (seeded by the run's ``train.seed``,
-    as ``data.val_subset`` does). Returns the ``analysis.json`` dict. Writes ``analysis.json``,
+    as ``data.val_subset`` does). ``reference``: another training checkpoint on the same data (e.g.
+    the dense sequential network) run on the same images; its per-sample loss is the difficulty that
+    executed MACs are rank-correlated with. Returns the ``analysis.json`` dict. Writes ``analysis.json``,
     ``analysis.md`` and, with ``plots``, the PNGs (Figs. 5-7 and more) into ``out_dir``.
     """
     if plots:
@@ -49,6 +52,24 @@ def analyze_checkpoint(
         use_ema=use_ema,
         device=device,
     )
+    ref_model = None
+    if reference is not None:
+        ref = load_for_eval(
+            reference,
+            data_dir=data_dir,
+            split=split,
+            max_images=max_images,
+            batch_size=batch_size,
+            overrides=(),
+            use_ema=False,
+            device=device,
+        )
+        if int(ref.info.num_classes) != int(ld.info.num_classes) or ref.cfg.data.name != ld.cfg.data.name:
+            raise ValueError(
+                f"--reference {str(reference)!r}: trained on {ref.cfg.data.name} ({ref.info.num_classes} classes), "
+                f"the analyzed model on {ld.cfg.data.name} ({ld.info.num_classes}); give a reference of the same data"
+            )
+        ref_model = ref.model
     with torch_threads(num_threads if num_threads is not None else ld.cfg.train.num_threads):
         t0 = time.perf_counter()
         acc = analyze_model(
@@ -59,6 +80,7 @@ def analyze_checkpoint(
             per_class=per_class,
             top_k=top_k,
             progress=True,
+            reference=ref_model,
         )
         seconds = time.perf_counter() - t0
     ckpt, cfg, ds = ld.ckpt, ld.cfg, ld.dataset
@@ -76,6 +98,7 @@ def analyze_checkpoint(
         "subset_seed": cfg.train.seed,
         "weights": "ema" if use_ema else "model",
         "overrides": list(overrides),
+        "reference": None if reference is None else str(reference),
         "seconds": round(seconds, 2),
     }
     return write_report(acc, out_dir, meta=meta, class_names=class_names, plots=plots)

@@ -308,6 +308,8 @@ def connectivity_figures(acc: ConnectivityAccumulator, summary: dict[str, Any], 
     for key, samples, title in (
         ("fig7_most_confident", acc.most_confident, "Most confident samples"),
         ("fig7_least_confident", acc.least_confident, "Least confident samples"),
+        ("fig7_cheapest", acc.cheapest, "Samples that executed the fewest MACs"),
+        ("fig7_most_expensive", acc.most_expensive, "Samples that executed the most MACs"),
     ):
         if samples:
             per_row = 2

@@ -134,6 +134,18 @@ def _markdown(s: dict[str, Any]) -> str:
             f" vs wrong {_fmt(_mega(em['mean_wrong']))} M; Spearman with confidence "
             f"{_fmt(em['vs_confidence_spearman'], '+.2f')}."
         )
+        lines += [
+            "",
+            f"Removal is **{em['removal']}**: {em['distinct_values']} distinct executed-MAC values, std/mean "
+            f"{_fmt(_pct(em['cv']), '.2f')}% (min {em['min'] / 1e6:.3f} M, max {em['max'] / 1e6:.3f} M). Spearman of "
+            f"executed MACs with the sample's own loss {_fmt(em['vs_loss_spearman'], '+.2f')}, with the reference "
+            f"model's loss {_fmt(em['vs_reference_loss_spearman'], '+.2f')}"
+            + (f" (`{meta['reference']}`)." if meta.get("reference") else " (no `--reference`)."),
+        ]
+        pc = em.get("per_class_mean") or {}
+        if pc:
+            lines += ["", "| class | images | mean executed MMACs |", "| --- | ---: | ---: |"]
+            lines += [f"| {c} | {v['n']} | {v['mean'] / 1e6:.3f} |" for c, v in pc.items()]
     figs = s.get("figures") or {}
     if figs:
         lines += ["", "## Figures", ""]
@@ -154,6 +166,8 @@ _FIG_TITLES = {
     "fig7_least_confident": "Fig. 7: least confident samples",
     "open_edges_hist": "Open edges per sample",
     "macs_hist": "Executed MACs per sample",
+    "fig7_cheapest": "Fig. 7: samples that executed the fewest MACs",
+    "fig7_most_expensive": "Fig. 7: samples that executed the most MACs",
 }
 
 

@@ -219,9 +219,14 @@ class ConnectivityAccumulator:
         self.correct_flags: list[bool] = []
         self.open_edges: list[int] = []
         self.macs: list[float] = []
+        self.losses: list[float] = []  # per-sample cross-entropy of the analyzed model
+        self.labels: list[int] = []
+        self.reference_losses: list[float] = []  # per-sample loss of a reference model (difficulty)
         self.class_samples: dict[int, list[SampleRecord]] = {}
         self._most: list[tuple[float, int, SampleRecord]] = []  # min-heap on confidence
         self._least: list[tuple[float, int, SampleRecord]] = []  # min-heap on -confidence
+        self._cheap: list[tuple[float, int, SampleRecord]] = []  # min-heap on -MACs
+        self._dear: list[tuple[float, int, SampleRecord]] = []  # min-heap on MACs
 
     def update(
         self,
@@ -233,13 +238,25 @@ class ConnectivityAccumulator:
         macs: Tensor | None,
         router: dict[str, Tensor] | None = None,
         images: Tensor | None = None,
+        reference_logits: Tensor | None = None,
     ) -> None:
         b = labels.shape[0]
         logits = logits.detach().float().cpu()
         labels = labels.detach().cpu().long()
         prob = logits.softmax(dim=1)
         conf, pred = prob.max(dim=1)
-        self.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        self.loss_sum += float(losses.sum())
+        self.losses.extend(losses.tolist())
+        self.labels.extend(labels.tolist())
+        if reference_logits is not None:
+            if reference_logits.shape != logits.shape:
+                raise ValueError(
+                    f"reference logits have shape {tuple(reference_logits.shape)}, the model's {tuple(logits.shape)}:"
+                    " the reference must classify the same classes"
+                )
+            ref = F.cross_entropy(reference_logits.detach().float().cpu(), labels, reduction="none")
+            self.reference_losses.extend(ref.tolist())
         hit = pred == labels
         self.correct += int(hit.sum())
         open_total = torch.zeros(b, dtype=torch.long)
@@ -266,7 +283,10 @@ class ConnectivityAccumulator:
             want_class = len(self.class_samples.get(lab, [])) < self.per_class
             want_most = self.top_k > 0 and (len(self._most) < self.top_k or c > self._most[0][0])
             want_least = self.top_k > 0 and (len(self._least) < self.top_k or -c > self._least[0][0])
-            if not (want_class or want_most or want_least):
+            m = macs_list[k] if macs_list is not None else None
+            want_cheap = m is not None and self.top_k > 0 and (len(self._cheap) < self.top_k or -m > self._cheap[0][0])
+            want_dear = m is not None and self.top_k > 0 and (len(self._dear) < self.top_k or m > self._dear[0][0])
+            if not (want_class or want_most or want_least or want_cheap or want_dear):
                 continue
             rec = SampleRecord(
                 index=idx,
@@ -284,6 +304,10 @@ class ConnectivityAccumulator:
                 _push(self._most, (c, idx, rec), self.top_k)
             if want_least:
                 _push(self._least, (-c, idx, rec), self.top_k)
+            if want_cheap:
+                _push(self._cheap, (-m, idx, rec), self.top_k)
+            if want_dear:
+                _push(self._dear, (m, idx, rec), self.top_k)
         self.count += b
 
     @property
@@ -293,6 +317,52 @@ class ConnectivityAccumulator:
     @property
     def least_confident(self) -> list[SampleRecord]:
         return [r for _, _, r in sorted(self._least, key=lambda t: (-t[0], t[1]))]
+
+    @property
+    def cheapest(self) -> list[SampleRecord]:
+        """The samples that executed the fewest MACs, cheapest first."""
+        return [r for _, _, r in sorted(self._cheap, key=lambda t: (-t[0], t[1]))]
+
+    @property
+    def most_expensive(self) -> list[SampleRecord]:
+        """The samples that executed the most MACs, most expensive first."""
+        return [r for _, _, r in sorted(self._dear, key=lambda t: (-t[0], t[1]))]
+
+    def _any_removed(self) -> bool:
+        return any(bool(st.removed_count.any()) for st in self.stages.values())
+
+    def compute_summary(self, names: Sequence[str]) -> dict[str, Any] | None:
+        """Per-sample compute: the executed-MAC distribution, whether removal is per-sample or static,
+        its rank correlation with difficulty (own loss and confidence, a reference model's loss) and
+        its mean per class. ``None`` without recorded MACs."""
+        if not self.macs:
+            return None
+        correct = [m for m, h in zip(self.macs, self.correct_flags) if h]
+        wrong = [m for m, h in zip(self.macs, self.correct_flags) if not h]
+        dist = _distribution(self.macs)
+        distinct = len({round(m) for m in self.macs})
+        per_class: dict[str, Any] = {}
+        for c in range(self.num_classes):
+            ms = [m for m, lab in zip(self.macs, self.labels) if lab == c]
+            if ms:
+                per_class[names[c] if c < len(names) else str(c)] = {"n": len(ms), "mean": float(np.mean(ms))}
+
+        def rank(ys: Sequence[float]) -> float | None:
+            return _num(_stats.spearman(self.macs, ys)) if len(ys) == len(self.macs) > 1 else None
+
+        return {
+            **dist,
+            "cv": _num(dist["std"] / dist["mean"]) if dist["mean"] else None,
+            "distinct_values": distinct,
+            # "none": nothing removed anywhere; "static": the same MACs for every sample; else per-sample
+            "removal": "per-sample" if distinct > 1 else ("static" if self._any_removed() else "none"),
+            "mean_correct": _num(_stats.mean(correct)),
+            "mean_wrong": _num(_stats.mean(wrong)),
+            "vs_confidence_spearman": rank(self.confidences),
+            "vs_loss_spearman": rank(self.losses),
+            "vs_reference_loss_spearman": rank(self.reference_losses) if self.reference_losses else None,
+            "per_class_mean": per_class,
+        }
 
     # ---------------------------------------------------------------- summary
     def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -367,19 +437,13 @@ class ConnectivityAccumulator:
             else None,
             "executed_macs": None,
         }
-        if self.macs:
-            correct = [m for m, h in zip(self.macs, self.correct_flags) if h]
-            wrong = [m for m, h in zip(self.macs, self.correct_flags) if not h]
-            out["executed_macs"] = {
-                **_distribution(self.macs),
-                "mean_correct": _num(_stats.mean(correct)),
-                "mean_wrong": _num(_stats.mean(wrong)),
-                "vs_confidence_spearman": _num(_stats.spearman(self.confidences, self.macs)),
-            }
+        out["executed_macs"] = self.compute_summary(names)
         out["samples"] = {
             "per_class": {names[c]: [r.to_dict() for r in rs] for c, rs in sorted(self.class_samples.items())},
             "most_confident": [r.to_dict() for r in self.most_confident],
             "least_confident": [r.to_dict() for r in self.least_confident],
+            "cheapest": [r.to_dict() for r in self.cheapest],
+            "most_expensive": [r.to_dict() for r in self.most_expensive],
         }
         return out
 
