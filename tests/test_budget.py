@@ -1,5 +1,7 @@
 """Compute budget: the expected executed-MAC fraction tracks what the executor runs, and trains."""
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,61 @@ def test_evaluate_model_reports_executed_macs_and_removed_share():
     r2 = evaluate_model(m, loader, device=torch.device("cpu"), executed_macs=True)
     assert r2["removed"] == {"layer1": 0.0, "layer2": 0.5, "layer3": 0.0}
     assert r2["macs"] < dense
+
+
+def test_difficulty_targets_follow_the_loss_rank_and_keep_the_mean():
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard")
+    budget = ComputeBudget(m, target=0.4, difficulty=0.5)
+    losses = torch.tensor([2.0, 0.1, 0.7, 5.0, 0.3])
+    t = budget.sample_targets(losses)
+    # ranks 3, 0, 2, 4, 1 of 4: 0.4 * (1 + 0.5 * (2 r / 4 - 1))
+    want = torch.tensor([0.5, 0.2, 0.4, 0.6, 0.3])
+    torch.testing.assert_close(t, want)
+    assert float(t.mean()) == pytest.approx(0.4)
+    assert torch.equal(ComputeBudget(m, target=0.4).sample_targets(losses), torch.full((5,), 0.4))
+    assert float(ComputeBudget(m, target=0.9, difficulty=1.0).sample_targets(losses).max()) == 1.0  # clipped
+
+
+def test_difficulty_term_is_the_mean_squared_gap_to_the_per_sample_targets():
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard").train()
+    budget = ComputeBudget(m, target=0.5, difficulty=1.0, weight=3.0)
+    x = torch.randn(4, 3, 32, 32)
+    m(x)
+    losses = torch.tensor([0.5, 0.1, 0.9, 0.3])
+    term, frac = budget.loss((3, 32, 32), losses)
+    fr = budget.expected_fraction((3, 32, 32))
+    targets = torch.tensor([2 / 3, 0.0, 1.0, 1 / 3])  # ranks 2, 0, 3, 1 of 3
+    assert float(term.detach()) == pytest.approx(3.0 * float(((fr.detach() - targets) ** 2).mean()), rel=1e-5)
+    assert frac == pytest.approx(float(fr.mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="per-sample loss"):
+        budget.loss((3, 32, 32))
+    # at equal expected fractions the gradient asks the easiest sample to spend less, the hardest more
+    leaf = torch.full((4,), 0.5, requires_grad=True)
+    budget.expected_fraction = lambda shape: leaf
+    (grad,) = torch.autograd.grad(budget.loss((3, 32, 32), losses)[0], leaf)
+    assert grad[1] > 0 > grad[2]
+
+
+def test_difficulty_is_validated_and_trains(tmp_path):
+    from dynwire.engine import load_config, train
+
+    with pytest.raises(ValueError, match="difficulty"):
+        load_config("fmnist_resnet20", ["train.budget.target=0.5", "train.budget.difficulty=2"])
+    with pytest.raises(ValueError, match="difficulty"):
+        ComputeBudget(dynwire.create_model("cifar_resnet20"), target=0.5, difficulty=-0.1)
+    from conftest import write_fmnist_fixture
+
+    data = write_fmnist_fixture(tmp_path / "fmnist", n_train=32, n_test=16)
+    sets = ["data.image_size=12", "data.batch_size=16", "data.subset=null", "data.val_subset=null"]
+    sets += ["schedule.epochs=1", "schedule.warmup_epochs=0", "model.wiring_kwargs.train_gate=hard"]
+    sets += ["train.budget.target=0.5", "train.budget.difficulty=1", f"data.root={data}", f"output.dir={tmp_path}"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        final = train(load_config("fmnist_resnet20", [*sets, "output.name=d"]))
+    finally:
+        torch.set_num_threads(before)
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    fracs = [r["expected_mac_fraction"] for r in rows if "expected_mac_fraction" in r]
+    assert fracs and all(0 < f <= 1 for f in fracs) and final is not None

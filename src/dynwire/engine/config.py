@@ -133,7 +133,9 @@ class TrainConfig:
     device: str = opt("auto", choice(("auto", "cpu", "cuda")))
     num_threads: Optional[int] = opt(None, gt(0), doc="torch CPU threads per process (None: PyTorch default)")
     budget: dict = opt(
-        {}, doc="compute budget: {target: MAC fraction in (0, 1], weight: >= 0, temperature: > 0} (empty: off)"
+        {},
+        doc="compute budget: {target: MAC fraction in (0, 1], weight: >= 0, temperature: > 0, "
+        "difficulty: in [0, 1], per-sample targets by loss rank} (empty: off)",
     )
 
 
@@ -184,7 +186,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_BUDGET_KEYS = ("target", "weight", "temperature")
+_BUDGET_KEYS = ("target", "weight", "temperature", "difficulty")
 
 
 def _cross_check(cfg: RunConfig) -> None:
@@ -207,6 +209,8 @@ def _cross_check(cfg: RunConfig) -> None:
         raise ValueError(f"train.budget.target={budget['target']!r}: must be in (0, 1]")
     if budget and (budget.get("weight", 1.0) < 0 or budget.get("temperature", 0.2) <= 0):
         raise ValueError("train.budget: weight must be >= 0 and temperature > 0")
+    if budget and not 0.0 <= budget.get("difficulty", 0.0) <= 1.0:
+        raise ValueError(f"train.budget.difficulty={budget['difficulty']!r}: must be in [0, 1] (0: one target for all)")
     if budget and cfg.model.wiring not in ("dynamic", "static"):
         raise ValueError(f"train.budget: needs thresholds to close edges; model.wiring={cfg.model.wiring!r} has none")
     kwargs = cfg.model.wiring_kwargs

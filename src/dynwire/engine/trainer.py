@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..analysis.profile import count_macs
@@ -245,7 +246,10 @@ class _Trainer:
         loss = crit(logits.float(), target)
         objective = loss
         if self.budget is not None:  # expected executed MACs toward the target fraction
-            term, frac = self.budget.loss(tuple(images.shape[1:]))
+            per_sample = None
+            if self.budget.difficulty > 0:  # the difficulty of each sample: its loss (soft targets too)
+                per_sample = F.cross_entropy(logits.detach().float(), target, reduction="none")
+            term, frac = self.budget.loss(tuple(images.shape[1:]), per_sample)
             objective = loss + term
             self._budget_fracs.append(frac)
         # One sync per step: non-finite loss on any rank / stop signal on any rank.

@@ -7,6 +7,11 @@ probability ``p_ij = sigmoid((alpha_ij - tau_j) / T)``, and node ``j`` is alive 
 sample are the fixed part of the model (stem, every stage's node 0, head) plus each block's
 MACs times its probability of being alive; divided by the dense model's MACs this is the
 *expected MAC fraction* that :class:`ComputeBudget` pushes toward a target.
+
+With ``difficulty > 0`` the target is per sample (the paper's "adjusting the computation cost
+based upon the difficulties of samples", Sec. 5): a sample whose loss ranks ``r`` in ``[0, 1]``
+within its batch (0 the easiest) aims at ``target * (1 + difficulty * (2 r - 1))``, clipped to
+``[0, 1]``, so the batch's mean target stays ``target`` and easy samples are asked to spend less.
 """
 
 from __future__ import annotations
@@ -25,17 +30,22 @@ class ComputeBudget(nn.Module):
     expected MAC fraction (for logging). Block MACs are counted once with torch's FLOP counter.
     """
 
-    def __init__(self, model: nn.Module, target: float, weight: float = 1.0, temperature: float = 0.2) -> None:
+    def __init__(
+        self, model: nn.Module, target: float, weight: float = 1.0, temperature: float = 0.2, difficulty: float = 0.0
+    ) -> None:
         super().__init__()
         if not 0.0 < target <= 1.0:
             raise ValueError(f"budget target={target!r}: must be a MAC fraction in (0, 1]")
         if weight < 0 or temperature <= 0:
             raise ValueError(f"budget weight={weight!r} must be >= 0 and temperature={temperature!r} > 0")
+        if not 0.0 <= difficulty <= 1.0:
+            raise ValueError(f"budget difficulty={difficulty!r}: must be in [0, 1] (0: one target for every sample)")
         self.stages = [s for s in model.modules() if isinstance(s, GraphStage) and hasattr(s.edges, "tau")]
         if not self.stages:
             raise ValueError("a compute budget needs thresholded wirings (dynamic or static); this model has none")
         self.model = [model]  # not a submodule: the budget owns no parameters
         self.target, self.weight, self.temperature = float(target), float(weight), float(temperature)
+        self.difficulty = float(difficulty)
         self._dense: float | None = None
         for s in self.stages:
             s.cost_temperature = self.temperature
@@ -60,6 +70,22 @@ class ComputeBudget(nn.Module):
             expected = s.expected_block_macs if expected is None else expected + s.expected_block_macs
         return (dense - removable + expected) / dense
 
-    def loss(self, sample_shape: tuple[int, ...]) -> tuple[Tensor, float]:
-        frac = self.expected_fraction(sample_shape).mean()
-        return self.weight * (frac - self.target) ** 2, float(frac.detach())
+    def sample_targets(self, sample_loss: Tensor) -> Tensor:
+        """``(B,)`` per-sample targets from the samples' losses (their ranks; see the module docstring)."""
+        b = sample_loss.numel()
+        if b < 2 or self.difficulty == 0:
+            return sample_loss.new_full((b,), self.target)
+        ranks = sample_loss.detach().flatten().argsort().argsort().to(sample_loss.dtype) / (b - 1)
+        return (self.target * (1 + self.difficulty * (2 * ranks - 1))).clamp(0.0, 1.0)
+
+    def loss(self, sample_shape: tuple[int, ...], sample_loss: Tensor | None = None) -> tuple[Tensor, float]:
+        """The budget term and the batch's mean expected MAC fraction. ``sample_loss``: the ``(B,)``
+        per-sample task loss, needed when ``difficulty > 0``."""
+        fracs = self.expected_fraction(sample_shape)
+        frac = fracs.mean()
+        if self.difficulty == 0:
+            return self.weight * (frac - self.target) ** 2, float(frac.detach())
+        if sample_loss is None or sample_loss.numel() != fracs.numel():
+            raise ValueError("ComputeBudget.loss: difficulty > 0 needs the (B,) per-sample loss of the same batch")
+        targets = self.sample_targets(sample_loss).to(fracs.dtype)
+        return self.weight * ((fracs - targets) ** 2).mean(), float(frac.detach())
