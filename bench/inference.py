@@ -14,12 +14,15 @@ load hits all variants alike; every ratio is against a reference of the same rou
 * ``trained`` (``--runs DIR ...``): trained checkpoints (e.g. ``scripts/budget_experiment.py``'s
   budget runs) on real test images, against the sequential run among them: executed MACs,
   batch-1 latency and batch-N throughput.
+* ``frontier`` (``--runs DIR ...``): budget-trained DG-Nets (``experiments/frontier``) against dense
+  ``cifar_resnet56`` and against the static CIFAR ResNet of the nearest MACs, same rounds.
 * ``compile`` (``--compile``): ``torch.compile`` (dense executor, ``fullgraph=True``) of
   ``sequential`` and ``dynamic`` against eager ``sequential``.
 
     python bench/inference.py                          # dense + removal, 2 and 1 threads
     python bench/inference.py --quick                  # cifar_resnet56 and mobilenet_v2, fewer rounds
     python bench/inference.py --parts trained --runs runs/budget/resnet56_*
+    python bench/inference.py --parts frontier --runs runs/study/cifar_resnet56__dynamic__*target=*
     python bench/inference.py --parts compile --threads 1
 
 Writes ``bench/results/inference.json`` (``--out``); parts not run are kept from the existing file.
@@ -56,8 +59,18 @@ def _timer(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(ts)
 
 
-def _measure(models: dict[str, nn.Module], x1, xn, rounds: int, reps1: int, repsn: int, ref: str) -> dict:
-    """Interleaved rounds; per variant the median latency, throughput and ratios against ``ref``."""
+def _measure(
+    models: dict[str, nn.Module],
+    x1,
+    xn,
+    rounds: int,
+    reps1: int,
+    repsn: int,
+    ref: str,
+    pairs: dict[str, str] | None = None,
+) -> dict:
+    """Interleaved rounds; per variant the median latency, throughput and ratios against ``ref``
+    (and, for the variants in ``pairs``, against their own reference ``pairs[k]``, same rounds)."""
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
@@ -77,6 +90,16 @@ def _measure(models: dict[str, nn.Module], x1, xn, rounds: int, reps1: int, reps
             latency_ratio_range=[round(min(lat), 4), round(max(lat), 4)],
             throughput_ratio=round(statistics.median(thr), 4),
             throughput_ratio_range=[round(min(thr), 4), round(max(thr), 4)],
+        )
+    for k, other in (pairs or {}).items():
+        lat = [v[0] / r[0] for v, r in zip(rows[k], rows[other])]
+        thr = [v[1] / r[1] for v, r in zip(rows[k], rows[other])]
+        out[k].update(
+            equal_cost=other,
+            latency_ratio_vs_equal=round(statistics.median(lat), 4),
+            latency_ratio_vs_equal_range=[round(min(lat), 4), round(max(lat), 4)],
+            throughput_ratio_vs_equal=round(statistics.median(thr), 4),
+            throughput_ratio_vs_equal_range=[round(min(thr), 4), round(max(thr), 4)],
         )
     return out
 
@@ -200,6 +223,45 @@ def bench_trained(runs: list[Path], batch: int, rounds: int, reps1: int, repsn: 
     return dict(input=list(xn.shape[1:]), batch=batch, rounds=rounds, vs=ref, images="test split", variants=res)
 
 
+FRONTIER_SERIES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56")
+
+
+def bench_frontier(runs: list[Path], batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+    """Budget-trained DG-Nets against the static CIFAR ResNets: each against dense ``cifar_resnet56``
+    and against the static network whose MACs are nearest its executed MACs (issue 17's "equal
+    cost"). The static networks are built untrained: their speed does not depend on their weights."""
+    if not runs:
+        raise SystemExit("--parts frontier needs --runs (budget-trained run directories)")
+    xn = _test_images(runs[0], batch)
+    x1 = xn[:1]
+    shape = tuple(xn.shape[1:])
+    models: dict[str, nn.Module] = {}
+    info: dict[str, dict] = {}
+    for name in FRONTIER_SERIES:
+        k = f"{name} sequential"
+        models[k] = dynwire.create_model(name, num_classes=10, in_chans=shape[0], wiring="sequential").eval()
+        info[k] = dict(macs=count_macs(models[k], shape))
+    dense = info["cifar_resnet56 sequential"]["macs"]
+    pairs = {}
+    for run in runs:
+        m = dynwire.load_model(run)
+        with torch.no_grad(), dynwire.record_adjacency(m) as rec:
+            m(xn)
+        macs = float(rec.macs.mean())
+        final = json.loads((run / "final.json").read_text())
+        models[run.name] = m
+        info[run.name] = dict(macs=macs, top1=final["val"]["top1"])
+        pairs[run.name] = min((abs(info[k]["macs"] - macs), k) for k in info if k.endswith(" sequential"))[1]
+    for k in info:
+        info[k]["mac_fraction_of_resnet56"] = round(info[k]["macs"] / dense, 4)
+    res = _measure(models, x1, xn, rounds, reps1, repsn, ref="cifar_resnet56 sequential", pairs=pairs)
+    for k in res:
+        res[k].update(info[k])
+    return dict(
+        input=list(shape), batch=batch, rounds=rounds, vs="cifar_resnet56 sequential", images="test split", variants=res
+    )
+
+
 def bench_compile(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
     torch.manual_seed(0)
     c = dynwire.get_model_cfg(name).input_size[0]
@@ -232,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     p.add_argument(
-        "--parts", nargs="+", default=["dense", "removal"], choices=["dense", "removal", "trained", "compile"]
+        "--parts",
+        nargs="+",
+        default=["dense", "removal"],
+        choices=["dense", "removal", "trained", "frontier", "compile"],
     )
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="run directories for --parts trained")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
@@ -255,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         for threads in args.threads:
             torch.set_num_threads(threads)
             t0 = time.time()
-            if part == "trained":
-                r = bench_trained(args.runs, 64, 3, 40, 3)
+            if part in ("trained", "frontier"):
+                fn = bench_trained if part == "trained" else bench_frontier
+                r = fn(args.runs, 64, 3 if part == "trained" else 5, 40, 3)
                 out.append(dict(threads=threads, **r))
             else:
                 for plan in plans[part]:
