@@ -1,0 +1,174 @@
+"""Accuracy against executed MACs: the static CIFAR ResNets against budget-trained DG-Net-56 (issue 17).
+
+    python scripts/frontier.py                      # experiments/frontier/results -> frontier.{md,json,png}
+    python scripts/frontier.py --results DIR --out DIR
+
+Reads the study's ``results.csv`` (``dynwire study --config experiments/frontier/study.yaml``).
+Every cell's test top-1 (mean and 95% t interval over seeds) and executed MACs per image (the
+executor's count on all test images; a sequential network runs all of its MACs), and for every
+budget cell the seed-paired difference to the static network of the nearest MACs ("equal cost")
+and to dense ``cifar_resnet56``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from dynwire.analysis import _stats
+
+DENSE = "cifar_resnet56 sequential"
+
+
+def _label(row: dict[str, str]) -> str:
+    if row["wiring"] == "sequential":
+        return f"{row['model']} sequential"
+    opts = dict(o.split("=", 1) for o in row["options"].split())
+    short = {k.rsplit(".", 1)[-1]: v for k, v in opts.items()}
+    if "target" not in short:
+        return f"{row['model']} DG-Net dense"
+    parts = [f"budget {float(short['target']):.3f}"]
+    parts.append("wide routers" if "router_weight_std" in short else "default routers")
+    if float(short.get("difficulty", 0)) > 0:
+        parts.append(f"difficulty {short['difficulty']}")
+    return f"{row['model']} " + ", ".join(parts)
+
+
+def read_cells(results: Path) -> dict[str, dict]:
+    cells: dict[str, dict] = defaultdict(lambda: {"top1": {}, "macs": {}})
+    with (results / "results.csv").open() as f:
+        for row in csv.DictReader(f):
+            if row["status"] != "done" or not row["top1"]:
+                continue
+            c = cells[_label(row)]
+            seed = int(row["seed"])
+            c["top1"][seed] = float(row["top1"])
+            em = row["executed_macs"] if row["wiring"] != "sequential" else row["macs"]
+            c["macs"][seed] = float(em or row["macs"])
+            c["model"], c["budget"] = row["model"], "budget" in _label(row)
+    return dict(cells)
+
+
+def summarize(cells: dict[str, dict]) -> dict:
+    if DENSE not in cells:
+        raise SystemExit(f"no finished {DENSE!r} runs in the results")
+    dense_macs = _stats.mean(cells[DENSE]["macs"].values())
+    statics = {k: v for k, v in cells.items() if k.endswith(" sequential")}
+    out = {}
+    for k, c in sorted(cells.items(), key=lambda kv: _stats.mean(kv[1]["macs"].values())):
+        macs = _stats.mean(c["macs"].values())
+        row = {
+            "seeds": sorted(c["top1"]),
+            "top1": _stats.mean_ci(list(c["top1"].values())).to_dict(),
+            "executed_macs": macs,
+            "mac_fraction": macs / dense_macs,
+        }
+        if c["budget"]:
+            equal = min(statics, key=lambda s: abs(_stats.mean(statics[s]["macs"].values()) - macs))
+            row["equal_cost"] = equal
+            row["vs_equal_cost"] = _stats.paired_diff(c["top1"], statics[equal]["top1"]).to_dict()
+            row["vs_dense"] = _stats.paired_diff(c["top1"], cells[DENSE]["top1"]).to_dict()
+        out[k] = row
+    return out
+
+
+def _iv(d: dict) -> str:
+    if d.get("ci_half_width") is None:
+        return f"{d['mean']:+.2f} (n={d['n']})"
+    star = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
+    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{star}"
+
+
+def markdown(s: dict) -> str:
+    lines = [
+        "| cell | seeds | top-1 (%) | executed MACs (M) | of resnet56 | equal-cost static | vs it | vs resnet56 |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for k, r in s.items():
+        t = r["top1"]
+        pm = f" ± {t['ci_half_width']:.2f}" if t.get("ci_half_width") is not None else ""
+        eq = r.get("equal_cost", "")
+        lines.append(
+            f"| `{k}` | {len(r['seeds'])} | {t['mean']:.2f}{pm} | {r['executed_macs'] / 1e6:.2f} | "
+            f"{r['mac_fraction']:.3f} | {f'`{eq}`' if eq else ''} | "
+            f"{_iv(r['vs_equal_cost']) if eq else ''} | {_iv(r['vs_dense']) if eq else ''} |"
+        )
+    lines += [
+        "",
+        "Top-1: mean ± 95% t half-width over seeds. Differences: paired by seed, in points, with the "
+        "95% t interval (* excludes 0). Executed MACs: per test image, as the executor ran them.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+    def series(keys, **kw):
+        keys = sorted(keys, key=lambda k: s[k]["executed_macs"])
+        xs = [s[k]["executed_macs"] / 1e6 for k in keys]
+        ys = [s[k]["top1"]["mean"] for k in keys]
+        es = [s[k]["top1"].get("ci_half_width") or 0 for k in keys]
+        ax.errorbar(xs, ys, yerr=es, capsize=3, **kw)
+        return keys
+
+    statics = [k for k in s if k.endswith(" sequential")]
+    for k in series(statics, fmt="o-", color="tab:blue", label="static: CIFAR ResNet-20/32/44/56"):
+        ax.annotate(
+            k.split()[0].replace("cifar_", ""),
+            (s[k]["executed_macs"] / 1e6, s[k]["top1"]["mean"]),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+            color="tab:blue",
+        )
+    wide = [k for k in s if "wide routers" in k and "difficulty" not in k]
+    if wide:
+        series(wide, fmt="s-", color="tab:orange", label="DG-Net-56, budget (wide routers)")
+    others = {
+        "default routers": dict(fmt="v", color="tab:red"),
+        "difficulty": dict(fmt="^", color="tab:green"),
+        "DG-Net dense": dict(fmt="D", color="tab:purple"),
+    }
+    for tag, kw in others.items():
+        ks = [k for k in s if tag in k]
+        if ks:
+            series(ks, label=f"DG-Net-56, {tag}" if tag != "DG-Net dense" else "DG-Net-56, dense", **kw)
+    ax.set_xlabel("executed MACs per test image (M)")
+    ax.set_ylabel("Fashion-MNIST test top-1 (%)")
+    ax.set_title("Accuracy against executed MACs (mean, 95% interval over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=Path("experiments/frontier/results"))
+    p.add_argument("--out", type=Path, help="output folder (default: --results)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out or args.results
+    out.mkdir(parents=True, exist_ok=True)
+    s = summarize(read_cells(args.results))
+    (out / "frontier.json").write_text(json.dumps(s, indent=1) + "\n")
+    (out / "frontier.md").write_text(markdown(s))
+    if not args.no_plot:
+        plot(s, out / "frontier.png")
+    print(markdown(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

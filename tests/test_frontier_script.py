@@ -1,0 +1,61 @@
+"""scripts/frontier.py: cells, equal-cost pairing and paired differences from a study's results.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import frontier  # noqa: E402
+
+FIELDS = ["run", "model", "wiring", "options", "seed", "status", "top1", "macs", "executed_macs"]
+WIDE = "model.wiring_kwargs.node=branch train.budget.target=0.325 model.wiring_kwargs.router_weight_std=0.2"
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with (path / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+
+
+def test_budget_cells_pair_with_the_static_network_of_nearest_macs(tmp_path: Path) -> None:
+    rows = []
+    for seed, (a20, a56, b) in enumerate([(88.0, 89.0, 88.5), (88.4, 88.6, 89.4), (87.9, 89.2, 88.6)]):
+        rows += [
+            dict(model="cifar_resnet20", wiring="sequential", seed=seed, status="done", top1=a20, macs=31e6),
+            dict(model="cifar_resnet56", wiring="sequential", seed=seed, status="done", top1=a56, macs=96e6),
+            dict(
+                model="cifar_resnet56",
+                wiring="dynamic",
+                options=WIDE,
+                seed=seed,
+                status="done",
+                top1=b,
+                macs=97e6,
+                executed_macs=30e6,
+            ),
+        ]
+    rows.append(dict(model="cifar_resnet56", wiring="dynamic", options=WIDE, seed=3, status="busy"))
+    _write(tmp_path, rows)
+    assert frontier.main(["--results", str(tmp_path), "--no-plot"]) == 0
+    s = json.loads((tmp_path / "frontier.json").read_text())
+    b = s["cifar_resnet56 budget 0.325, wide routers"]
+    assert b["equal_cost"] == "cifar_resnet20 sequential" and b["seeds"] == [0, 1, 2]
+    assert b["vs_equal_cost"]["diffs"] == pytest.approx([0.5, 1.0, 0.7])
+    assert b["vs_equal_cost"]["mean"] == pytest.approx(0.7333, abs=1e-4)
+    assert b["vs_equal_cost"]["ci_low"] > 0  # 3 positive diffs close together
+    assert b["vs_dense"]["diffs"] == pytest.approx([-0.5, 0.8, -0.6])
+    assert b["mac_fraction"] == pytest.approx(30 / 96)
+    assert "| `cifar_resnet56 budget 0.325, wide routers` | 3 |" in (tmp_path / "frontier.md").read_text()
+
+
+def test_no_dense_reference_is_a_clear_error(tmp_path: Path) -> None:
+    _write(tmp_path, [dict(model="cifar_resnet20", wiring="sequential", seed=0, status="done", top1=88, macs=31e6)])
+    with pytest.raises(SystemExit, match="cifar_resnet56 sequential"):
+        frontier.main(["--results", str(tmp_path), "--no-plot"])
