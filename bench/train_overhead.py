@@ -41,9 +41,12 @@ designs, which the node-level micro-benchmark (pre-allocated slots) is not.
     python bench/train_overhead.py --parts micro stage
     python bench/train_overhead.py --parts steps --threads 1 --rounds 9
     python bench/train_overhead.py --parts steps --models resnet18:8 --rounds 2 --out /tmp/x.json
+    python bench/train_overhead.py --parts steps --models cifar_resnet20:64 cifar_resnet56:64 --size 28 \
+        --threads 1 --variants sequential dynamic dynamic-block --rounds 9     # small models, both node forms
 
 A run keeps the parts of an existing ``--out`` file that it does not redo; step results are
-stored per thread count (``steps_t2``, ``steps_t1``).
+stored per thread count (``steps_t2``, ``steps_t1``) and input size when not 224 (``steps_t1_s28``).
+``dynamic`` is the default node form (branch since 0.2.0), ``dynamic-block`` the block form.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from unittest import mock
 VARIANTS = (
     "sequential",
     "dynamic",
+    "dynamic-block",
     "dynamic-push",
     "dynamic-plain",
     "dynamic-maxin8",
@@ -158,8 +162,10 @@ class _Variant:
 
         torch.manual_seed(0)
         wiring = "sequential" if variant == "sequential" else "dynamic"
-        kw = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
-        recompute = variant in ("dynamic", "dynamic-push", "dynamic-plain", "dynamic-maxin8")
+        kw: dict = {"recompute_max_inputs": 8} if variant == "dynamic-maxin8" else {}
+        if variant == "dynamic-block":  # 0.1's node form (the whole residual block); the others: the default
+            kw["node"] = "block"
+        recompute = variant in ("dynamic", "dynamic-block", "dynamic-push", "dynamic-plain", "dynamic-maxin8")
         self.name = variant
         self.model = dynwire.create_model(model_name, wiring=wiring, recompute=recompute, **kw).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -721,7 +727,8 @@ def main() -> None:
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_"))}
     # step results are kept per thread count: "steps_t2" (torch's default here), "steps_t1", ...
-    steps_key = f"steps_t{args.threads or torch.get_num_threads()}"
+    # and per input size when it is not 224 ("steps_t1_s28": the small models on Fashion-MNIST's size)
+    steps_key = f"steps_t{args.threads or torch.get_num_threads()}" + (f"_s{args.size}" if args.size != 224 else "")
     parts = (("micro", run_micro, print_micro), ("stage", run_stage, print_stage), (steps_key, run_steps, print_steps))
     for part, run, show in parts:
         if part.split("_")[0] not in args.parts:
