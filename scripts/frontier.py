@@ -2,12 +2,19 @@
 
     python scripts/frontier.py                      # experiments/frontier/results -> frontier.{md,json,png}
     python scripts/frontier.py --results DIR --out DIR
+    python scripts/frontier.py --analyze runs/study --reference runs/study_ref/cifar_resnet56__sequential__s0/best.pt
 
 Reads the study's ``results.csv`` (``dynwire study --config experiments/frontier/study.yaml``).
 Every cell's test top-1 (mean and 95% t interval over seeds) and executed MACs per image (the
 executor's count on all test images; a sequential network runs all of its MACs), and for every
 budget cell the seed-paired difference to the static network of the nearest MACs ("equal cost")
 and to dense ``cifar_resnet56``.
+
+``--analyze RUNS``: ``dynwire analyze`` of every finished budget run (all test images, against the
+``--reference`` checkpoint's per-image loss; figures for seed 0 only) into ``<out>/analysis/<run>``,
+skipping runs analyzed before; the table then gains each cell's per-sample compute: executed-MAC
+std/mean, the Spearman correlation of executed MACs with the reference's loss, and whether the
+removal is per-sample or static.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ def _label(row: dict[str, str]) -> str:
 
 
 def read_cells(results: Path) -> dict[str, dict]:
-    cells: dict[str, dict] = defaultdict(lambda: {"top1": {}, "macs": {}})
+    cells: dict[str, dict] = defaultdict(lambda: {"top1": {}, "macs": {}, "runs": {}})
     with (results / "results.csv").open() as f:
         for row in csv.DictReader(f):
             if row["status"] != "done" or not row["top1"]:
@@ -50,7 +57,26 @@ def read_cells(results: Path) -> dict[str, dict]:
             em = row["executed_macs"] if row["wiring"] != "sequential" else row["macs"]
             c["macs"][seed] = float(em or row["macs"])
             c["model"], c["budget"] = row["model"], "budget" in _label(row)
+            c["runs"][seed] = row["run"]
     return dict(cells)
+
+
+def analyze_runs(cells: dict[str, dict], runs: Path, reference: Path | None, out: Path) -> None:
+    """``dynwire analyze`` of every budget run not analyzed yet; per-sample compute into the cells."""
+    from dynwire.analysis.connectivity.pipeline import analyze_checkpoint
+
+    for c in cells.values():
+        if not c["budget"]:
+            continue
+        c["analysis"] = {}
+        for seed, run in sorted(c["runs"].items()):
+            dest = out / "analysis" / run
+            path = dest / "analysis.json"
+            if not path.is_file():
+                print(f"[frontier] analyze {run}", file=sys.stderr, flush=True)
+                analyze_checkpoint(runs / run / "best.pt", dest, reference=reference, num_threads=1, plots=seed == 0)
+            em = json.loads(path.read_text())["executed_macs"]
+            c["analysis"][seed] = em
 
 
 def summarize(cells: dict[str, dict]) -> dict:
@@ -72,6 +98,17 @@ def summarize(cells: dict[str, dict]) -> dict:
             row["equal_cost"] = equal
             row["vs_equal_cost"] = _stats.paired_diff(c["top1"], statics[equal]["top1"]).to_dict()
             row["vs_dense"] = _stats.paired_diff(c["top1"], cells[DENSE]["top1"]).to_dict()
+        if c.get("analysis"):
+            ems = list(c["analysis"].values())
+            rho = [e["vs_reference_loss_spearman"] for e in ems if e.get("vs_reference_loss_spearman") is not None]
+            row["per_sample"] = {
+                "seeds": sorted(c["analysis"]),
+                "macs_cv": [e["cv"] for e in ems],
+                "spearman_reference_loss": rho,
+                "spearman_own_loss": [e["vs_loss_spearman"] for e in ems],
+                "removal": [e["removal"] for e in ems],
+                "macs_min_max": [[e["min"], e["max"]] for e in ems],
+            }
         out[k] = row
     return out
 
@@ -88,6 +125,7 @@ def markdown(s: dict) -> str:
         "| cell | seeds | top-1 (%) | executed MACs (M) | of resnet56 | equal-cost static | vs it | vs resnet56 |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
+    analysed = {k: r["per_sample"] for k, r in s.items() if "per_sample" in r}
     for k, r in s.items():
         t = r["top1"]
         pm = f" ± {t['ci_half_width']:.2f}" if t.get("ci_half_width") is not None else ""
@@ -102,6 +140,19 @@ def markdown(s: dict) -> str:
         "Top-1: mean ± 95% t half-width over seeds. Differences: paired by seed, in points, with the "
         "95% t interval (* excludes 0). Executed MACs: per test image, as the executor ran them.",
     ]
+    if analysed:
+        lines += [
+            "",
+            "Per-sample compute (`dynwire analyze` on all test images, one value per seed):",
+            "",
+            "| cell | removal | executed-MAC std/mean (%) | Spearman with dense resnet56's loss | with own loss |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for k, a in analysed.items():
+            cv = ", ".join(f"{100 * v:.2f}" for v in a["macs_cv"])
+            rho = ", ".join(f"{v:+.2f}" for v in a["spearman_reference_loss"]) or "n/a"
+            own = ", ".join(f"{v:+.2f}" if v is not None else "n/a" for v in a["spearman_own_loss"])
+            lines.append(f"| `{k}` | {', '.join(sorted(set(a['removal'])))} | {cv} | {rho} | {own} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,10 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("experiments/frontier/results"))
     p.add_argument("--out", type=Path, help="output folder (default: --results)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--analyze", type=Path, metavar="RUNS", help="folder of the run directories: analyze budget runs")
+    p.add_argument("--reference", type=Path, help="checkpoint whose per-image loss is the difficulty (with --analyze)")
     args = p.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
-    s = summarize(read_cells(args.results))
+    cells = read_cells(args.results)
+    if args.analyze is not None:
+        analyze_runs(cells, args.analyze, args.reference, out)
+    else:  # analyses written by an earlier --analyze are still read
+        for c in cells.values():
+            for seed, run in c["runs"].items():
+                path = out / "analysis" / run / "analysis.json"
+                if c["budget"] and path.is_file():
+                    c.setdefault("analysis", {})[seed] = json.loads(path.read_text())["executed_macs"]
+    s = summarize(cells)
     (out / "frontier.json").write_text(json.dumps(s, indent=1) + "\n")
     (out / "frontier.md").write_text(markdown(s))
     if not args.no_plot:

@@ -31,6 +31,7 @@ def test_budget_cells_pair_with_the_static_network_of_nearest_macs(tmp_path: Pat
             dict(model="cifar_resnet20", wiring="sequential", seed=seed, status="done", top1=a20, macs=31e6),
             dict(model="cifar_resnet56", wiring="sequential", seed=seed, status="done", top1=a56, macs=96e6),
             dict(
+                run=f"b{seed}",
                 model="cifar_resnet56",
                 wiring="dynamic",
                 options=WIDE,
@@ -53,6 +54,21 @@ def test_budget_cells_pair_with_the_static_network_of_nearest_macs(tmp_path: Pat
     assert b["vs_dense"]["diffs"] == pytest.approx([-0.5, 0.8, -0.6])
     assert b["mac_fraction"] == pytest.approx(30 / 96)
     assert "| `cifar_resnet56 budget 0.325, wide routers` | 3 |" in (tmp_path / "frontier.md").read_text()
+    # analyses written earlier (dynwire analyze's executed_macs) are read back into the per-sample table
+    for seed, cv in enumerate([0.02, 0.15, 0.01]):
+        d = tmp_path / "analysis" / f"b{seed}"
+        d.mkdir(parents=True)
+        em = dict(
+            cv=cv, vs_reference_loss_spearman=0.1 * seed, vs_loss_spearman=None, removal="per-sample", min=1, max=2
+        )
+        (d / "analysis.json").write_text(json.dumps({"executed_macs": em}))
+    assert frontier.main(["--results", str(tmp_path), "--no-plot"]) == 0
+    ps = json.loads((tmp_path / "frontier.json").read_text())["cifar_resnet56 budget 0.325, wide routers"]["per_sample"]
+    assert ps["macs_cv"] == [0.02, 0.15, 0.01] and ps["spearman_reference_loss"] == [0.0, 0.1, 0.2]
+    assert (
+        "| `cifar_resnet56 budget 0.325, wide routers` | per-sample | 2.00, 15.00, 1.00 | +0.00, +0.10, +0.20 |"
+        in (tmp_path / "frontier.md").read_text()
+    )
 
 
 def test_no_dense_reference_is_a_clear_error(tmp_path: Path) -> None:
