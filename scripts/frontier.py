@@ -42,6 +42,8 @@ def _label(row: dict[str, str]) -> str:
     parts.append("wide routers" if "router_weight_std" in short else "default routers")
     if float(short.get("difficulty", 0)) > 0:
         parts.append(f"difficulty {short['difficulty']}")
+    if float(short.get("warmup_epochs", 0)) > 0:
+        parts.append(f"warm-up {short['warmup_epochs']} epochs")
     return f"{row['model']} " + ", ".join(parts)
 
 
@@ -182,12 +184,13 @@ def plot(s: dict, path: Path) -> None:
             fontsize=8,
             color="tab:blue",
         )
-    wide = [k for k in s if "wide routers" in k and "difficulty" not in k]
+    wide = [k for k in s if "wide routers" in k and "difficulty" not in k and "warm-up" not in k]
     if wide:
         series(wide, fmt="s-", color="tab:orange", label="DG-Net-56, budget (wide routers)")
     others = {
         "default routers": dict(fmt="v", color="tab:red"),
         "difficulty": dict(fmt="^", color="tab:green"),
+        "warm-up": dict(fmt="P", color="tab:brown"),
         "DG-Net dense": dict(fmt="D", color="tab:purple"),
     }
     for tag, kw in others.items():

@@ -157,7 +157,13 @@ def test_difficulty_is_validated_and_trains(tmp_path):
     data = write_fmnist_fixture(tmp_path / "fmnist", n_train=32, n_test=16)
     sets = ["data.image_size=12", "data.batch_size=16", "data.subset=null", "data.val_subset=null"]
     sets += ["schedule.epochs=1", "schedule.warmup_epochs=0", "model.wiring_kwargs.train_gate=hard"]
-    sets += ["train.budget.target=0.5", "train.budget.difficulty=1", f"data.root={data}", f"output.dir={tmp_path}"]
+    sets += [
+        "train.budget.target=0.5",
+        "train.budget.difficulty=1",
+        "train.budget.warmup_epochs=0.5",
+        f"data.root={data}",
+        f"output.dir={tmp_path}",
+    ]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -167,3 +173,20 @@ def test_difficulty_is_validated_and_trains(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     fracs = [r["expected_mac_fraction"] for r in rows if "expected_mac_fraction" in r]
     assert fracs and all(0 < f <= 1 for f in fracs) and final is not None
+
+
+def test_warmup_ramps_the_budget_weight_linearly():
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard").train()
+    budget = ComputeBudget(m, target=0.3, weight=4.0, warmup_epochs=2.0)
+    assert [budget.weight_at(e) for e in (0.0, 0.5, 2.0, 3.0, None)] == [0.0, 1.0, 4.0, 4.0, 4.0]
+    m(torch.randn(4, 3, 32, 32))
+    full, _ = ComputeBudget(m, target=0.3, weight=4.0).loss((3, 32, 32))
+    half, _ = budget.loss((3, 32, 32), epoch=1.0)
+    assert float(half.detach()) == pytest.approx(0.5 * float(full.detach()), rel=1e-6)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        ComputeBudget(m, target=0.3, warmup_epochs=-1)
+    from dynwire.engine import load_config
+
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        load_config("fmnist_resnet20", ["train.budget.target=0.5", "train.budget.warmup_epochs=-1"])

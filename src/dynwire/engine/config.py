@@ -135,7 +135,8 @@ class TrainConfig:
     budget: dict = opt(
         {},
         doc="compute budget: {target: MAC fraction in (0, 1], weight: >= 0, temperature: > 0, "
-        "difficulty: in [0, 1], per-sample targets by loss rank} (empty: off)",
+        "difficulty: in [0, 1], per-sample targets by loss rank, warmup_epochs: >= 0, linear ramp of the "
+        "weight} (empty: off)",
     )
 
 
@@ -186,7 +187,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_BUDGET_KEYS = ("target", "weight", "temperature", "difficulty")
+_BUDGET_KEYS = ("target", "weight", "temperature", "difficulty", "warmup_epochs")
 
 
 def _cross_check(cfg: RunConfig) -> None:
@@ -211,6 +212,8 @@ def _cross_check(cfg: RunConfig) -> None:
         raise ValueError("train.budget: weight must be >= 0 and temperature > 0")
     if budget and not 0.0 <= budget.get("difficulty", 0.0) <= 1.0:
         raise ValueError(f"train.budget.difficulty={budget['difficulty']!r}: must be in [0, 1] (0: one target for all)")
+    if budget and budget.get("warmup_epochs", 0.0) < 0:
+        raise ValueError(f"train.budget.warmup_epochs={budget['warmup_epochs']!r}: must be >= 0 (0: no warm-up)")
     if budget and cfg.model.wiring not in ("dynamic", "static"):
         raise ValueError(f"train.budget: needs thresholds to close edges; model.wiring={cfg.model.wiring!r} has none")
     kwargs = cfg.model.wiring_kwargs

@@ -249,7 +249,8 @@ class _Trainer:
             per_sample = None
             if self.budget.difficulty > 0:  # the difficulty of each sample: its loss (soft targets too)
                 per_sample = F.cross_entropy(logits.detach().float(), target, reduction="none")
-            term, frac = self.budget.loss(tuple(images.shape[1:]), per_sample)
+            progress = self.state.global_step / self.steps_per_epoch  # fractional epochs, for the warm-up
+            term, frac = self.budget.loss(tuple(images.shape[1:]), per_sample, epoch=progress)
             objective = loss + term
             self._budget_fracs.append(frac)
         # One sync per step: non-finite loss on any rank / stop signal on any rank.

@@ -12,6 +12,9 @@ With ``difficulty > 0`` the target is per sample (the paper's "adjusting the com
 based upon the difficulties of samples", Sec. 5): a sample whose loss ranks ``r`` in ``[0, 1]``
 within its batch (0 the easiest) aims at ``target * (1 + difficulty * (2 r - 1))``, clipped to
 ``[0, 1]``, so the batch's mean target stays ``target`` and easy samples are asked to spend less.
+
+``warmup_epochs > 0`` ramps the term's weight linearly from 0 to ``weight`` over that many epochs
+(the trainer passes the progress), so the blocks learn features before the budget removes them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ class ComputeBudget(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, target: float, weight: float = 1.0, temperature: float = 0.2, difficulty: float = 0.0
+        self,
+        model: nn.Module,
+        target: float,
+        weight: float = 1.0,
+        temperature: float = 0.2,
+        difficulty: float = 0.0,
+        warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 < target <= 1.0:
@@ -40,12 +49,15 @@ class ComputeBudget(nn.Module):
             raise ValueError(f"budget weight={weight!r} must be >= 0 and temperature={temperature!r} > 0")
         if not 0.0 <= difficulty <= 1.0:
             raise ValueError(f"budget difficulty={difficulty!r}: must be in [0, 1] (0: one target for every sample)")
+        if warmup_epochs < 0:
+            raise ValueError(f"budget warmup_epochs={warmup_epochs!r}: must be >= 0")
         self.stages = [s for s in model.modules() if isinstance(s, GraphStage) and hasattr(s.edges, "tau")]
         if not self.stages:
             raise ValueError("a compute budget needs thresholded wirings (dynamic or static); this model has none")
         self.model = [model]  # not a submodule: the budget owns no parameters
         self.target, self.weight, self.temperature = float(target), float(weight), float(temperature)
         self.difficulty = float(difficulty)
+        self.warmup_epochs = float(warmup_epochs)
         self._dense: float | None = None
         for s in self.stages:
             s.cost_temperature = self.temperature
@@ -78,14 +90,23 @@ class ComputeBudget(nn.Module):
         ranks = sample_loss.detach().flatten().argsort().argsort().to(sample_loss.dtype) / (b - 1)
         return (self.target * (1 + self.difficulty * (2 * ranks - 1))).clamp(0.0, 1.0)
 
-    def loss(self, sample_shape: tuple[int, ...], sample_loss: Tensor | None = None) -> tuple[Tensor, float]:
+    def weight_at(self, epoch: float | None) -> float:
+        """The term's weight at training progress ``epoch`` (fractional epochs; None: full weight)."""
+        if self.warmup_epochs == 0 or epoch is None:
+            return self.weight
+        return self.weight * min(1.0, max(0.0, epoch) / self.warmup_epochs)
+
+    def loss(
+        self, sample_shape: tuple[int, ...], sample_loss: Tensor | None = None, epoch: float | None = None
+    ) -> tuple[Tensor, float]:
         """The budget term and the batch's mean expected MAC fraction. ``sample_loss``: the ``(B,)``
-        per-sample task loss, needed when ``difficulty > 0``."""
+        per-sample task loss, needed when ``difficulty > 0``; ``epoch``: training progress for the warm-up."""
         fracs = self.expected_fraction(sample_shape)
         frac = fracs.mean()
+        weight = self.weight_at(epoch)
         if self.difficulty == 0:
-            return self.weight * (frac - self.target) ** 2, float(frac.detach())
+            return weight * (frac - self.target) ** 2, float(frac.detach())
         if sample_loss is None or sample_loss.numel() != fracs.numel():
             raise ValueError("ComputeBudget.loss: difficulty > 0 needs the (B,) per-sample loss of the same batch")
         targets = self.sample_targets(sample_loss).to(fracs.dtype)
-        return self.weight * ((fracs - targets) ** 2).mean(), float(frac.detach())
+        return weight * ((fracs - targets) ** 2).mean(), float(frac.detach())
