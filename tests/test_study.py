@@ -257,6 +257,19 @@ def test_imported_runs_stand_in_and_option_cells_pair_with_their_own_option(tmp_
     assert est(branch) == pytest.approx(250.0)
     assert est(next(r for r in again.runs if not r.overrides and r.wiring == "dynamic")) == pytest.approx(100.0)
 
+    # re-running one seed (its folder made anew): the --only selection is estimated from the
+    # cell's other, recorded seeds, not from the file's per-model guess (this study has none)
+    import io
+
+    from dynwire.study.cli import _dry_run
+
+    again.run_dir(branch).mkdir(parents=True)
+    buf = io.StringIO()
+    _dry_run(again, 1, [branch.name], buf)
+    text = buf.getvalue()
+    assert "1 runs (new 1)" in text and "without an estimate" not in text
+    assert "to run: 4m10s of single-core time" in text
+
 
 def test_dry_run_lists_status_and_estimate(tmp_path: Path, capsys) -> None:
     raw = dict(GRID, estimates_s={"cifar_resnet20": 300})

@@ -19,7 +19,8 @@ __all__ = ["STUDY_DESCRIPTION", "add_arguments", "build_parser", "run_cli", "mai
 # --------------------------------------------------------------------------- CLI
 def _dry_run(study: Study, jobs: int, only: Sequence[str], out: TextIO) -> None:
     runs = [r for r in study.runs if not only or any(fnmatch.fnmatch(r.name, p) for p in only)]
-    est = _estimator(study, _finished_durations(study, runs))
+    # every finished run of the study informs the estimate, not only the selected ones
+    est = _estimator(study, _finished_durations(study, study.runs))
     todo_s, unknown = 0.0, 0
     counts: dict[str, int] = {}
     print(f"{'run':<58} {'status':<8} {'est.':>8}", file=out)

@@ -336,7 +336,7 @@ def run_study(
             print("\n".join(f"    | {line}" for line in tail), file=out, flush=True)
 
     def show() -> None:
-        durations = _finished_durations(study, runs)
+        durations = _finished_durations(study, study.runs)
         est = _estimator(study, durations)
         now = time.monotonic()
         done_n = sum(1 for r in runs if (study.run_dir(r) / "final.json").is_file() or _imported_stands_in(study, r))
