@@ -6,6 +6,8 @@ load hits all variants alike; every ratio is against a reference of the same rou
 * ``dense``: batch-1 latency (median of many calls) and batch-N throughput of ``sequential``,
   ``dynamic`` and ``static`` (nothing removed at initialisation), plus ``dynamic-reference``
   (the stage's general loop, what ran before the inference fast path), against ``sequential``.
+* ``small``: ``cifar_resnet20`` and ``cifar_resnet56`` as the studies run them (1 x 28 x 28), both
+  node forms (``dynamic``: branch nodes, ``dynamic-block``: whole blocks), against ``sequential``.
 * ``removal`` (``cifar_resnet56``): routers re-drawn so that edge weights differ between
   samples, one threshold for all nodes raised until a given share of (sample, block) pairs is
   removed; the pruned executor against the same model with nothing removed (thresholds 0) and
@@ -24,6 +26,7 @@ load hits all variants alike; every ratio is against a reference of the same rou
     python bench/inference.py --parts trained --runs runs/budget/resnet56_*
     python bench/inference.py --parts frontier --runs runs/study/cifar_resnet56__dynamic__*target=*
     python bench/inference.py --parts compile --threads 1
+    python bench/inference.py --parts small --threads 1 2      # the small models, both node forms
 
 Writes ``bench/results/inference.json`` (``--out``); parts not run are kept from the existing file.
 """
@@ -126,6 +129,21 @@ def bench_dense(name: str, size: int, batch: int, rounds: int, reps1: int, repsn
     models["dynamic-reference"] = _executor(_like(models["dynamic"], name, "dynamic"), "dense")
     res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
     return dict(model=name, input=[c, size, size], batch=batch, rounds=rounds, vs="sequential", variants=res)
+
+
+def bench_small(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+    """The small models as the studies run them (Fashion-MNIST: 1 channel, 28x28), both node forms:
+    ``dynamic`` (branch nodes, the default) and ``dynamic-block`` (whole blocks), against ``sequential``."""
+    torch.manual_seed(0)
+    x1, xn = torch.randn(1, 1, size, size), torch.randn(batch, 1, size, size)
+    kw = dict(num_classes=10, in_chans=1)
+    models = {
+        "sequential": dynwire.create_model(name, wiring="sequential", **kw).eval(),
+        "dynamic": dynwire.create_model(name, wiring="dynamic", **kw).eval(),
+        "dynamic-block": dynwire.create_model(name, wiring="dynamic", node="block", **kw).eval(),
+    }
+    res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
+    return dict(model=name, input=[1, size, size], batch=batch, rounds=rounds, vs="sequential", variants=res)
 
 
 def _blocks_run(model: nn.Module, x) -> tuple[float, dict]:
@@ -297,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         nargs="+",
         default=["dense", "removal"],
-        choices=["dense", "removal", "trained", "frontier", "compile"],
+        choices=["dense", "small", "removal", "trained", "frontier", "compile"],
     )
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="run directories for --parts trained")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
@@ -309,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             ("mobilenet_v2", 224, 16, 2 if q else 3, 10 if q else 20, 2 if q else 3),
         ]
         + ([] if q else [("resnet50", 224, 16, 3, 10, 2)]),
+        "small": [
+            (m, 28, 64, 3 if q else 7, 30 if q else 60, 3 if q else 5) for m in ("cifar_resnet20", "cifar_resnet56")
+        ],
         "removal": [("cifar_resnet56", 32, 64, 2 if q else 3, 20 if q else 40, 3)],
         "compile": [("cifar_resnet56", 32, 64, 3, 40, 3)],
     }
@@ -326,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(dict(threads=threads, **r))
             else:
                 for plan in plans[part]:
-                    fn = {"dense": bench_dense, "removal": bench_removal, "compile": bench_compile}[part]
+                    fn = {
+                        "dense": bench_dense,
+                        "small": bench_small,
+                        "removal": bench_removal,
+                        "compile": bench_compile,
+                    }[part]
                     r = dict(threads=threads, **fn(*plan))
                     out.append(r)
                     print(f"{part} {plan[0]} {threads}t: {time.time() - t0:.0f} s", file=sys.stderr)

@@ -35,6 +35,8 @@ STUDY = ROOT / "experiments" / "study" / "results" / "summary.json"
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 BRANCH_START, BRANCH_END = "<!-- branch:start -->", "<!-- branch:end -->"
 BRANCH_STUDY = ROOT / "experiments" / "study_branch" / "results" / "summary.json"
+FRONTIER_START, FRONTIER_END = "<!-- frontier:start -->", "<!-- frontier:end -->"
+FRONTIER = ROOT / "experiments" / "frontier" / "results" / "frontier.md"
 INIT_SCALE = ROOT / "experiments" / "init_scale" / "init_scale.json"
 
 # Figures the pages show (copied: MkDocs serves only what lies under docs/).
@@ -48,6 +50,7 @@ FIGURES = {
     "study_curves_router_bias.png": "experiments/study/results/curves_router_bias.png",
     "fmnist_curves.png": "experiments/fmnist_resnet20/curves.png",
     "det_curves.png": "experiments/det_fmnist_scenes/curves.png",
+    "frontier.png": "experiments/frontier/results/frontier.png",
 }
 
 
@@ -581,7 +584,15 @@ def node_overhead(key: str = "results") -> str:
     )
 
 
+def frontier() -> str:
+    """Accuracy against executed MACs (issue 17): ``scripts/frontier.py``'s table, as committed."""
+    if not FRONTIER.is_file():
+        raise FileNotFoundError(f"{FRONTIER} not found: run python scripts/frontier.py")
+    return FRONTIER.read_text(encoding="utf-8")
+
+
 SNIPPETS: dict[str, Callable[[], str]] = {
+    "frontier.md": frontier,
     "node_overhead.md": node_overhead,
     "node_overhead_kept_malloc.md": lambda: node_overhead("results_kept_malloc"),
     "branch_results.md": lambda: branch_results(_branch_study()),
@@ -615,10 +626,12 @@ def _between(text: str, start: str, end: str, block: str) -> str:
 
 
 def readme_with_headline(text: str, block: str) -> str:
-    """README with its generated tables replaced: the headline, and the branch-node rows."""
+    """README with its generated tables replaced: the headline, the branch-node rows, the frontier."""
     text = _between(text, HEADLINE_START, HEADLINE_END, block)
     if BRANCH_START in text:
         text = _between(text, BRANCH_START, BRANCH_END, branch_results(_branch_study()))
+    if FRONTIER_START in text:
+        text = _between(text, FRONTIER_START, FRONTIER_END, frontier())
     return text
 
 
