@@ -75,10 +75,14 @@ def analyze_runs(cells: dict[str, dict], runs: Path, reference: Path | None, out
             dest = out / "analysis" / run
             path = dest / "analysis.json"
             if not path.is_file():
+                if not (runs / run / "best.pt").is_file():  # e.g. trained in an earlier session
+                    print(f"[frontier] skip {run}: no best.pt under {runs}", file=sys.stderr, flush=True)
+                    continue
                 print(f"[frontier] analyze {run}", file=sys.stderr, flush=True)
                 analyze_checkpoint(runs / run / "best.pt", dest, reference=reference, num_threads=1, plots=seed == 0)
-            em = json.loads(path.read_text())["executed_macs"]
-            c["analysis"][seed] = em
+            c["analysis"][seed] = json.loads(path.read_text())["executed_macs"]
+        if not c["analysis"]:
+            del c["analysis"]
 
 
 def summarize(cells: dict[str, dict]) -> dict:
@@ -147,14 +151,15 @@ def markdown(s: dict) -> str:
             "",
             "Per-sample compute (`dynwire analyze` on all test images, one value per seed):",
             "",
-            "| cell | removal | executed-MAC std/mean (%) | Spearman with dense resnet56's loss | with own loss |",
-            "| --- | --- | ---: | ---: | ---: |",
+            "| cell | seeds | removal | executed-MAC std/mean (%) | Spearman with dense resnet56's loss | with own loss |",
+            "| --- | ---: | --- | ---: | ---: | ---: |",
         ]
         for k, a in analysed.items():
             cv = ", ".join(f"{100 * v:.2f}" for v in a["macs_cv"])
             rho = ", ".join(f"{v:+.2f}" for v in a["spearman_reference_loss"]) or "n/a"
             own = ", ".join(f"{v:+.2f}" if v is not None else "n/a" for v in a["spearman_own_loss"])
-            lines.append(f"| `{k}` | {', '.join(sorted(set(a['removal'])))} | {cv} | {rho} | {own} |")
+            seeds = ", ".join(str(x) for x in a["seeds"])
+            lines.append(f"| `{k}` | {seeds} | {', '.join(sorted(set(a['removal'])))} | {cv} | {rho} | {own} |")
     return "\n".join(lines) + "\n"
 
 

@@ -414,6 +414,75 @@ def inference_compile() -> str:
     return head + table(["variant", "batch-1 latency", f"throughput at {r['batch']}"], rows)
 
 
+def inference_small() -> str:
+    """The small models at the studies' input (issue 19's evaluation goals: batch 64 and batch 1)."""
+    part = _bench("inference.json")["parts"]["small"]
+    rows = []
+    for r in part["results"]:
+        v = r["variants"]
+        for form, key in (("branch (default)", "dynamic"), ("block", "dynamic-block")):
+            rows.append(
+                [
+                    r["model"],
+                    r["threads"],
+                    form,
+                    ratio(1.0 / v[key]["throughput_ratio"]),
+                    ratio(v[key]["latency_ratio"]),
+                ]
+            )
+    header = ["model", "threads", "node form", "time per image at batch 64", "batch-1 latency"]
+    return f"`{part['command']}`, 1x28x28 inputs, against `sequential`:\n\n" + table(header, rows, "lrlrr")
+
+
+def _frontier_label(run: str) -> str:
+    opts = run.split("__")[2] if run.count("__") >= 3 else run
+    parts = dict(o.split("=", 1) for o in opts.split("_") if "=" in o and not o.startswith("std"))
+    label = f"budget {float(parts['target']):.3f}" if "target" in parts else run
+    if "router_bias=0" not in run:
+        label += ", default routers"
+    if "difficulty" in parts:
+        label += f", difficulty {parts['difficulty']}"
+    if "warmup_epochs" in run:
+        label += ", warm-up"
+    return label + f" (s{run.rsplit('__s', 1)[-1]})"
+
+
+def inference_frontier() -> str:
+    """Budget-trained DG-Net-56 against the static network of equal MACs and dense resnet56."""
+    part = _bench("inference.json")["parts"]["frontier"]
+    rows = []
+    for r in part["results"]:
+        for name, v in r["variants"].items():
+            if "equal_cost" not in v:
+                continue
+            rows.append(
+                [
+                    _frontier_label(name),
+                    r["threads"],
+                    f"{v['top1']:.2f}",
+                    f"{v['mac_fraction_of_resnet56']:.3f}",
+                    f"`{v['equal_cost'].split()[0]}`",
+                    ratio(v["throughput_ratio_vs_equal"]),
+                    ratio(v["latency_ratio_vs_equal"]),
+                    ratio(v["throughput_ratio"]),
+                    ratio(v["latency_ratio"]),
+                ]
+            )
+    header = [
+        "DG-Net-56",
+        "threads",
+        "top-1",
+        "executed MACs",
+        "equal-cost static",
+        "throughput vs it",
+        "latency vs it",
+        "throughput vs resnet56",
+        "latency vs resnet56",
+    ]
+    head = f"`{part['command']}`, batch {part['results'][0]['batch']}, test images:\n\n"
+    return head + table(header, rows, "lrrrlrrrr")
+
+
 COMPILE_MEMORY_NAMES = {
     "sequential": "`sequential`, eager",
     "dynamic": "`dynamic`, eager (taps + recomputation, as shipped)",

@@ -66,7 +66,7 @@ def test_budget_cells_pair_with_the_static_network_of_nearest_macs(tmp_path: Pat
     ps = json.loads((tmp_path / "frontier.json").read_text())["cifar_resnet56 budget 0.325, wide routers"]["per_sample"]
     assert ps["macs_cv"] == [0.02, 0.15, 0.01] and ps["spearman_reference_loss"] == [0.0, 0.1, 0.2]
     assert (
-        "| `cifar_resnet56 budget 0.325, wide routers` | per-sample | 2.00, 15.00, 1.00 | +0.00, +0.10, +0.20 |"
+        "| `cifar_resnet56 budget 0.325, wide routers` | 0, 1, 2 | per-sample | 2.00, 15.00, 1.00 | +0.00, +0.10, +0.20 |"
         in (tmp_path / "frontier.md").read_text()
     )
 
