@@ -63,6 +63,20 @@ def read_cells(results: Path) -> dict[str, dict]:
     return dict(cells)
 
 
+def _per_sample(analysis: dict) -> dict:
+    """``executed_macs`` of a ``dynwire analyze`` output, plus the last stage's router spread: the
+    median over its edges (those ever open) of the per-sample std of the edge weight over its mean."""
+    out = dict(analysis["executed_macs"])
+    stages = analysis.get("stages") or {}
+    if stages:
+        last = stages[list(stages)[-1]]
+        rel = sorted(
+            sd / m for rm, rs in zip(last["mean"], last["std"]) for m, sd in zip(rm, rs) if m is not None and m > 0
+        )
+        out["last_stage_spread"] = rel[len(rel) // 2] if rel else None
+    return out
+
+
 def analyze_runs(cells: dict[str, dict], runs: Path, reference: Path | None, out: Path) -> None:
     """``dynwire analyze`` of every budget run not analyzed yet; per-sample compute into the cells."""
     from dynwire.analysis.connectivity.pipeline import analyze_checkpoint
@@ -80,7 +94,7 @@ def analyze_runs(cells: dict[str, dict], runs: Path, reference: Path | None, out
                     continue
                 print(f"[frontier] analyze {run}", file=sys.stderr, flush=True)
                 analyze_checkpoint(runs / run / "best.pt", dest, reference=reference, num_threads=1, plots=seed == 0)
-            c["analysis"][seed] = json.loads(path.read_text())["executed_macs"]
+            c["analysis"][seed] = _per_sample(json.loads(path.read_text()))
         if not c["analysis"]:
             del c["analysis"]
 
@@ -114,6 +128,7 @@ def summarize(cells: dict[str, dict]) -> dict:
                 "spearman_own_loss": [e["vs_loss_spearman"] for e in ems],
                 "removal": [e["removal"] for e in ems],
                 "macs_min_max": [[e["min"], e["max"]] for e in ems],
+                "last_stage_spread": [e.get("last_stage_spread") for e in ems],
             }
         out[k] = row
     return out
@@ -151,15 +166,18 @@ def markdown(s: dict) -> str:
             "",
             "Per-sample compute (`dynwire analyze` on all test images, one value per seed):",
             "",
-            "| cell | seeds | removal | executed-MAC std/mean (%) | Spearman with dense resnet56's loss | with own loss |",
-            "| --- | ---: | --- | ---: | ---: | ---: |",
+            "| cell | seeds | last-stage edge std/mean (median) | removal | executed-MAC std/mean (%) "
+            "| Spearman with dense resnet56's loss | with own loss |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
         ]
         for k, a in analysed.items():
             cv = ", ".join(f"{100 * v:.2f}" for v in a["macs_cv"])
             rho = ", ".join(f"{v:+.2f}" for v in a["spearman_reference_loss"]) or "n/a"
             own = ", ".join(f"{v:+.2f}" if v is not None else "n/a" for v in a["spearman_own_loss"])
             seeds = ", ".join(str(x) for x in a["seeds"])
-            lines.append(f"| `{k}` | {seeds} | {', '.join(sorted(set(a['removal'])))} | {cv} | {rho} | {own} |")
+            spread = ", ".join(f"{v:.2f}" if v is not None else "n/a" for v in a["last_stage_spread"])
+            removal = ", ".join(sorted(set(a["removal"])))
+            lines.append(f"| `{k}` | {seeds} | {spread} | {removal} | {cv} | {rho} | {own} |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed, run in c["runs"].items():
                 path = out / "analysis" / run / "analysis.json"
                 if c["budget"] and path.is_file():
-                    c.setdefault("analysis", {})[seed] = json.loads(path.read_text())["executed_macs"]
+                    c.setdefault("analysis", {})[seed] = _per_sample(json.loads(path.read_text()))
     s = summarize(cells)
     (out / "frontier.json").write_text(json.dumps(s, indent=1) + "\n")
     (out / "frontier.md").write_text(markdown(s))

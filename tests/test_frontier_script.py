@@ -61,13 +61,16 @@ def test_budget_cells_pair_with_the_static_network_of_nearest_macs(tmp_path: Pat
         em = dict(
             cv=cv, vs_reference_loss_spearman=0.1 * seed, vs_loss_spearman=None, removal="per-sample", min=1, max=2
         )
-        (d / "analysis.json").write_text(json.dumps({"executed_macs": em}))
+        # last stage: edges of mean 0.5 with std 0.05 * (seed + 1); an edge never open (mean 0) is left out
+        stage = dict(mean=[[None, None], [0.5, 0.0]], std=[[None, None], [0.05 * (seed + 1), 0.0]])
+        (d / "analysis.json").write_text(json.dumps({"executed_macs": em, "stages": {"layer1": {}, "layer3": stage}}))
     assert frontier.main(["--results", str(tmp_path), "--no-plot"]) == 0
     ps = json.loads((tmp_path / "frontier.json").read_text())["cifar_resnet56 budget 0.325, wide routers"]["per_sample"]
     assert ps["macs_cv"] == [0.02, 0.15, 0.01] and ps["spearman_reference_loss"] == [0.0, 0.1, 0.2]
+    assert ps["last_stage_spread"] == pytest.approx([0.1, 0.2, 0.3])
     assert (
-        "| `cifar_resnet56 budget 0.325, wide routers` | 0, 1, 2 | per-sample | 2.00, 15.00, 1.00 | +0.00, +0.10, +0.20 |"
-        in (tmp_path / "frontier.md").read_text()
+        "| `cifar_resnet56 budget 0.325, wide routers` | 0, 1, 2 | 0.10, 0.20, 0.30 | per-sample | 2.00, 15.00, 1.00 "
+        "| +0.00, +0.10, +0.20 |" in (tmp_path / "frontier.md").read_text()
     )
 
 
