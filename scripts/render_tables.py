@@ -680,6 +680,8 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "inference_removal.md": inference_removal,
     "inference_trained.md": inference_trained,
     "inference_compile.md": inference_compile,
+    "inference_small.md": inference_small,
+    "inference_frontier.md": inference_frontier,
     "compile_memory.md": compile_memory,
     "detection.md": detection,
     "analysis_example.md": analysis_example,
