@@ -32,14 +32,14 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batc
     per batch of ``batch_size``."""
     if len(input_size) != 3:
         raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     was_training = model.training
     stages = [(m, m.executor) for m in model.modules() if isinstance(m, GraphStage)]
     model.eval()
     try:
         for m, _ in stages:
             m.executor = "dense"
-        x = torch.zeros(batch_size, *input_size, device=device)
+        x = torch.zeros(batch_size, *input_size, device=param.device, dtype=param.dtype)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
     finally:

@@ -124,6 +124,11 @@ class TrainConfig:
     amp: str = opt("none", choice(("none", "bf16")))
     channels_last: bool = opt(False)
     compile: bool = opt(False)
+    compile_mode: str = opt(
+        "default",
+        choice(("default", "reduce-overhead", "max-autotune")),
+        doc="torch.compile mode with compile=true; 'reduce-overhead' replays CUDA graphs (bench/gpu.py)",
+    )
     ema_decay: Optional[float] = opt(None, in_unit(closed_low=False), doc="EMA of weights (None: off)")
     sync_bn: bool = opt(False, doc="SyncBatchNorm across ranks (CUDA only)")
     log_every: int = opt(50, gt(0), doc="log train metrics every N steps")

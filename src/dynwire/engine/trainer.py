@@ -128,8 +128,10 @@ class _Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if cfg.train.compile:
-            self.model = torch.compile(self.model)  # type: ignore[assignment]
-        self.eval_model: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
+            self.model = torch.compile(self.model, mode=cfg.train.compile_mode)  # type: ignore[assignment]
+        self.eval_model: nn.Module = (
+            torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model  # type: ignore[assignment]
+        )
 
         self.state = TrainState()
         if self.resume_path is not None:
