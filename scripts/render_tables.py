@@ -434,6 +434,68 @@ def inference_small() -> str:
     return f"`{part['command']}`, 1x28x28 inputs, against `sequential`:\n\n" + table(header, rows, "lrlrr")
 
 
+def gpu_eager() -> str:
+    """bench/gpu.py on a GPU: eager training step (fp32, bf16 + channels_last), evaluation, peak memory."""
+    doc = _bench("gpu.json")
+    rows = []
+    for key, part in doc["parts"].items():
+        if not key.startswith("train "):
+            continue
+        model = key[len("train ") :]
+        ev = doc["parts"].get(f"eval {model}", {})
+        for form, v in (("branch (default)", "dynamic"), ("block", "dynamic-block")):
+            row = [model, form, ratio(part["fp32"][v]["ratio"]), ratio(part["amp"][v]["ratio"])]
+            row.append(ratio(part["fp32"][v]["peak_ratio"]))
+            bn = [k for k in ev if k.startswith("batch") and k != "batch1"]
+            row += [ratio(ev[bn[0]][v]["ratio"]), ratio(ev["batch1"][v]["ratio"])] if bn else ["", ""]
+            rows.append(row)
+    header = ["model, batch, input", "node form", "train fp32", "train bf16 + channels_last", "peak memory",
+              "eval batch N", "eval batch 1"]  # fmt: skip
+    dev = doc["device"]["name"]
+    return (
+        f"{dev}, torch {doc['torch']} (CUDA {doc['cuda']}), eager, ratios of `dynamic` to `sequential` "
+        f"(median of {doc['rounds']} interleaved rounds, CUDA events):\n\n" + table(header, rows, "llrrrrr")
+    )
+
+
+def _compile_table(doc: dict[str, Any], key: str) -> str:
+    names = {
+        "sequential": "sequential, eager",
+        "dynamic": "dynamic, eager",
+        "sequential-compiled": "sequential, compiled",
+        "dynamic-compiled": "dynamic, compiled",
+        "dynamic-compiled-opaque": "dynamic, compiled, aggregation as the custom op (0.2)",
+        "sequential-cudagraphs": "sequential, compiled, CUDA graphs",
+        "dynamic-cudagraphs": "dynamic, compiled, CUDA graphs",
+    }
+
+    def same(r: dict[str, Any]) -> str:
+        return ratio(r["ratio_to_same_mode_sequential"]) if "ratio_to_same_mode_sequential" in r else "—"
+
+    part = doc["parts"][key]
+    rows = []
+    for v, label in names.items():
+        t, e = part["train"].get(v), part["eval"].get(v)
+        if t is not None and e is not None:
+            rows.append([label, ratio(t.get("ratio", 1.0)), same(t), ratio(e.get("ratio", 1.0)), same(e)])
+    header = ["variant", "train step / eager sequential", "/ sequential, same mode", "eval b64 / eager sequential",
+              "/ sequential, same mode"]  # fmt: skip
+    return f"`{key}` on {doc['device']['name']}, float32:\n\n" + table(header, rows, "lrrrr")
+
+
+def gpu_compile() -> str:
+    """bench/gpu.py's compile part on the GPU: torch.compile default and reduce-overhead (CUDA graphs)."""
+    doc = _bench("gpu.json")
+    return _compile_table(doc, next(k for k in doc["parts"] if k.startswith("compile ")))
+
+
+def compile_cpu() -> str:
+    """bench/gpu.py's compile part on the CPU (1 thread): the compiled glue against the compiled chain."""
+    doc = _bench("compile_cpu.json")
+    keys = [k for k in doc["parts"] if k.startswith("compile ") and "error" not in doc["parts"][k]]
+    return "\n\n".join(_compile_table(doc, k) for k in keys) + "\n"
+
+
 def _frontier_label(run: str) -> str:
     opts = run.split("__")[2] if run.count("__") >= 3 else run
     parts = dict(o.split("=", 1) for o in opts.split("_") if "=" in o and not o.startswith("std"))
@@ -681,6 +743,9 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "inference_trained.md": inference_trained,
     "inference_compile.md": inference_compile,
     "inference_small.md": inference_small,
+    "gpu_eager.md": gpu_eager,
+    "gpu_compile.md": gpu_compile,
+    "compile_cpu.md": compile_cpu,
     "inference_frontier.md": inference_frontier,
     "compile_memory.md": compile_memory,
     "detection.md": detection,

@@ -156,7 +156,6 @@ def test_fused_kernels_are_built_where_a_compiler_is():
         pytest.skip("no C compiler")
     assert fused_available("cpu"), "run `make kernels` (python setup.py build_ext --inplace)"
     assert not fused_available("meta")
-    assert fused_available("cuda")  # the batched ATen kernels: nothing to build
 
 
 def _run_both(fn):
@@ -350,77 +349,3 @@ def test_fused_checks_weight_shape_before_the_c_code():
     xs = [torch.randn(2, 3, 4, 4) for _ in range(3)]
     with fused_aggregation("always"), pytest.raises(ValueError, match="weights must have shape"):
         torch.ops.dynwire.aggregate(torch.rand(2, 2), xs)
-
-
-# --------------------------------------------------------------------------- batched kernels (CUDA's backend)
-
-
-@pytest.fixture
-def batched(monkeypatch):
-    """CUDA's backend (stack + bmm, groups of 2 inputs here) in place of the CPU's, so that it is
-    checked against the plain kernels on any machine."""
-    from dynwire.layers import _fused
-
-    backend = _fused._BatchedKernels()
-    monkeypatch.setattr(backend, "group", 2)
-    monkeypatch.setitem(_fused._BACKENDS, "cpu", backend)
-    return backend
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_batched_equals_plain(k, channels_last, batched):
-    torch.manual_seed(k)
-    w = torch.rand(3, k, dtype=torch.float64)
-    w[1, 0] = 0.0
-    xs = [torch.randn(3, 4, 6, 5, dtype=torch.float64) for _ in range(k)]
-    if channels_last:
-        xs = [x.to(memory_format=torch.channels_last) for x in xs]
-    g = torch.randn_like(xs[0])
-    fused, plain = _run_both(lambda: _op_and_tapped(w, xs, g))
-    for f, p in zip(fused, plain):
-        torch.testing.assert_close(f, p, rtol=1e-12, atol=1e-12)
-    assert fused[0].stride() == xs[0].stride()
-
-
-@pytest.mark.parametrize("tapped", [False, True])
-def test_batched_gradcheck(tapped, batched):
-    def f(w, *xs):
-        if not tapped:
-            return aggregate(w, xs)
-        (t0, s0), (t1, s1), (t2, s2) = (tap(x) for x in xs)
-        a, sa = tap(aggregate(w, [t0, t1, t2], [s0, s1, s2]))
-        b = aggregate(w[:, :2].cos(), [a, t0], [sa, s0])
-        return b * t1 + a.sin()
-
-    w = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
-    xs = [torch.randn(2, 3, 4, 12, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    with fused_aggregation("always"):
-        assert torch.autograd.gradcheck(f, (w, *xs))
-
-
-def test_batched_under_autocast_keeps_the_inputs_dtype(batched):
-    """Inside bf16 autocast the batched kernels compute in the inputs' dtype, as the plain ones."""
-    w = torch.rand(2, 3)
-    xs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
-    with fused_aggregation("always"), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = aggregate(w, xs)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, aggregate_reference(w, xs), rtol=1e-6, atol=1e-6)
-
-
-def test_batched_model_trains_as_with_plain_kernels(batched):
-    """A dynamic model in both node forms: logits and every gradient as with the plain kernels."""
-    for node in ("block", "branch"):
-        torch.manual_seed(0)
-        m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node=node, recompute=True)
-        x = torch.randn(4, 3, 32, 32)
-
-        def step(m=m, x=x):
-            m.zero_grad()
-            m(x).logsumexp(1).sum().backward()
-            return [p.grad.clone() for p in m.parameters()]
-
-        fused, plain = _run_both(step)
-        for (n, _), a, b in zip(m.named_parameters(), fused, plain):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)

@@ -209,30 +209,6 @@ def test_compiled_model_on_cuda_equals_eager(node):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_batched_aggregation_kernels_on_cuda_equal_the_plain_ones(dtype):
-    """CUDA's aggregation backend (stack + bmm, groups of 8) against the plain per-edge kernels."""
-    from dynwire.layers.aggregation import aggregate, fused_aggregation, tap
-
-    if CUDA.type != "cuda":
-        pytest.skip("the batched backend is CUDA's")
-    torch.manual_seed(0)
-    w = torch.rand(4, 11, device=CUDA)
-    xs = [torch.randn(4, 16, 9, 9, device=CUDA, dtype=dtype) for _ in range(11)]
-    g = torch.randn_like(xs[0])
-    res = {}
-    for mode in ("always", "off"):
-        wi = w.clone().requires_grad_()
-        xi = [x.clone().requires_grad_() for x in xs]
-        taps = [tap(x) for x in xi]
-        with fused_aggregation(mode):
-            out = aggregate(wi, [t for t, _ in taps], [sl for _, sl in taps])
-            res[mode] = (out, *torch.autograd.grad((out * g).sum(), [wi, *xi]))
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    for a, b in zip(res["always"], res["off"]):
-        assert a.dtype == b.dtype and _rel(a, b) < tol
-
-
 def test_detector_with_a_dynamic_backbone_trains_and_detects_on_cuda():
     from dynwire.detection import fasterrcnn_fpn
 
@@ -281,3 +257,20 @@ def test_cli_trains_on_cuda_in_bf16_and_the_checkpoint_evaluates_on_the_cpu(tmp_
     assert abs(res["top1"] - final["val"]["top1"]) < 1e-6
     cpu = evaluate(run / "last.pt", data_dir=str(data), device="cpu")
     assert abs(cpu["top1"] - final["val"]["top1"]) <= 100 * 2 / 48  # bf16 on CUDA vs the CPU: at most 2 of 48 flip
+
+
+def test_cli_trains_compiled_with_cuda_graphs(tmp_path: Path):
+    """``train.compile_mode=reduce-overhead`` on CUDA (CUDA graphs): the run finishes and its
+    checkpoint evaluates eagerly to the logged loss."""
+    from dynwire.cli import main as cli_main
+
+    data = write_fmnist_fixture(tmp_path / "fmnist")
+    argv = ["train", "--config", "fmnist_resnet20", "--data-dir", str(data), "--output-dir", str(tmp_path)]
+    argv += ["--set", "data.image_size=16", "data.batch_size=16", "data.subset=null", "data.val_subset=null"]
+    argv += ["schedule.epochs=2", f"train.device={CUDA.type}", "train.compile=true"]
+    argv += ["train.compile_mode=reduce-overhead", "output.name=graphs"]
+    assert cli_main(argv) == 0
+    final = json.loads((tmp_path / "graphs" / "final.json").read_text())
+    res = evaluate(tmp_path / "graphs" / "last.pt", data_dir=str(data), device=CUDA.type)
+    assert abs(res["loss"] - final["val"]["loss"]) < 1e-3 * final["val"]["loss"]
+    torch._dynamo.reset()

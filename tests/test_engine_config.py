@@ -74,6 +74,11 @@ def test_override_wins_over_file_and_later_override_wins(tmp_path: Path) -> None
         ("optim.clip_grad_norm=0", r"^optim\.clip_grad_norm=0: must be > 0$"),
         ("train.amp=fp16", r"^train\.amp='fp16': must be one of none, bf16 \(did you mean 'bf16'\?\)$"),
         (
+            "train.compile_mode=reduce_overhead",
+            r"^train\.compile_mode='reduce_overhead': must be one of default, reduce-overhead, max-autotune "
+            r"\(did you mean 'reduce-overhead'\?\)$",
+        ),
+        (
             "model.wiring=dynamc",
             r"^model\.wiring='dynamc': must be one of sequential, dynamic, .*did you mean 'dynamic'",
         ),

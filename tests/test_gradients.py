@@ -6,7 +6,6 @@ and reads only the parameters. The library's forward and every parameter's gradi
 it in float64, with recomputation on and off.
 """
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -96,30 +95,11 @@ def _grads(model, x, fn):
     return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@contextlib.contextmanager
-def use_kernels(kernels: str):
-    """``fused_aggregation(kernels)``; ``"batched"``: CUDA's backend forced on every aggregation."""
-    if kernels != "batched":
-        with fused_aggregation(kernels):
-            yield
-        return
-    from dynwire.layers import _fused
-
-    saved = _fused._BACKENDS["cpu"]
-    _fused._BACKENDS["cpu"] = _fused._BatchedKernels()
-    try:
-        with fused_aggregation("always"):
-            yield
-    finally:
-        _fused._BACKENDS["cpu"] = saved
-
-
 KERNELS = [
     "auto",
     # the fused C kernels on every aggregation, however small (auto leaves these tiny maps to the
     # plain kernels): deferred slot gradients summed by the taps, against the same reference
     pytest.param("always", marks=pytest.mark.skipif(not fused_available(), reason="fused kernels not built")),
-    "batched",  # CUDA's backend (stack + bmm) on every aggregation, on the CPU
 ]
 
 
@@ -129,7 +109,7 @@ KERNELS = [
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_model_matches_plain_autograd_reference(family, wiring, recompute, kernels, node):
-    if kernels != "auto" and wiring == "sequential":
+    if kernels == "always" and wiring == "sequential":
         pytest.skip("no aggregation")
     if node == "branch" and (wiring == "sequential" or family == "randwire"):
         pytest.skip("the same network in both forms (sequential ignores the form; RandWire's nodes have no shortcut)")
@@ -137,7 +117,7 @@ def test_model_matches_plain_autograd_reference(family, wiring, recompute, kerne
     b, size = INPUT[family]
     x = torch.randn(b, 3, size, size, dtype=torch.float64)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with use_kernels(kernels):
+    with fused_aggregation(kernels):
         out, gx, grads = _grads(model, x, model)
     model.load_state_dict(state)  # undo the BatchNorm running-stat update
     ref, rgx, rgrads = _grads(model, x, lambda t: reference_forward(model, t))
@@ -174,7 +154,7 @@ def _two_backwards(fused: bool, kernels: str = "off"):
     for _, s in model.graph_stages():
         s.fused_grad = fused
     x = torch.randn(4, 3, 16, 16)
-    with use_kernels(kernels):
+    with fused_aggregation(kernels):
         loss = model(x).square().mean()
         taus = [s.edges.tau for _, s in model.graph_stages()]
         (g_tau,) = torch.autograd.grad(loss, [taus[0]], retain_graph=True)
@@ -196,7 +176,7 @@ def test_partial_autograd_grad_leaves_no_stale_gradient(kernels):
 def test_repeated_backward_with_retained_graph(kernels):
     model = _small("resnet", "static", dtype=torch.float32).train()
     x = torch.randn(4, 3, 16, 16)
-    with use_kernels(kernels):
+    with fused_aggregation(kernels):
         loss = model(x).square().mean()
         loss.backward(retain_graph=True)
         once = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -349,3 +349,22 @@ def test_demo_draws_one_live_bar_per_run_from_the_progress_lines(tmp_path: Path)
     plain, log = io.StringIO(), io.StringIO()
     demo.RunMonitor("sequential", log, position=1, tty=False, stream=plain).follow(lines)
     assert plain.getvalue().splitlines() == ["[sequential] " + line.rstrip() for line in lines if "other" not in line]
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_and_saves_plain_weights(fmnist: Path, tmp_path: Path) -> None:
+    """``train.compile`` with ``compile_mode=reduce-overhead`` (CUDA graphs where there is a GPU):
+    the run finishes, its checkpoint holds the model's own names, and eager evaluation of it
+    gives the logged validation loss."""
+    argv = ["train", "--config", "fmnist_resnet20", "--data-dir", str(fmnist), "--output-dir", str(tmp_path)]
+    argv += ["--set", *TINY, "schedule.epochs=1", "train.compile=true", "train.compile_mode=reduce-overhead"]
+    argv += ["train.device=cpu", "output.name=compiled"]
+    assert cli_main(argv) == 0
+    run = tmp_path / "compiled"
+    final = json.loads((run / "final.json").read_text())
+    assert final["global_step"] == 6 and np.isfinite(final["val"]["loss"])
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["config"]["train"]["compile_mode"] == "reduce-overhead"
+    assert not any("_orig_mod" in k for k in ckpt["model"]) and any(".edges.tau" in k for k in ckpt["model"])
+    eager = evaluate(run / "last.pt", data_dir=str(fmnist), device="cpu")
+    assert eager["loss"] == pytest.approx(final["val"]["loss"], rel=1e-3)

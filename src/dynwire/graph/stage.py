@@ -197,8 +197,8 @@ class GraphStage(nn.Module):
                     ins = [xs[preds[c]] for c in cols]
                     if onnx or _tracing():
                         # standard ops in an exported graph; under compile the compiler fuses them
-                        # with the gate (the opaque custom op measured 1.30x the compiled chain's
-                        # training step, these 1.08x: bench/results/gpu_cpu.json)
+                        # with the gate (compiled cifar_resnet56 training step: 1.14x the compiled
+                        # chain's, 1.36x with the opaque custom op; bench/results/compile_cpu.json)
                         h = aggregate_reference(w, ins)
                     else:
                         h = aggregate(w, ins, [slots[preds[c]] for c in cols] if use_taps else None)

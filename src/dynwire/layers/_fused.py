@@ -38,12 +38,6 @@ __all__ = ["fused_aggregation", "fused_available"]
 class _FusedBackend:
     """A device's fused kernels. Arguments are ``(B, N)`` row-major views of tensors of one dtype."""
 
-    #: below this many bytes per tensor ``auto`` uses the plain kernels
-    min_bytes = 0
-
-    def supports(self, dtype: torch.dtype) -> bool:
-        raise NotImplementedError
-
     def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
         """``fo[b] = sum_k weights[b, k] * fx[k][b]``."""
         raise NotImplementedError
@@ -73,8 +67,6 @@ _PARALLEL_MIN_NUMEL = 32768
 
 class _CpuKernels(_FusedBackend):
     """ctypes bindings of ``_aggkernel``; ``load()`` returns None when it was not built."""
-
-    min_bytes = FUSED_MIN_BYTES
 
     _NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
@@ -161,77 +153,14 @@ class _CpuKernels(_FusedBackend):
         return dots.view(B, chunks, K).sum(1)
 
 
-class _BatchedKernels(_FusedBackend):
-    """All ``K`` edges of a node in two launches per group of inputs: ``stack`` then ``bmm``.
-
-    The plain kernels launch one kernel per edge (and per edge again in backward), so a node's cost
-    grows with its in-degree; on a GPU, where small feature maps make every launch cost more than
-    its arithmetic, that dominates deep stages. Here forward is ``out = w (B,1,K) @ X (B,K,N)`` and
-    the weights' gradient ``X @ g``, with ``X`` the stacked inputs: ``K`` maps read twice and
-    written once (the plain loop streams about the same bytes, in ``K`` launches). Inputs are
-    stacked ``group`` at a time, which bounds the transient copy (``baddbmm`` adds the groups).
-    The CUDA backend; tested on the CPU against the plain kernels.
-    """
-
-    group = 8
-
-    def supports(self, dtype: torch.dtype) -> bool:
-        return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-    def _groups(self, k: int) -> list[slice]:
-        return [slice(s, min(s + self.group, k)) for s in range(0, k, self.group)]
-
-    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
-        with torch.autocast(fo.device.type, enabled=False):  # the inputs' dtype, as the plain kernels
-            self._forward(weights, fx, fo)
-
-    def _forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
-        w = weights.to(fo.dtype).unsqueeze(1)  # (B, 1, K), rounded as the plain kernels do
-        out = fo.unsqueeze(1)
-        for i, g in enumerate(self._groups(len(fx))):
-            x = torch.stack(fx[g], 1)
-            if i == 0:
-                torch.bmm(w[:, :, g], x, out=out)
-            else:
-                out.baddbmm_(w[:, :, g], x)
-
-    def backward(
-        self,
-        weights: Tensor,
-        fg: Tensor,
-        fx: list[Tensor],
-        fslots: list[Tensor] | None,
-        fresh: list[bool] | None,
-        need_w: bool,
-    ) -> Tensor | None:
-        with torch.autocast(fg.device.type, enabled=False):
-            return self._backward(weights, fg, fx, fslots, fresh, need_w)
-
-    def _backward(self, weights, fg, fx, fslots, fresh, need_w) -> Tensor | None:
-        w = weights.to(fg.dtype)
-        if fslots is not None:
-            for k, slot in enumerate(fslots):
-                if fresh is not None and fresh[k]:
-                    torch.mul(fg, w[:, k : k + 1], out=slot)
-                else:
-                    slot.addcmul_(fg, w[:, k : k + 1])
-        if not need_w:
-            return None
-        g = fg.unsqueeze(2)  # (B, N, 1)
-        return torch.cat([torch.bmm(torch.stack(fx[s], 1), g).squeeze(2) for s in self._groups(len(fx))], 1)
-
-
 class _LazyBackends(dict):
-    """Fused backends by device type, loaded on first use: the C kernels on the CPU, the batched
-    ATen kernels on CUDA (a Triton kernel with the CPU kernels' blocking would also save the
-    stacking copy; not written), none elsewhere (the plain kernels)."""
+    """Fused backends by device type, loaded on first use. CUDA tensors take the plain kernels: a
+    batched ATen backend (``stack`` then ``bmm``, two launches per node instead of one per edge) was
+    slower on an H200 in every case but one (``bench/results/gpu_batched_aggregation.json``, commit
+    909ad81); a Triton kernel with the CPU kernels' blocking is not written."""
 
     def __missing__(self, device_type: str) -> _FusedBackend | None:
-        backend: _FusedBackend | None = None
-        if device_type == "cpu":
-            backend = _CpuKernels.load()
-        elif device_type == "cuda":
-            backend = _BatchedKernels()
+        backend = _CpuKernels.load() if device_type == "cpu" else None
         self[device_type] = backend
         return backend
 
@@ -261,8 +190,7 @@ def fused_aggregation(mode: str = "auto") -> Iterator[None]:
 
 
 def fused_available(device: str | torch.device = "cpu") -> bool:
-    """Whether fused aggregation kernels exist for ``device`` (on CPU: whether ``_aggkernel`` was
-    built; on CUDA: always, the batched ATen kernels)."""
+    """Whether fused aggregation kernels exist for ``device`` (on CPU: whether ``_aggkernel`` was built)."""
     return _BACKENDS[torch.device(device).type] is not None
 
 
@@ -279,7 +207,7 @@ def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
     backend = _BACKENDS[t0.device.type]
     if backend is None or not backend.supports(t0.dtype) or t0.ndim < 2 or t0.numel() == 0:
         return None
-    if mode == "auto" and t0.numel() * t0.element_size() < backend.min_bytes:
+    if mode == "auto" and t0.numel() * t0.element_size() < FUSED_MIN_BYTES:
         return None
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
