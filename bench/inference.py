@@ -119,31 +119,40 @@ def _like(model: nn.Module, name: str, wiring: str) -> nn.Module:
     return m
 
 
-def bench_dense(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+def _bench_variants(
+    name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int, in_chans: int, variants: dict[str, dict]
+) -> tuple[dict[str, nn.Module], Callable[[dict[str, nn.Module]], dict]]:
+    """Seeded inputs and one model per variant (``create_model`` keyword arguments); returns the
+    models and a function that measures them against ``sequential`` (so callers can add variants)."""
     torch.manual_seed(0)
+    x1, xn = torch.randn(1, in_chans, size, size), torch.randn(batch, in_chans, size, size)
+    models = {k: dynwire.create_model(name, num_classes=10, **kw).eval() for k, kw in variants.items()}
+
+    def measure(models: dict[str, nn.Module]) -> dict:
+        res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
+        return dict(model=name, input=[in_chans, size, size], batch=batch, rounds=rounds, vs="sequential", variants=res)
+
+    return models, measure
+
+
+def bench_dense(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
     c = dynwire.get_model_cfg(name).input_size[0]
-    x1, xn = torch.randn(1, c, size, size), torch.randn(batch, c, size, size)
-    models = {
-        w: dynwire.create_model(name, num_classes=10, wiring=w).eval() for w in ("sequential", "dynamic", "static")
-    }
+    variants = {w: dict(wiring=w) for w in ("sequential", "dynamic", "static")}
+    models, measure = _bench_variants(name, size, batch, rounds, reps1, repsn, c, variants)
     models["dynamic-reference"] = _executor(_like(models["dynamic"], name, "dynamic"), "dense")
-    res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
-    return dict(model=name, input=[c, size, size], batch=batch, rounds=rounds, vs="sequential", variants=res)
+    return measure(models)
 
 
 def bench_small(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
     """The small models as the studies run them (Fashion-MNIST: 1 channel, 28x28), both node forms:
     ``dynamic`` (branch nodes, the default) and ``dynamic-block`` (whole blocks), against ``sequential``."""
-    torch.manual_seed(0)
-    x1, xn = torch.randn(1, 1, size, size), torch.randn(batch, 1, size, size)
-    kw = dict(num_classes=10, in_chans=1)
-    models = {
-        "sequential": dynwire.create_model(name, wiring="sequential", **kw).eval(),
-        "dynamic": dynwire.create_model(name, wiring="dynamic", **kw).eval(),
-        "dynamic-block": dynwire.create_model(name, wiring="dynamic", node="block", **kw).eval(),
+    variants = {
+        "sequential": dict(wiring="sequential", in_chans=1),
+        "dynamic": dict(wiring="dynamic", in_chans=1),
+        "dynamic-block": dict(wiring="dynamic", node="block", in_chans=1),
     }
-    res = _measure(models, x1, xn, rounds, reps1, repsn, ref="sequential")
-    return dict(model=name, input=[1, size, size], batch=batch, rounds=rounds, vs="sequential", variants=res)
+    models, measure = _bench_variants(name, size, batch, rounds, reps1, repsn, 1, variants)
+    return measure(models)
 
 
 def _blocks_run(model: nn.Module, x) -> tuple[float, dict]:
