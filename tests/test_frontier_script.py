@@ -74,7 +74,18 @@ def test_budget_cells_pair_with_the_static_network_of_nearest_macs(tmp_path: Pat
     )
 
 
-def test_no_dense_reference_is_a_clear_error(tmp_path: Path) -> None:
-    _write(tmp_path, [dict(model="cifar_resnet20", wiring="sequential", seed=0, status="done", top1=88, macs=31e6)])
-    with pytest.raises(SystemExit, match="cifar_resnet56 sequential"):
-        frontier.main(["--results", str(tmp_path), "--no-plot"])
+def test_without_dense_runs_the_fractions_use_the_counted_dense_model(tmp_path: Path) -> None:
+    """A study without dense resnet56 runs (experiments/frontier_long): MAC fractions of the dense
+    model counted at the studies' input, and no column against it."""
+    rows = []
+    for seed in range(2):
+        rows += [
+            dict(model="cifar_resnet20", wiring="sequential", seed=seed, status="done", top1=90.0 + seed, macs=31e6),
+            dict(run=f"b{seed}", model="cifar_resnet56", wiring="dynamic", options=WIDE, seed=seed, status="done",
+                 top1=90.5, macs=97e6, executed_macs=30e6),
+        ]  # fmt: skip
+    _write(tmp_path, rows)
+    assert frontier.main(["--results", str(tmp_path), "--no-plot"]) == 0
+    b = json.loads((tmp_path / "frontier.json").read_text())["cifar_resnet56 budget 0.325, wide routers"]
+    assert "vs_dense" not in b and b["vs_equal_cost"]["diffs"] == pytest.approx([0.5, -0.5])
+    assert b["mac_fraction"] == pytest.approx(30 / 96.05, rel=0.01)  # resnet56 at 1x28x28: 96.05 M MACs
