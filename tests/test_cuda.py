@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import set_thresholds_at_quantile, small_size, write_fmnist_fixture
-from test_gradients import FAMILIES, INPUT, _small, reference_forward
+from test_gradients import FAMILIES, INPUT, _grads, _small, reference_forward
 
 import dynwire
 from dynwire.engine import evaluate, load_checkpoint
@@ -33,15 +33,6 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def _grads(model, x, fn):
-    """Output, input gradient and parameter gradients of ``fn(x)`` under a fixed linear loss."""
-    model.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_()
-    out = fn(xi)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum().backward()
-    return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -91,7 +91,7 @@ def _grads(model, x, fn):
     model.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
     out = fn(xi)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum().backward()
     return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
