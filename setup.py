@@ -15,7 +15,7 @@ if sys.platform == "win32":
 elif sys.platform == "darwin":  # Apple clang needs libomp (brew) and -Xpreprocessor; usually absent
     args, link = ["-O3", "-Xpreprocessor", "-fopenmp"], ["-lomp"]
 else:
-    args, link = ["-O3", "-fopenmp", "-std=c11"], ["-fopenmp"]
+    args, link = ["-O3", "-fopenmp", "-std=c11"], ["-fopenmp", "-lm"]
 
 setup(
     ext_modules=[

@@ -50,4 +50,17 @@ def set_thresholds_at_quantile(model, x, share: float) -> None:
         for name, stage in model.graph_stages():
             raw = rec.router[name]
             for j in range(1, stage.num_nodes):
-                stage.edges.tau[j - 1] = torch.quantile(raw[:, j, :j].flatten(), share)
+                stage.edges.tau[j - 1] = _threshold_between(raw[:, j, :j].flatten(), share)
+
+
+def _threshold_between(values, share: float, gap: float = 1e-5):
+    """A threshold near the ``share`` quantile of ``values`` halfway between two of them that differ by
+    at least ``gap``: no weight lies within float32 rounding of it, so every implementation of the
+    router (the C one of the inference path, the reference) makes the same open/closed decisions."""
+    v = values.double().sort().values
+    k = min(max(int(share * (len(v) - 1)), 0), len(v) - 2) if len(v) > 1 else 0
+    for d in range(len(v)):
+        for i in (k + d, k - d):
+            if 0 <= i < len(v) - 1 and v[i + 1] - v[i] >= gap:
+                return float((v[i] + v[i + 1]) / 2)
+    return float(torch.quantile(values, share))

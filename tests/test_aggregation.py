@@ -349,3 +349,101 @@ def test_fused_checks_weight_shape_before_the_c_code():
     xs = [torch.randn(2, 3, 4, 4) for _ in range(3)]
     with fused_aggregation("always"), pytest.raises(ValueError, match="weights must have shape"):
         torch.ops.dynwire.aggregate(torch.rand(2, 2), xs)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_relu_forward_equals_relu_of_the_sum(dtype):
+    from dynwire.layers.aggregation import _aggregate_impl
+
+    torch.manual_seed(0)
+    xs = [torch.randn(3, 8, 16, 16, dtype=dtype) for _ in range(5)]
+    w = torch.rand(3, 5, dtype=dtype) - 0.3  # some negative weights: sums of both signs
+    w[1, 2] = 0.0  # a closed edge (the kernel skips its input)
+    ref = aggregate_reference(w, xs).relu()
+    with fused_aggregation("always"):
+        out = _aggregate_impl(w, xs, relu=True)
+    with fused_aggregation("off"):
+        plain = _aggregate_impl(w, xs, relu=True)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert (ref < 0).sum() == 0 and (out - ref).abs().max() <= tol and (plain - ref).abs().max() <= tol
+    assert (out == 0).float().mean() > 0.2  # the ReLU did clip
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eval_gate", ["masked", "hard", "soft"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (4, 6)])
+def test_fused_router_gate_matches_router_and_edge_gate(dtype, eval_gate, shape):
+    from dynwire.layers._fused import fused_router_gate
+    from dynwire.layers.router import Router, edge_gate
+
+    torch.manual_seed(0)
+    k, n = 3, 6
+    router = Router(shape[1], k, bias_init=0.0, weight_std=0.5).to(dtype)
+    y = torch.randn(*shape, dtype=dtype)
+    tau = torch.tensor([0.3, 0.5, 0.7], dtype=dtype)
+    with torch.no_grad():
+        alpha = router(y)
+        value_ref, open_ref = edge_gate(alpha, tau, False, eval_gate)
+        # outputs are strided views into (B, N, N) matrices, as the inference path passes them
+        value = torch.zeros(shape[0], n, n, dtype=dtype)
+        opened = torch.zeros(shape[0], n, n, dtype=torch.bool)
+        last = torch.zeros(shape[0], n, dtype=dtype)
+        o = None if eval_gate == "soft" else opened[:, 2 : 2 + k, 1]
+        assert fused_router_gate(router, y, tau, eval_gate, value[:, 2 : 2 + k, 1], o, last[:, 1])
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert (value[:, 2 : 2 + k, 1] - value_ref).abs().max() <= tol
+    assert (last[:, 1] - alpha[:, -1]).abs().max() <= tol
+    if open_ref is not None:
+        assert torch.equal(opened[:, 2 : 2 + k, 1], open_ref) and 0 < open_ref.sum() < open_ref.numel()
+    # nothing else of the matrices was written
+    value[:, 2 : 2 + k, 1] = 0
+    opened[:, 2 : 2 + k, 1] = False
+    last[:, 1] = 0
+    assert not value.any() and not opened.any() and not last.any()
+
+
+@needs_fused
+def test_fused_router_gate_declines_what_it_does_not_implement():
+    from dynwire.layers._fused import fused_router_gate
+    from dynwire.layers.router import Router
+
+    router = Router(6, 3)
+    y, tau, out = torch.randn(2, 6, 4, 4), torch.zeros(3), torch.empty(2, 3)
+    with torch.no_grad():
+        assert fused_router_gate(router, y, tau, "masked", out)
+        assert not fused_router_gate(router, y.bfloat16(), tau, "masked", out)  # dtype
+        assert not fused_router_gate(router, y.to(memory_format=torch.channels_last), tau, "masked", out)
+        with fused_aggregation("off"):
+            assert not fused_router_gate(router, y, tau, "masked", out)
+        h = router.register_forward_hook(lambda *a: None)  # a hook must see the module run
+        assert not fused_router_gate(router, y, tau, "masked", out)
+        h.remove()
+    assert not fused_router_gate(router, y, tau, "masked", out)  # autograd on: the training path
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", ["always", "off"])
+def test_inference_fast_path_with_fused_router_and_relu_equals_reference(mode, monkeypatch):
+    """Branch nodes: the ReLU applied in the aggregation's pass and the C router (``mode="always"``)
+    or the plain kernels and ``Router`` (``"off"``) give the general loop's outputs and decisions."""
+    from conftest import set_thresholds_at_quantile
+
+    from dynwire.layers import _fused
+
+    calls = []
+    real = _fused._CpuKernels.router_gate
+    monkeypatch.setattr(_fused._CpuKernels, "router_gate", lambda self, *a: calls.append(1) or real(self, *a))
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node="branch", in_chans=1).eval()
+    x = torch.randn(4, 1, 20, 20)
+    set_thresholds_at_quantile(model, x, 0.4)
+    with torch.no_grad(), fused_aggregation(mode):
+        fast = model(x)
+        one = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert (len(calls) > 0) == (mode == "always")
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:  # the general loop
+        ref = model(x)
+    assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0
+    assert (fast - ref).abs().max() <= 1e-5 and (one - ref).abs().max() <= 1e-5

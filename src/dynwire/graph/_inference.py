@@ -10,14 +10,21 @@ node that does not grow with the number of its inputs, apart from the aggregatio
 * a node reads its row of those matrices, masks it with its predecessors' alive flags, and
   one ``.sum()`` decides whether it runs for all samples, some (gather, run, scatter) or none;
 * inputs that are dead for every sample of the batch are never read, and a block dead for
-  every sample is skipped together with its router and its aggregation.
+  every sample is skipped together with its router and its aggregation;
+* on the CPU a plain router and its gate are one C call (``layers._fused.fused_router_gate``)
+  that writes the edge matrices directly, and a branch node whose branch starts with a ReLU
+  (``BranchNode.relu_input``; also the stage's output activation) gets it applied in the
+  aggregation's own pass, so the node input is written once and never copied by the activation.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
+from ..layers._fused import fused_router_gate
 from ..layers.aggregation import _aggregate_impl
 from ..layers.router import edge_gate_floats
 from .edges import RoutedEdges
@@ -25,8 +32,10 @@ from .edges import RoutedEdges
 __all__ = ["forward_inference"]
 
 
-def forward_inference(stage: nn.Module, x: Tensor, blocks: list[nn.Module], pruned: bool) -> Tensor:
-    """Run ``stage`` on ``x`` in inference; equal to ``stage._forward_graph`` (the reference).
+def forward_inference(
+    stage: nn.Module, x: Tensor, blocks: list[nn.Module], pruned: bool, output_act: nn.Module | None = None
+) -> Tensor:
+    """Run ``stage`` on ``x`` in inference; equal to ``output_act(stage._forward_graph(x))`` (the reference).
 
     ``pruned``: removed nodes are not computed (the pruned executor); otherwise every block runs
     on the whole batch and removed samples are zeroed (the dense executor's arithmetic).
@@ -34,8 +43,11 @@ def forward_inference(stage: nn.Module, x: Tensor, blocks: list[nn.Module], prun
     g = stage.edges
     batch = x.shape[0]
     n = stage.num_blocks
+    # which aggregations may apply the ReLU that follows them: branch inputs and the stage output
+    relu = [getattr(b, "relu_input", False) for b in blocks] + [type(output_act) is nn.ReLU]
     if batch == 1 and pruned and x.device.type == "cpu":
-        return _forward_one(g, x, blocks)
+        out = _forward_one(g, x, blocks, relu)
+        return out if output_act is None or relu[n] else output_act(out)
     mats = g.begin_matrices(batch, x)
     removal = mats.open is not None
     alive = x.new_ones(batch, n + 1, dtype=torch.bool) if removal else None
@@ -67,16 +79,17 @@ def forward_inference(stage: nn.Module, x: Tensor, blocks: list[nn.Module], prun
             live = [c for c, i in enumerate(preds) if not dead[i]]
             if len(live) < len(preds):
                 w = w[:, live]
-            h = _aggregate_impl(w, [xs[preds[c]] for c in live])
+            h = _aggregate_impl(w, [xs[preds[c]] for c in live], relu=relu[j])
         if j == n:
-            return h
-        y = _run(blocks[j], h, node_alive, count, batch, pruned)
+            return h if output_act is None or relu[n] else output_act(h)
+        block = partial(blocks[j], act=False) if j and relu[j] else blocks[j]
+        y = _run(block, h, node_alive, count, batch, pruned)
         xs.append(y)
         g.observe_matrices(mats, j, y)
     raise AssertionError("unreachable")
 
 
-def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module]) -> Tensor:
+def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bool]) -> Tensor:
     """One sample on the CPU: the gates as Python numbers (one ``.tolist()`` per router), so a
     node costs its block, its router and one ``add_`` per live input, and a removed node nothing."""
     n = len(blocks)
@@ -110,14 +123,18 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module]) -> Tensor:
             h = xs[live[0]] * value[j][live[0]]
             for i in live[1:]:
                 h.add_(xs[i], alpha=value[j][i])
+            if relu[j]:
+                h.relu_()
         if j == n:
             return h
         alive[j] = True
-        y = blocks[j](h)
+        y = blocks[j](h, act=False) if j and relu[j] else blocks[j](h)
         xs.append(y)
         if g.data_dependent:
             if routers is not None:  # one router call and one .tolist(); the gate on Python numbers
-                a = routers[j](y)
+                a = y.new_empty(1, n - j)
+                if not fused_router_gate(routers[j], y, g.tau[j:], "hard", a):  # "hard": the raw weights
+                    a = routers[j](y)
                 v, o = edge_gate_floats(a.tolist()[0], tau[j:], g.eval_gate)
                 o = o if removal else None
             else:

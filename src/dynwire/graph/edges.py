@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..layers._fused import fused_router_gate
 from ..layers.router import Router, edge_gate
 from .wiring import WiringConfig, complete_dag_edges, random_dag_edges
 
@@ -213,7 +214,18 @@ class RoutedEdges(_Thresholded):
         return (alpha, *edge_gate(alpha, self.tau[i:], self.training, self.eval_gate, self.train_gate))
 
     def observe_matrices(self, mats: EdgeMatrices, i: int, y: Tensor) -> None:
-        # one router call and one gate for all of node i's output edges
+        # one router call and one gate for all of node i's output edges; on the CPU one C call
+        # that writes the matrices (the reference below is what it computes)
+        if not self.training and fused_router_gate(
+            self.routers[i],
+            y,
+            self.tau[i:],
+            self.eval_gate,
+            mats.value[:, i + 1 :, i],
+            None if mats.open is None else mats.open[:, i + 1 :, i],
+            mats.alpha_out[:, i],
+        ):
+            return
         alpha, value, open_ = self.output_gates(i, y)
         mats.value[:, i + 1 :, i] = value
         if mats.open is not None:

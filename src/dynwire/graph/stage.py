@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -126,10 +127,9 @@ class GraphStage(nn.Module):
             self.macs = macs.total
             return x
         if self._fast_inference(x):
-            out = forward_inference(self, x, blocks, pruned=True)
-        else:
-            with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
-                out = self._forward_graph(x, blocks)
+            return forward_inference(self, x, blocks, pruned=True, output_act=self.output_act)
+        with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
+            out = self._forward_graph(x, blocks)
         return out if self.output_act is None else self.output_act(out)
 
     def _fast_inference(self, x: Tensor) -> bool:
@@ -258,14 +258,19 @@ class BranchNode(nn.Module):
     """Node view of a block in branch form: calls ``block.forward_branch`` (no shortcut).
 
     Held by the stage outside its registered children, so the block's parameters keep their names.
+    ``relu_input`` says that the branch starts with a plain ``nn.ReLU`` and that
+    ``forward_branch(x, act=False)`` skips it: inference then applies it in the aggregation's pass.
     """
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
+        fb = getattr(block, "forward_branch", None)
+        takes_act = fb is not None and "act" in inspect.signature(fb).parameters
+        self.relu_input = takes_act and type(getattr(block, "branch_act", None)) is nn.ReLU
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block.forward_branch(x)
+    def forward(self, x: Tensor, act: bool = True) -> Tensor:
+        return self.block.forward_branch(x) if act else self.block.forward_branch(x, act=False)
 
 
 def alive_probabilities(p_open: list[Tensor], preds: list[list[int]], batch: int) -> list[Tensor]:

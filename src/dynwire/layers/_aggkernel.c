@@ -23,6 +23,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef BLK
@@ -57,7 +59,7 @@ static inline uint16_t bf16_store(float f) {
 /* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
 #define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
     MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,         \
-                                             int64_t c0, int64_t c1) {                                               \
+                                             int64_t c0, int64_t c1, int relu) {                                     \
         A acc[BLK];                                                                                                  \
         for (int64_t s = c0; s < c1; s += BLK) {                                                                     \
             const int64_t n = MIN(BLK, c1 - s);                                                                      \
@@ -108,6 +110,8 @@ static inline uint16_t bf16_store(float f) {
             T *o = out + off + s;                                                                                    \
             if (first) {                                                                                             \
                 for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                     \
+            } else if (relu) { /* max(sum, 0); NaN stays NaN as in torch.relu */                                     \
+                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i] < 0 ? (A)0 : acc[i]);                               \
             } else {                                                                                                 \
                 for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                                   \
             }                                                                                                        \
@@ -180,12 +184,12 @@ static inline uint16_t bf16_store(float f) {
     }                                                                                                            \
                                                                                                                  \
     void dynwire_agg_forward_##NAME(int64_t B, int64_t N, int64_t K, const T *const *xs, const A *w, T *out,     \
-                                    int64_t chunk, int nthreads) {                                               \
+                                    int64_t chunk, int nthreads, int relu) {                                     \
         const int64_t nch = (N + chunk - 1) / chunk;                                                             \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
                                                                                 t++) {                           \
             const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
-            NAME##_fwd_task(K, xs, w + b * K, out, b * N, c0, MIN(c0 + chunk, N));                               \
+            NAME##_fwd_task(K, xs, w + b * K, out, b * N, c0, MIN(c0 + chunk, N), relu);                         \
         }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
@@ -205,9 +209,59 @@ DEFINE_KERNELS(f32, float, float, ID, ID)
 DEFINE_KERNELS(f64, double, double, ID, ID)
 DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
 
+/* A router and its edge gate in inference (dynwire.layers.router, Eq. 4-5), one call per node:
+ *   alpha[b, k] = sigmoid(bias[k] + sum_c W[k, c] * mean_hw(y[b, c, :]))      y: dense (B, C, HW)
+ *   mode 0 "masked": value = alpha * sigmoid(alpha - tau[k]), open = alpha >= tau[k]
+ *   mode 1 "hard":   value = alpha,                           open = alpha >= tau[k]
+ *   mode 2 "soft":   value = alpha * sigmoid(alpha - tau[k]), open not written
+ * value, open and alpha_last (alpha[:, K-1]) are written through element strides, straight into the
+ * stage's (B, N, N) edge matrices. The mean is summed in the arithmetic type per channel, as one
+ * pass over y (the memory-bound part); W is (K, C) row-major. */
+#define DEFINE_ROUTER(NAME, T)                                                                                  \
+    MULTIVERSION static void NAME##_router_sample(int64_t C, int64_t HW, const T *y, const T *W, const T *bias,  \
+                                                  int64_t K, const T *tau, int mode, T *value, int64_t vk,        \
+                                                  uint8_t *open, int64_t ok, T *alpha_last) {                    \
+        T pooled[1024];                                                                                          \
+        T *pool = C <= 1024 ? pooled : (T *)malloc(sizeof(T) * C);                                               \
+        const T inv = (T)1 / (T)HW;                                                                              \
+        for (int64_t c = 0; c < C; c++) {                                                                        \
+            const T *p = y + c * HW;                                                                             \
+            T acc = 0;                                                                                           \
+            _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < HW; i++) acc += p[i];                 \
+            pool[c] = acc * inv;                                                                                 \
+        }                                                                                                        \
+        for (int64_t k = 0; k < K; k++) {                                                                        \
+            const T *wk = W + k * C;                                                                             \
+            T z = bias[k];                                                                                       \
+            for (int64_t c = 0; c < C; c++) z += wk[c] * pool[c];                                                \
+            const T a = (T)1 / ((T)1 + (T)EXP(-z));                                                              \
+            const T t = tau[k];                                                                                  \
+            value[k * vk] = mode == 1 ? a : a / ((T)1 + (T)EXP(t - a));                                          \
+            if (open) open[k * ok] = a >= t;                                                                     \
+            if (k == K - 1 && alpha_last) *alpha_last = a;                                                       \
+        }                                                                                                        \
+        if (pool != pooled) free(pool);                                                                          \
+    }                                                                                                            \
+                                                                                                                 \
+    void dynwire_router_gate_##NAME(int64_t B, int64_t C, int64_t HW, const T *y, const T *W, const T *bias,    \
+                                    int64_t K, const T *tau, int mode, T *value, int64_t vb, int64_t vk,         \
+                                    uint8_t *open, int64_t ob, int64_t ok, T *alpha_last, int64_t ab,            \
+                                    int nthreads) {                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)      \
+            NAME##_router_sample(C, HW, y + b * C * HW, W, bias, K, tau, mode, value + b * vb, vk,              \
+                                 open ? open + b * ob : NULL, ok, alpha_last ? alpha_last + b * ab : NULL);      \
+    }
+
+#define EXP expf
+DEFINE_ROUTER(f32, float)
+#undef EXP
+#define EXP exp
+DEFINE_ROUTER(f64, double)
+#undef EXP
+
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
- * (2: slots may be NULL, then only the dots are computed). */
-int dynwire_agg_abi(void) { return 2; }
+ * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate). */
+int dynwire_agg_abi(void) { return 3; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["fused_aggregation", "fused_available"]
+from .router import Router
+
+__all__ = ["fused_aggregation", "fused_available", "fused_router_gate", "fused_sum"]
 
 
 # # The plain kernels stream whole tensors once per edge: forward reads ``x_k`` and reads and
@@ -38,8 +40,8 @@ __all__ = ["fused_aggregation", "fused_available"]
 class _FusedBackend:
     """A device's fused kernels. Arguments are ``(B, N)`` row-major views of tensors of one dtype."""
 
-    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
-        """``fo[b] = sum_k weights[b, k] * fx[k][b]``."""
+    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor, relu: bool = False) -> None:
+        """``fo[b] = sum_k weights[b, k] * fx[k][b]`` (``max(., 0)`` of it when ``relu``)."""
         raise NotImplementedError
 
     def backward(
@@ -73,12 +75,18 @@ class _CpuKernels(_FusedBackend):
     def __init__(self, lib) -> None:
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fwd, self._bwd = {}, {}
+        self._router = {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
-            f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint], None
+            f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint, cint], None
             b = getattr(lib, f"dynwire_agg_backward_{name}")
             b.argtypes, b.restype = [i64, i64, i64, p, p, p, p, p, p, i64, cint], None
             self._fwd[dtype], self._bwd[dtype] = f, b
+            if dtype != torch.bfloat16:
+                r = getattr(lib, f"dynwire_router_gate_{name}")
+                r.argtypes = [i64, i64, i64, p, p, p, i64, p, cint, p, i64, i64, p, i64, i64, p, i64, cint]
+                r.restype = None
+                self._router[dtype] = r
 
     @staticmethod
     def load() -> _CpuKernels | None:
@@ -87,7 +95,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 2:
+            if lib.dynwire_agg_abi() != 3:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):
@@ -107,14 +115,41 @@ class _CpuKernels(_FusedBackend):
     def _threads(numel: int) -> int:
         return torch.get_num_threads() if numel >= _PARALLEL_MIN_NUMEL else 1
 
+    def router_gate(
+        self, y: Tensor, weight: Tensor, bias: Tensor, tau: Tensor, mode: int, value: Tensor, open_, alpha_last
+    ) -> None:
+        B, K = value.shape
+        C = weight.shape[1]
+        fn = self._router[y.dtype]
+        fn(
+            B,
+            C,
+            y.numel() // (B * C),
+            y.data_ptr(),
+            weight.data_ptr(),
+            bias.data_ptr(),
+            K,
+            tau.data_ptr(),
+            mode,
+            value.data_ptr(),
+            *value.stride(),
+            None if open_ is None else open_.data_ptr(),
+            *((0, 0) if open_ is None else open_.stride()),
+            None if alpha_last is None else alpha_last.data_ptr(),
+            0 if alpha_last is None else alpha_last.stride(0),
+            self._threads(y.numel()),
+        )
+
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._fwd
 
-    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor) -> None:
+    def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor, relu: bool = False) -> None:
         B, N = fo.shape
         w = self._weights(weights, fo.dtype, B, len(fx))
         xs = (ctypes.c_void_p * len(fx))(*[f.data_ptr() for f in fx])
-        self._fwd[fo.dtype](B, N, len(fx), xs, w.data_ptr(), fo.data_ptr(), FUSED_CHUNK, self._threads(fo.numel()))
+        self._fwd[fo.dtype](
+            B, N, len(fx), xs, w.data_ptr(), fo.data_ptr(), FUSED_CHUNK, self._threads(fo.numel()), int(relu)
+        )
 
     def backward(
         self,
@@ -194,12 +229,13 @@ def fused_available(device: str | torch.device = "cpu") -> bool:
     return _BACKENDS[torch.device(device).type] is not None
 
 
-def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
+def _fused_backend(ts: Sequence[Tensor], small: bool = False) -> _FusedBackend | None:
     """The fused backend for tensors ``ts``, or None: then the plain kernels are used.
 
     Fused needs one shape, dtype, device and dense batch-major layout (contiguous or channels-last,
     identical strides) for all of them, real tensors (not traced: compile, export and FakeTensor
-    see the plain ops) and no dispatch mode (the FLOP counter sees the op)."""
+    see the plain ops) and no dispatch mode (the FLOP counter sees the op). ``small``: also for
+    tensors under ``FUSED_MIN_BYTES`` (a caller that saves one op per input by it)."""
     mode = _MODE.mode
     if mode == "off":
         return None
@@ -207,7 +243,7 @@ def _fused_backend(ts: Sequence[Tensor]) -> _FusedBackend | None:
     backend = _BACKENDS[t0.device.type]
     if backend is None or not backend.supports(t0.dtype) or t0.ndim < 2 or t0.numel() == 0:
         return None
-    if mode == "auto" and t0.numel() * t0.element_size() < FUSED_MIN_BYTES:
+    if mode == "auto" and not small and t0.numel() * t0.element_size() < FUSED_MIN_BYTES:
         return None
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
@@ -230,3 +266,85 @@ def _flat(t: Tensor) -> Tensor | None:
     if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
     return None
+
+
+_GATE_MODES = {"masked": 0, "hard": 1, "soft": 2}
+
+
+def fused_router_gate(
+    router: torch.nn.Module,
+    y: Tensor,
+    tau: Tensor,
+    eval_gate: str,
+    value: Tensor,
+    open_: Tensor | None = None,
+    alpha_last: Tensor | None = None,
+) -> bool:
+    """A node's router (Eq. 4) and edge gate (Eq. 5) in inference as one C call; False when it
+    does not apply (then the caller runs :class:`~dynwire.layers.router.Router` and
+    :func:`~dynwire.layers.router.edge_gate`, the reference).
+
+    Writes ``value`` ``(B, K)`` (what each open edge carries), ``open_`` (bool, ``alpha >= tau``)
+    and ``alpha_last`` ``(B,)`` (the raw weight of the last edge) through their strides, e.g.
+    straight into the stage's edge matrices; ``eval_gate="hard"`` makes ``value`` the raw weights.
+    Applies to a plain ``Router`` (no hooks) on a dense float32/float64 CPU ``y`` ``(B, C, ...)``
+    whose parameters, ``tau`` and outputs share its dtype, outside autograd, compile and
+    dispatch modes. Sums are float32 for float32 (the decision ``alpha >= tau`` may differ from
+    the reference's in the last bit of ``alpha``).
+    """
+    if _MODE.mode == "off" or torch.is_grad_enabled() or not y.is_cpu or type(router) is not Router:
+        return False
+    backend = _BACKENDS["cpu"]
+    fc = router._modules["fc"]
+    if backend is None or type(fc) is not torch.nn.Linear or router._forward_hooks or router._forward_pre_hooks:
+        return False
+    weight, bias = fc._parameters["weight"], fc._parameters["bias"]
+    dt = y.dtype
+    if (
+        dt not in backend._router
+        or bias is None
+        or fc._forward_hooks
+        or fc._forward_pre_hooks
+        or torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return False
+    outs = (value,) if open_ is None else (value, open_)
+    if alpha_last is not None:
+        outs += (alpha_last,)
+    if not all(t.is_cpu for t in (weight, bias, tau, *outs)) or not all(
+        t.dtype == dt for t in (weight, bias, tau, value) + (() if alpha_last is None else (alpha_last,))
+    ):
+        return False
+    B, K = value.shape
+    if (
+        y.ndim < 2
+        or not (y.is_contiguous() and weight.is_contiguous() and bias.is_contiguous() and tau.is_contiguous())
+        or B == 0
+        or y.numel() == 0
+        or y.shape[0] != B
+        or weight.shape != (K, y.shape[1])
+        or tau.shape != (K,)
+        or (open_ is not None and (open_.dtype != torch.bool or open_.shape != (B, K)))
+        or (alpha_last is not None and alpha_last.shape != (B,))
+    ):
+        return False
+    backend.router_gate(y, weight, bias, tau, _GATE_MODES[eval_gate], value, open_, alpha_last)
+    return True
+
+
+def fused_sum(weights: list[float], xs: Sequence[Tensor], relu: bool = False) -> Tensor | None:
+    """``sum_k weights[k] * xs[k]`` (``max(., 0)`` of it with ``relu``) for a batch of one sample in one
+    C call at any size, weights given as Python numbers; None where the kernels do not apply.
+
+    The batch-1 inference path sums a node's live inputs this way instead of one ``add_`` per input.
+    """
+    if len(xs) < 2 or xs[0].shape[0] != 1 or torch.is_grad_enabled():
+        return None
+    backend = _fused_backend(xs, small=True)
+    if backend is None:
+        return None
+    out = torch.empty_like(xs[0])
+    w = torch.tensor([weights], dtype=torch.float64).to(xs[0].dtype)
+    backend.forward(w, [_flat(x) for x in xs], _flat(out), relu)
+    return out

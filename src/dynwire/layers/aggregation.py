@@ -55,12 +55,15 @@ def _aggregate_plain(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
+def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor], relu: bool = False) -> Tensor:
+    """The forward sum (a new tensor); ``relu``: ``max(sum, 0)`` in the same pass (inference of a
+    branch node whose branch starts with a ReLU)."""
     backend = _fused_backend(xs)
     if backend is None:
-        return _aggregate_plain(weights, xs)
+        out = _aggregate_plain(weights, xs)
+        return out.relu_() if relu else out
     out = torch.empty_like(xs[0])
-    backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out))
+    backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out), relu)
     return out
 
 

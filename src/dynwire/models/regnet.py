@@ -53,9 +53,10 @@ class ResBottleneckBlock(_TVResBottleneckBlock):
         """True when the block is ``act(x + F(x))`` (no projection)."""
         return self.proj is None
 
-    def forward_branch(self, x: Tensor) -> Tensor:
-        """The residual branch alone, pre-activation order: ``F(act(x))``."""
-        return self.f(self.branch_act(x))
+    def forward_branch(self, x: Tensor, act: bool = True) -> Tensor:
+        """The residual branch alone, pre-activation order: ``F(act(x))`` (``F(x)`` with ``act=False``,
+        for a caller that applied the activation already)."""
+        return self.f(self.branch_act(x) if act else x)
 
 
 class RegNet(GraphNet):

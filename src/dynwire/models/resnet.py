@@ -68,9 +68,10 @@ class BasicBlock(nn.Module):
     def _branch(self, x: Tensor) -> Tensor:
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
-    def forward_branch(self, x: Tensor) -> Tensor:
-        """The residual branch alone, pre-activation order: ``F(act(x))``."""
-        return self._branch(self.branch_act(x))
+    def forward_branch(self, x: Tensor, act: bool = True) -> Tensor:
+        """The residual branch alone, pre-activation order: ``F(act(x))`` (``F(x)`` with ``act=False``,
+        for a caller that applied the activation already)."""
+        return self._branch(self.branch_act(x) if act else x)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -118,9 +119,10 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
 
-    def forward_branch(self, x: Tensor) -> Tensor:
-        """The residual branch alone, pre-activation order: ``F(act(x))``."""
-        return self._branch(self.branch_act(x))
+    def forward_branch(self, x: Tensor, act: bool = True) -> Tensor:
+        """The residual branch alone, pre-activation order: ``F(act(x))`` (``F(x)`` with ``act=False``,
+        for a caller that applied the activation already)."""
+        return self._branch(self.branch_act(x) if act else x)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
