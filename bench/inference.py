@@ -27,6 +27,12 @@ load hits all variants alike; every ratio is against a reference of the same rou
     python bench/inference.py --parts frontier --runs runs/study/cifar_resnet56__dynamic__*target=*
     python bench/inference.py --parts compile --threads 1
     python bench/inference.py --parts small --threads 1 2      # the small models, both node forms
+    python bench/inference.py --parts small --threads 1 --malloc default --out /tmp/x.json
+
+Every part runs on the heap ``dynwire eval`` uses (``--malloc kept``: ``dynwire.keep_freed_memory()``)
+unless ``--malloc default`` keeps glibc's own; an evaluation-only process on glibc's default heap
+unmaps freed feature maps and faults them in again on every forward, which costs the graph stages
+(more maps per forward) more than the chain.
 
 Writes ``bench/results/inference.json`` (``--out``); parts not run are kept from the existing file.
 """
@@ -327,8 +333,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=["dense", "small", "removal", "trained", "frontier", "compile"],
     )
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="run directories for --parts trained")
+    p.add_argument(
+        "--malloc",
+        choices=["kept", "default"],
+        default="kept",
+        help="glibc heap: 'kept' = dynwire.keep_freed_memory() (what `dynwire eval` and `analyze` use), "
+        "'default' = glibc's own (freed feature maps unmapped and faulted in again)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
     args = p.parse_args(argv)
+    if args.malloc == "kept" and not dynwire.keep_freed_memory():
+        raise SystemExit("--malloc kept: glibc mallopt is unavailable here; use --malloc default")
     q = args.quick
     plans = {
         "dense": [
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         results["parts"][part] = dict(
             command=" ".join(["python bench/inference.py", *(argv if argv is not None else sys.argv[1:])]),
             load_avg_at_start=[round(v, 2) for v in os.getloadavg()],
+            malloc=args.malloc,
             results=out,
         )
     results["meta"] = dict(

@@ -447,3 +447,26 @@ def test_inference_fast_path_with_fused_router_and_relu_equals_reference(mode, m
         ref = model(x)
     assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0
     assert (fast - ref).abs().max() <= 1e-5 and (one - ref).abs().max() <= 1e-5
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_node_weights_match_the_tensor_ops(dtype):
+    from dynwire.layers._fused import fused_node_weights
+
+    torch.manual_seed(0)
+    B, N = 7, 6
+    value = torch.rand(B, N, N, dtype=dtype)
+    opened = torch.rand(B, N, N) < 0.5
+    for j in range(1, N - 1):
+        alive = torch.rand(B, N) < 0.7
+        alive[:, 0] = True
+        ref_open = opened[:, j, :j] & alive[:, :j]
+        ref_w, ref_alive = value[:, j, :j] * ref_open, ref_open.any(1)
+        got = alive.clone()
+        w, count = fused_node_weights(value, opened, got, j)
+        assert torch.equal(w, ref_w) and count == int(ref_alive.sum())
+        assert torch.equal(got[:, j], ref_alive)
+        got[:, j] = alive[:, j]
+        assert torch.equal(got, alive)  # nothing else written
+    assert fused_node_weights(value, opened, alive.float(), 2) is None  # not a bool mask

@@ -293,6 +293,16 @@ def test_keep_freed_memory_applies_once_and_can_be_switched_off(tmp_path):
     assert run({"DYNWIRE_MALLOC_TUNING": "0"}) == ["False", "False"]
 
 
+def test_cli_keeps_freed_memory_for_evaluation_commands_only(tmp_path, monkeypatch):
+    from dynwire import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert cli.main(["models", "cifar_resnet2*"]) == 0 and calls == []
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2  # a clear error, after the heap call
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("gate", ["masked", "hard", "soft"])
 def test_edge_gate_on_python_numbers_equals_the_tensor_gate(gate):
     """The batch-1 path's gate (edge_gate_floats) against edge_gate, on the same float32 numbers."""

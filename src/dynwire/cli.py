@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import study
+from ._malloc import keep_freed_memory
 from ._registry import get_model_cfg, list_models
 from ._version import __version__
 from .analysis import connectivity
@@ -418,6 +419,11 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
 
 #: Commands that run models; where the fused CPU kernels were not built they say so, once per process.
 _KERNEL_COMMANDS = frozenset({"train", "eval", "detect", "analyze", "study", "export"})
+# Evaluation-only processes keep freed feature maps in the heap (dynwire.keep_freed_memory): on
+# glibc's default heap they are unmapped and faulted in again every forward, which made
+# `python bench/inference.py --parts small --malloc default` run cifar_resnet20's chain at 0.63x
+# the throughput of `--malloc kept` (bench/results/inference.json). Training is left on the default heap.
+_HEAP_KEPT_COMMANDS = frozenset({"eval", "detect", "analyze"})
 _KERNEL_NOTE = (
     "note: dynwire's fused aggregation kernels (layers/_aggkernel.c) were not built when it was installed "
     "(no C compiler with OpenMP): the plain PyTorch kernels run, with the same results, slower on the CPU"
@@ -442,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in _KERNEL_COMMANDS:
         announce_kernel_fallback()
+    if args.command in _HEAP_KEPT_COMMANDS:
+        keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, TrainingDiverged, TrainingInterrupted) as e:  # incl. CheckpointError

@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..layers._fused import fused_router_gate
+from ..layers._fused import fused_node_weights, fused_router_gate
 from ..layers.aggregation import _aggregate_impl
 from ..layers.router import edge_gate_floats
 from .edges import RoutedEdges
@@ -60,8 +60,16 @@ def forward_inference(
             preds = g.predecessors(j)
             cols = preds if preds == list(range(j)) else None
             index = slice(0, j) if cols is not None else preds
-            value = mats.value[:, j, index]
-            if removal:
+            fused = removal and j < n and cols is not None and fused_node_weights(mats.value, mats.open, alive, j)
+            if fused:  # one C call for the tensor ops below
+                w, count = fused
+                node_alive = alive[:, j]
+                if count == 0 and pruned:
+                    dead[j] = True
+                    xs.append(None)
+                    continue
+            elif removal:
+                value = mats.value[:, j, index]
                 open_ = mats.open[:, j, index] & alive[:, index]
                 if j < n:
                     node_alive = open_.any(1)
@@ -75,7 +83,7 @@ def forward_inference(
                     open_ = _output_fallback(open_, mats.alpha_out[:, index], alive[:, index])
                 w = value * open_
             else:
-                w = value
+                w = mats.value[:, j, index]
             live = [c for c, i in enumerate(preds) if not dead[i]]
             if len(live) < len(preds):
                 w = w[:, live]

@@ -259,8 +259,35 @@ DEFINE_ROUTER(f32, float)
 DEFINE_ROUTER(f64, double)
 #undef EXP
 
+/* A node's input weights in inference (dynwire.graph._inference), one call per block node of a
+ * complete DAG (inputs 0 .. K-1), reading the stage's (B, N, N) edge matrices row by row:
+ *   w[b, k] = value[b, k] where open[b, k] and alive[b, k], else 0;  alive_out[b] = any of them
+ * Returns how many samples keep the node alive. */
+#define DEFINE_NODE_WEIGHTS(NAME, T)                                                                            \
+    int64_t dynwire_node_weights_##NAME(int64_t B, int64_t K, const T *value, int64_t vb, const uint8_t *open,  \
+                                        int64_t ob, const uint8_t *alive, int64_t ab, T *w, uint8_t *alive_out, \
+                                        int64_t aob) {                                                           \
+        int64_t count = 0;                                                                                       \
+        for (int64_t b = 0; b < B; b++) {                                                                        \
+            const T *v = value + b * vb;                                                                         \
+            const uint8_t *o = open + b * ob, *a = alive + b * ab;                                               \
+            uint8_t any = 0;                                                                                     \
+            for (int64_t k = 0; k < K; k++) {                                                                    \
+                const uint8_t on = o[k] && a[k];                                                                 \
+                w[b * K + k] = on ? v[k] : (T)0;                                                                 \
+                any |= on;                                                                                       \
+            }                                                                                                    \
+            alive_out[b * aob] = any;                                                                            \
+            count += any;                                                                                        \
+        }                                                                                                        \
+        return count;                                                                                            \
+    }
+
+DEFINE_NODE_WEIGHTS(f32, float)
+DEFINE_NODE_WEIGHTS(f64, double)
+
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
- * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate). */
+ * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node weights). */
 int dynwire_agg_abi(void) { return 3; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */

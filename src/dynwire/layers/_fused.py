@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .router import Router
 
-__all__ = ["fused_aggregation", "fused_available", "fused_router_gate", "fused_sum"]
+__all__ = ["fused_aggregation", "fused_available", "fused_node_weights", "fused_router_gate", "fused_sum"]
 
 
 # # The plain kernels stream whole tensors once per edge: forward reads ``x_k`` and reads and
@@ -75,7 +75,7 @@ class _CpuKernels(_FusedBackend):
     def __init__(self, lib) -> None:
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fwd, self._bwd = {}, {}
-        self._router = {}
+        self._router, self._node_weights = {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
             f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint, cint], None
@@ -87,6 +87,9 @@ class _CpuKernels(_FusedBackend):
                 r.argtypes = [i64, i64, i64, p, p, p, i64, p, cint, p, i64, i64, p, i64, i64, p, i64, cint]
                 r.restype = None
                 self._router[dtype] = r
+                nw = getattr(lib, f"dynwire_node_weights_{name}")
+                nw.argtypes, nw.restype = [i64, i64, p, i64, p, i64, p, i64, p, p, i64], i64
+                self._node_weights[dtype] = nw
 
     @staticmethod
     def load() -> _CpuKernels | None:
@@ -348,3 +351,36 @@ def fused_sum(weights: list[float], xs: Sequence[Tensor], relu: bool = False) ->
     w = torch.tensor([weights], dtype=torch.float64).to(xs[0].dtype)
     backend.forward(w, [_flat(x) for x in xs], _flat(out), relu)
     return out
+
+
+def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> tuple[Tensor, int] | None:
+    """Block node ``j``'s input weights from the stage's edge matrices in one C call (inference).
+
+    ``value`` ``(B, N, N)`` and ``open_`` (bool, same shape) are :class:`~dynwire.graph.edges.EdgeMatrices`
+    fields, ``alive`` ``(B, N)`` bool the nodes alive per sample; node ``j`` reads inputs ``0 .. j-1``
+    (a complete DAG). Returns ``(w, count)``: ``w`` ``(B, j)`` with closed edges and removed inputs at 0,
+    and the number of samples for which node ``j`` stays alive; ``alive[:, j]`` is written. ``None``
+    where the kernels do not apply (then the caller's tensor ops are the reference).
+    """
+    backend = _BACKENDS[value.device.type]
+    if (
+        not isinstance(backend, _CpuKernels)
+        or _MODE.mode == "off"
+        or value.dtype not in backend._node_weights
+        or not (value.is_contiguous() and open_.is_contiguous() and alive.is_contiguous())
+        or open_.dtype != torch.bool
+        or alive.dtype != torch.bool
+        or open_.shape != value.shape
+        or alive.shape != value.shape[:2]
+        or not 0 < j < value.shape[1]
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    B, N, _ = value.shape
+    w = value.new_empty(B, j)
+    ptr = alive.data_ptr()
+    count = backend._node_weights[value.dtype](
+        B, j, value.data_ptr() + j * N * value.element_size(), N * N, open_.data_ptr() + j * N, N * N, ptr, N,
+        w.data_ptr(), ptr + j, N,
+    )
+    return w, int(count)
