@@ -36,6 +36,7 @@ HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->
 BRANCH_START, BRANCH_END = "<!-- branch:start -->", "<!-- branch:end -->"
 BRANCH_STUDY = ROOT / "experiments" / "study_branch" / "results" / "summary.json"
 FRONTIER_START, FRONTIER_END = "<!-- frontier:start -->", "<!-- frontier:end -->"
+SMALL_START, SMALL_END = "<!-- small-perf:start -->", "<!-- small-perf:end -->"
 FRONTIER = ROOT / "experiments" / "frontier" / "results" / "frontier.md"
 INIT_SCALE = ROOT / "experiments" / "init_scale" / "init_scale.json"
 
@@ -414,6 +415,31 @@ def inference_compile() -> str:
     return head + table(["variant", "batch-1 latency", f"throughput at {r['batch']}"], rows)
 
 
+def small_perf() -> str:
+    """README: the small models' training step (bench/node_overhead.py, glibc's default heap, as
+    ``dynwire train`` runs) and evaluation (bench/inference.py --parts small, on its recorded heap)."""
+    node = _bench("node_overhead.json")
+    part = _bench("inference.json")["parts"]["small"]
+    ev = {(r["model"], r["threads"]): r["variants"] for r in part["results"]}
+    threads = sorted({t for _, t in ev})
+    rows = []
+    for r in node["results"]:
+        for form, key in (("branch (default)", "dynamic"), ("block", "dynamic-block")):
+            row = [f"`{r['model']}`", form, ratio(r["train"][form.split()[0]]["ratio"])]
+            for t in threads:
+                v = ev.get((r["model"], t), {}).get(key)
+                row += [ratio(1.0 / v["throughput_ratio"]), ratio(v["latency_ratio"])] if v else ["", ""]
+            rows.append(row)
+    header = ["model", "node form", "train step, 1 thread"]
+    for t in threads:
+        header += [f"eval batch 64, {t} thread{'s' * (t > 1)}", f"eval batch 1, {t} thread{'s' * (t > 1)}"]
+    heap = part.get("malloc", "default")
+    return (
+        f"Time against `sequential` in the same process, 1x28x28 inputs (`{node['command']}`, glibc's default "
+        f"heap; `{part['command']}`, heap: {heap}):\n\n" + table(header, rows, "ll" + "r" * (len(header) - 2))
+    )
+
+
 def inference_small() -> str:
     """The small models at the studies' input (issue 19's evaluation goals: batch 64 and batch 1)."""
     part = _bench("inference.json")["parts"]["small"]
@@ -431,7 +457,10 @@ def inference_small() -> str:
                 ]
             )
     header = ["model", "threads", "node form", "time per image at batch 64", "batch-1 latency"]
-    return f"`{part['command']}`, 1x28x28 inputs, against `sequential`:\n\n" + table(header, rows, "lrlrr")
+    heap = part.get("malloc", "default")
+    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`:\n\n" + table(
+        header, rows, "lrlrr"
+    )
 
 
 def gpu_eager() -> str:
@@ -762,12 +791,15 @@ def _between(text: str, start: str, end: str, block: str) -> str:
 
 
 def readme_with_headline(text: str, block: str) -> str:
-    """README with its generated tables replaced: the headline, the branch-node rows, the frontier."""
+    """README with its generated tables replaced: the headline, the branch-node rows, the frontier,
+    the small models' speed."""
     text = _between(text, HEADLINE_START, HEADLINE_END, block)
     if BRANCH_START in text:
         text = _between(text, BRANCH_START, BRANCH_END, branch_results(_branch_study()))
     if FRONTIER_START in text:
         text = _between(text, FRONTIER_START, FRONTIER_END, frontier())
+    if SMALL_START in text:
+        text = _between(text, SMALL_START, SMALL_END, small_perf())
     return text
 
 

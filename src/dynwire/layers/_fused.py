@@ -380,7 +380,16 @@ def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> t
     w = value.new_empty(B, j)
     ptr = alive.data_ptr()
     count = backend._node_weights[value.dtype](
-        B, j, value.data_ptr() + j * N * value.element_size(), N * N, open_.data_ptr() + j * N, N * N, ptr, N,
-        w.data_ptr(), ptr + j, N,
+        B,
+        j,
+        value.data_ptr() + j * N * value.element_size(),
+        N * N,
+        open_.data_ptr() + j * N,
+        N * N,
+        ptr,
+        N,
+        w.data_ptr(),
+        ptr + j,
+        N,
     )
     return w, int(count)
