@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -208,10 +209,16 @@ class GraphStage(nn.Module):
                 break
             if cost and count:
                 self.block_macs.append(_block_macs(blocks[j], xs[0] if j else h))
+            block = blocks[j]
+            if j and cols and not record and not onnx and not _tracing() and getattr(block, "relu_input", False):
+                # the node input is a fresh sum that only this branch reads: its ReLU in place
+                # (no second map per node; autograd's ReluBackward keeps the result as before)
+                h = torch.relu_(h)
+                block = partial(block, act=False)
             if node_alive is None:
-                y = macs.run(blocks[j], h) if record else blocks[j](h)
+                y = macs.run(block, h) if record else block(h)
             else:
-                y = self._run_block(blocks[j], h if cols else None, node_alive, pruned, macs if record else None, xs[0])
+                y = self._run_block(block, h if cols else None, node_alive, pruned, macs if record else None, xs[0])
                 alive.append(node_alive)
             if j == 0 and removal:
                 alive.append(torch.ones(batch, dtype=torch.bool, device=x.device))
