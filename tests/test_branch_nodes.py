@@ -202,3 +202,42 @@ def test_branch_form_trains_with_every_mechanism():
     out.logsumexp(1).mean().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
     assert m.layer3.edges.tau.grad is not None
+
+
+class _OwnBlock(nn.Module):
+    """A user's residual block: ``forward_branch`` with or without the optional ``act`` argument."""
+
+    def __init__(self, c: int, takes_act: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.branch_act = nn.ReLU()
+        self.has_residual_branch = True
+        if takes_act:
+            self.forward_branch = lambda x, act=True: self.conv(self.branch_act(x) if act else x)
+        else:
+            self.forward_branch = lambda x: self.conv(self.branch_act(x))
+
+    def forward(self, x):
+        return torch.relu(x + self.conv(x))
+
+
+@pytest.mark.parametrize("takes_act", [True, False])
+def test_own_blocks_with_or_without_the_act_argument(takes_act):
+    """The stage applies the branch's ReLU itself only where ``forward_branch`` accepts ``act``;
+    both kinds give the general loop's outputs in inference and train."""
+    from dynwire.graph.stage import GraphStage
+    from dynwire.graph.wiring import WiringConfig
+
+    torch.manual_seed(0)
+    stage = GraphStage([_OwnBlock(4, takes_act) for _ in range(4)], 4, WiringConfig(kind="dynamic", node="branch"))
+    assert [getattr(b, "relu_input", False) for b in stage.blocks()] == [False] + [takes_act] * 3
+    x = torch.randn(3, 4, 6, 6)
+    stage.eval()
+    with torch.no_grad():
+        fast = stage(x)
+        with dynwire.record_adjacency(stage):  # the general loop
+            ref = stage(x)
+    assert (fast - ref).abs().max() <= 1e-6
+    stage.train()
+    stage(x).square().sum().backward()
+    assert all(p.grad is not None for p in stage.parameters() if p.requires_grad)
