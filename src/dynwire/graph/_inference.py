@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..layers._fused import fused_node_weights, fused_router_gate
+from ..layers._fused import SampleKernels, fused_node_weights
 from ..layers.aggregation import _aggregate_impl
 from ..layers.router import edge_gate_floats
 from .edges import RoutedEdges
@@ -108,13 +108,14 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
     if g.data_dependent:
         value = [[0.0] * (n + 1) for _ in range(n + 1)]
         opened = [[False] * (n + 1) for _ in range(n + 1)]
-        alpha_out: list = [None] * (n + 1)  # router outputs, read only by the output node's fallback
+        alpha_out: list = [0.0] * (n + 1)  # raw weight of each edge into the output node (its fallback)
     else:
         mats = g.begin_matrices(1, x)
-        value, alpha_out = mats.value[0].tolist(), list(mats.alpha_out.unbind(1))
+        value, alpha_out = mats.value[0].tolist(), mats.alpha_out[0].tolist()
         opened = mats.open[0].tolist() if removal else None
     alive = [True] + [False] * n
     xs: list[Tensor | None] = []
+    kern = SampleKernels.for_stage(routers, g.tau, x) if routers is not None else None
     h = x
     for j in range(n + 1):
         if j:
@@ -125,14 +126,20 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
                     xs.append(None)
                     continue
                 if not live:  # the output node keeps its strongest edge from a live node
-                    live = [max((i for i in preds if alive[i]), key=lambda i: float(alpha_out[i][..., -1]))]
+                    live = [max((i for i in preds if alive[i]), key=lambda i: alpha_out[i])]
             else:
                 live = preds
-            h = xs[live[0]] * value[j][live[0]]
-            for i in live[1:]:
-                h.add_(xs[i], alpha=value[j][i])
-            if relu[j]:
-                h.relu_()
+            h = (
+                kern.sum([value[j][i] for i in live], [xs[i] for i in live], relu[j])
+                if kern and len(live) > 1
+                else None
+            )
+            if h is None:
+                h = xs[live[0]] * value[j][live[0]]
+                for i in live[1:]:
+                    h.add_(xs[i], alpha=value[j][i])
+                if relu[j]:
+                    h.relu_()
         if j == n:
             return h
         alive[j] = True
@@ -140,20 +147,20 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
         xs.append(y)
         if g.data_dependent:
             if routers is not None:  # one router call and one .tolist(); the gate on Python numbers
-                a = y.new_empty(1, n - j)
-                if not fused_router_gate(routers[j], y, g.tau[j:], "hard", a):  # "hard": the raw weights
-                    a = routers[j](y)
-                v, o = edge_gate_floats(a.tolist()[0], tau[j:], g.eval_gate)
+                a = kern.router(j, y) if kern else None
+                if a is None:
+                    a = routers[j](y).tolist()[0]
+                v, o = edge_gate_floats(a, tau[j:], g.eval_gate)
                 o = o if removal else None
             else:
                 a, v, o = g.output_gates(j, y)
-                v, o = v.tolist()[0], None if o is None else o.tolist()[0]
+                a, v, o = a.tolist()[0], v.tolist()[0], None if o is None else o.tolist()[0]
             for r, vv in enumerate(v, start=j + 1):
                 value[r][j] = vv
             if o is not None:
                 for r, oo in enumerate(o, start=j + 1):
                     opened[r][j] = oo
-            alpha_out[j] = a
+            alpha_out[j] = a[-1]
     raise AssertionError("unreachable")
 
 

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .router import Router
 
-__all__ = ["fused_aggregation", "fused_available", "fused_node_weights", "fused_router_gate", "fused_sum"]
+__all__ = ["SampleKernels", "fused_aggregation", "fused_available", "fused_node_weights", "fused_router_gate"]
 
 
 # # The plain kernels stream whole tensors once per edge: forward reads ``x_k`` and reads and
@@ -336,23 +336,6 @@ def fused_router_gate(
     return True
 
 
-def fused_sum(weights: list[float], xs: Sequence[Tensor], relu: bool = False) -> Tensor | None:
-    """``sum_k weights[k] * xs[k]`` (``max(., 0)`` of it with ``relu``) for a batch of one sample in one
-    C call at any size, weights given as Python numbers; None where the kernels do not apply.
-
-    The batch-1 inference path sums a node's live inputs this way instead of one ``add_`` per input.
-    """
-    if len(xs) < 2 or xs[0].shape[0] != 1 or torch.is_grad_enabled():
-        return None
-    backend = _fused_backend(xs, small=True)
-    if backend is None:
-        return None
-    out = torch.empty_like(xs[0])
-    w = torch.tensor([weights], dtype=torch.float64).to(xs[0].dtype)
-    backend.forward(w, [_flat(x) for x in xs], _flat(out), relu)
-    return out
-
-
 def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> tuple[Tensor, int] | None:
     """Block node ``j``'s input weights from the stage's edge matrices in one C call (inference).
 
@@ -393,3 +376,77 @@ def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> t
         N,
     )
     return w, int(count)
+
+
+class SampleKernels:
+    """The C calls of the batch-1 inference path (``graph._inference._forward_one``), checked once
+    per stage forward by :meth:`for_stage`: a router's raw weights as Python numbers, and the
+    weighted sum of a node's inputs with Python-number weights. Each call then costs a few
+    pointer reads instead of the tensor ops (and checks) it replaces."""
+
+    def __init__(self, backend: _CpuKernels, dtype: torch.dtype, routers, tau: Tensor) -> None:
+        self._router = backend._router[dtype]
+        self._fwd = backend._fwd[dtype]
+        self._ctype = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+        self._dtype = dtype
+        fcs = [r._modules["fc"] for r in routers]
+        self._params = [(fc._parameters["weight"], fc._parameters["bias"]) for fc in fcs]  # kept alive
+        self._ptrs = [(w.shape[1], w.shape[0], w.data_ptr(), b.data_ptr()) for w, b in self._params]
+        self._tau = tau
+        self._tau_ptr, self._esize = tau.data_ptr(), tau.element_size()
+
+    @staticmethod
+    def for_stage(routers, tau: Tensor, like: Tensor) -> SampleKernels | None:
+        """The kernels for plain ``Router`` modules (no hooks) whose parameters and ``tau`` are dense
+        CPU tensors of ``like``'s dtype (float32 or float64), outside autograd, compile and dispatch
+        modes; None otherwise (the caller's tensor ops are the reference)."""
+        backend = _BACKENDS["cpu"]
+        dt = like.dtype
+        if (
+            not isinstance(backend, _CpuKernels)
+            or _MODE.mode == "off"
+            or not like.is_cpu
+            or dt not in backend._router
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None
+            or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous())
+        ):
+            return None
+        for r in routers:
+            fc = r._modules.get("fc") if type(r) is Router else None
+            if type(fc) is not torch.nn.Linear or r._forward_hooks or r._forward_pre_hooks or fc._forward_hooks:
+                return None
+            if fc._forward_pre_hooks or fc._parameters["bias"] is None:
+                return None
+            for t in (fc._parameters["weight"], fc._parameters["bias"]):
+                if not (t.is_cpu and t.dtype == dt and t.is_contiguous()):
+                    return None
+        return SampleKernels(backend, dt, routers, tau)
+
+    def router(self, i: int, y: Tensor) -> list[float] | None:
+        """Router ``i``'s raw weights ``alpha`` on one sample ``y`` ``(1, C, ...)``, or None."""
+        c, k, wp, bp = self._ptrs[i]
+        if y.dtype != self._dtype or not y.is_contiguous() or y.ndim < 2 or y.shape[0] != 1 or y.shape[1] != c:
+            return None
+        out = (self._ctype * k)()
+        addr = ctypes.addressof(out)
+        tp = self._tau_ptr + i * self._esize
+        self._router(1, c, y.numel() // c, y.data_ptr(), wp, bp, k, tp, 1, addr, k, 1, None, 0, 0, None, 0, 1)
+        return out[:]
+
+    def sum(self, weights: list[float], xs: list[Tensor], relu: bool) -> Tensor | None:
+        """``sum_k weights[k] * xs[k]`` (``max(., 0)`` of it with ``relu``) for one sample, or None."""
+        x0 = xs[0]
+        shape = x0.shape
+        if x0.dtype != self._dtype or shape[0] != 1:
+            return None
+        for x in xs:
+            if x.shape != shape or x.dtype != x0.dtype or not x.is_contiguous():
+                return None
+        out = torch.empty_like(x0)
+        k = len(xs)
+        ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in xs])
+        w = (self._ctype * k)(*weights)
+        self._fwd(1, x0.numel(), k, ptrs, ctypes.addressof(w), out.data_ptr(), FUSED_CHUNK, 1, int(relu))
+        return out
