@@ -372,7 +372,10 @@ def _check_compile(name: str, backend: str, train_gate: str = "soft", node: str 
     l1, g1 = _train_step(torch.compile(twin, fullgraph=True, backend=backend), list(twin.parameters()), x, y)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     for (n, _), a, b in zip(model.named_parameters(), g0, g1):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+        # float32 sums in another order through a deep network: absolute tolerance relative to the
+        # gradient's own scale (ResNeXt-50's stem: 1.2e-5 apart on an element of 7e-3, largest 7.8)
+        atol = 1e-5 * max(1.0, float(a.abs().max()))
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
     torch._dynamo.reset()
 
 
