@@ -5,7 +5,7 @@ glibc serves allocations above its mmap threshold (dynamic, starting at 128 KiB)
 page by page. A graph stage allocates more maps per step than the chain (one node input per
 aggregation), so it pays more. PyTorch's CPU performance guide recommends jemalloc or tcmalloc for
 the same reason; this is the no-install version. ``dynwire eval``, ``detect`` and ``analyze`` call
-it: in an evaluation-only process it made the chain 1.5x faster and DG-Net's time per image 1.10x
+it: in an evaluation-only process it made the chain 1.5x faster and DG-Net's time per image 1.1x
 / 1.15x of the chain's instead of 1.28x / 1.34x (``cifar_resnet20`` / ``cifar_resnet56``, batch 64,
 ``bench/inference.py --parts small --malloc kept|default``). Training is left on glibc's heap: there
 ``bench/node_overhead.py`` (each heap policy in its own process) finds no difference beyond its noise.

@@ -421,8 +421,8 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
 _KERNEL_COMMANDS = frozenset({"train", "eval", "detect", "analyze", "study", "export"})
 # Evaluation-only processes keep freed feature maps in the heap (dynwire.keep_freed_memory): on
 # glibc's default heap they are unmapped and faulted in again every forward, which made
-# `python bench/inference.py --parts small --malloc default` run cifar_resnet20's chain at 0.63x
-# the throughput of `--malloc kept` (bench/results/inference.json). Training is left on the default heap.
+# `python bench/inference.py --parts small --malloc default` run cifar_resnet20's chain at 0.67x
+# the throughput of `--malloc kept` (bench/results/inference*.json). Training is left on the default heap.
 _HEAP_KEPT_COMMANDS = frozenset({"eval", "detect", "analyze"})
 _KERNEL_NOTE = (
     "note: dynwire's fused aggregation kernels (layers/_aggkernel.c) were not built when it was installed "
