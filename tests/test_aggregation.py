@@ -375,7 +375,7 @@ def test_fused_relu_forward_equals_relu_of_the_sum(dtype):
 @pytest.mark.parametrize("eval_gate", ["masked", "hard", "soft"])
 @pytest.mark.parametrize("shape", [(4, 6, 5, 7), (4, 6)])
 def test_fused_router_gate_matches_router_and_edge_gate(dtype, eval_gate, shape):
-    from dynwire.layers._fused import fused_router_gate
+    from dynwire.layers._fused_glue import fused_router_gate
     from dynwire.layers.router import Router, edge_gate
 
     torch.manual_seed(0)
@@ -406,7 +406,7 @@ def test_fused_router_gate_matches_router_and_edge_gate(dtype, eval_gate, shape)
 
 @needs_fused
 def test_fused_router_gate_declines_what_it_does_not_implement():
-    from dynwire.layers._fused import fused_router_gate
+    from dynwire.layers._fused_glue import fused_router_gate
     from dynwire.layers.router import Router
 
     router = Router(6, 3)
@@ -452,7 +452,7 @@ def test_inference_fast_path_with_fused_router_and_relu_equals_reference(mode, m
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_node_weights_match_the_tensor_ops(dtype):
-    from dynwire.layers._fused import fused_node_weights
+    from dynwire.layers._fused_glue import fused_node_weights
 
     torch.manual_seed(0)
     B, N = 7, 6

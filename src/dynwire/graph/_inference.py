@@ -11,7 +11,7 @@ node that does not grow with the number of its inputs, apart from the aggregatio
   one ``.sum()`` decides whether it runs for all samples, some (gather, run, scatter) or none;
 * inputs that are dead for every sample of the batch are never read, and a block dead for
   every sample is skipped together with its router and its aggregation;
-* on the CPU a plain router and its gate are one C call (``layers._fused.fused_router_gate``)
+* on the CPU a plain router and its gate are one C call (``layers._fused_glue.fused_router_gate``)
   that writes the edge matrices directly, and a branch node whose branch starts with a ReLU
   (``BranchNode.relu_input``; also the stage's output activation) gets it applied in the
   aggregation's own pass, so the node input is written once and never copied by the activation.
@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..layers._fused import SampleKernels, fused_node_weights
+from ..layers._fused_glue import SampleKernels, fused_node_weights
 from ..layers.aggregation import _aggregate_impl
 from ..layers.router import edge_gate_floats
 from .edges import RoutedEdges

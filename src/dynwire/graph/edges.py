@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..layers._fused import fused_router_gate
+from ..layers._fused_glue import fused_router_gate
 from ..layers.router import Router, edge_gate
 from .wiring import WiringConfig, complete_dag_edges, random_dag_edges
 
