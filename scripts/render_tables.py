@@ -766,6 +766,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "randwire_small.md": randwire_small,
     "train_steps_t2.md": lambda: train_steps("steps_t2"),
     "train_steps_t1.md": lambda: train_steps("steps_t1"),
+    "train_steps_t1_s28.md": lambda: train_steps("steps_t1_s28"),
     "stage_backward.md": stage_backward,
     "inference_dense.md": inference_dense,
     "inference_removal.md": inference_removal,
