@@ -464,9 +464,12 @@ def test_fused_node_weights_match_the_tensor_ops(dtype):
         ref_open = opened[:, j, :j] & alive[:, :j]
         ref_w, ref_alive = value[:, j, :j] * ref_open, ref_open.any(1)
         got = alive.clone()
-        w, count = fused_node_weights(value, opened, got, j)
+        assert fused_node_weights(value, opened, got, j) is None  # autograd on: not inference
+        with torch.no_grad():
+            w, count = fused_node_weights(value, opened, got, j)
         assert torch.equal(w, ref_w) and count == int(ref_alive.sum())
         assert torch.equal(got[:, j], ref_alive)
         got[:, j] = alive[:, j]
         assert torch.equal(got, alive)  # nothing else written
-    assert fused_node_weights(value, opened, alive.float(), 2) is None  # not a bool mask
+    with torch.no_grad():
+        assert fused_node_weights(value, opened, alive.float(), 2) is None  # not a bool mask

@@ -21,6 +21,37 @@ __all__ = ["SampleKernels", "fused_node_weights", "fused_router_gate"]
 _GATE_MODES = {"masked": 0, "hard": 1, "soft": 2}
 
 
+def _backend_for(t: Tensor) -> _CpuKernels | None:
+    """The CPU kernels for inference on ``t``; None under autograd, compile, a dispatch mode (the
+    FLOP counter) or ``fused_aggregation("off")``, and for a device or dtype they do not cover."""
+    backend = _BACKENDS["cpu"]
+    if (
+        _MODE.mode == "off"
+        or torch.is_grad_enabled()
+        or not t.is_cpu
+        or not isinstance(backend, _CpuKernels)
+        or t.dtype not in backend._router
+        or torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return None
+    return backend
+
+
+def _plain_router(router: torch.nn.Module, dt: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(weight, bias)`` of a plain :class:`Router` without hooks whose parameters are dense CPU
+    tensors of dtype ``dt``; None for anything else (the C calls would skip what it does)."""
+    if type(router) is not Router or router._forward_hooks or router._forward_pre_hooks:
+        return None
+    fc = router._modules.get("fc")
+    if type(fc) is not torch.nn.Linear or fc._forward_hooks or fc._forward_pre_hooks:
+        return None
+    weight, bias = fc._parameters["weight"], fc._parameters["bias"]
+    if bias is None or not all(t.is_cpu and t.dtype == dt and t.is_contiguous() for t in (weight, bias)):
+        return None
+    return weight, bias
+
+
 def fused_router_gate(
     router: torch.nn.Module,
     y: Tensor,
@@ -42,34 +73,23 @@ def fused_router_gate(
     dispatch modes. Sums are float32 for float32 (the decision ``alpha >= tau`` may differ from
     the reference's in the last bit of ``alpha``).
     """
-    if _MODE.mode == "off" or torch.is_grad_enabled() or not y.is_cpu or type(router) is not Router:
-        return False
-    backend = _BACKENDS["cpu"]
-    fc = router._modules["fc"]
-    if backend is None or type(fc) is not torch.nn.Linear or router._forward_hooks or router._forward_pre_hooks:
-        return False
-    weight, bias = fc._parameters["weight"], fc._parameters["bias"]
+    backend = _backend_for(y)
     dt = y.dtype
-    if (
-        dt not in backend._router
-        or bias is None
-        or fc._forward_hooks
-        or fc._forward_pre_hooks
-        or torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-    ):
+    params = None if backend is None else _plain_router(router, dt)
+    if params is None:
         return False
+    weight, bias = params
     outs = (value,) if open_ is None else (value, open_)
     if alpha_last is not None:
         outs += (alpha_last,)
-    if not all(t.is_cpu for t in (weight, bias, tau, *outs)) or not all(
-        t.dtype == dt for t in (weight, bias, tau, value) + (() if alpha_last is None else (alpha_last,))
+    if not all(t.is_cpu for t in (tau, *outs)) or not all(
+        t.dtype == dt for t in (tau, value) + (() if alpha_last is None else (alpha_last,))
     ):
         return False
     B, K = value.shape
     if (
         y.ndim < 2
-        or not (y.is_contiguous() and weight.is_contiguous() and bias.is_contiguous() and tau.is_contiguous())
+        or not (y.is_contiguous() and tau.is_contiguous())
         or B == 0
         or y.numel() == 0
         or y.shape[0] != B
@@ -92,18 +112,15 @@ def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> t
     and the number of samples for which node ``j`` stays alive; ``alive[:, j]`` is written. ``None``
     where the kernels do not apply (then the caller's tensor ops are the reference).
     """
-    backend = _BACKENDS[value.device.type]
+    backend = _backend_for(value)
     if (
-        not isinstance(backend, _CpuKernels)
-        or _MODE.mode == "off"
-        or value.dtype not in backend._node_weights
+        backend is None
         or not (value.is_contiguous() and open_.is_contiguous() and alive.is_contiguous())
         or open_.dtype != torch.bool
         or alive.dtype != torch.bool
         or open_.shape != value.shape
         or alive.shape != value.shape[:2]
         or not 0 < j < value.shape[1]
-        or torch.compiler.is_compiling()
     ):
         return None
     B, N, _ = value.shape
@@ -147,28 +164,12 @@ class SampleKernels:
         """The kernels for plain ``Router`` modules (no hooks) whose parameters and ``tau`` are dense
         CPU tensors of ``like``'s dtype (float32 or float64), outside autograd, compile and dispatch
         modes; None otherwise (the caller's tensor ops are the reference)."""
-        backend = _BACKENDS["cpu"]
+        backend = _backend_for(like)
         dt = like.dtype
-        if (
-            not isinstance(backend, _CpuKernels)
-            or _MODE.mode == "off"
-            or not like.is_cpu
-            or dt not in backend._router
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None
-            or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous())
-        ):
+        if backend is None or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous()):
             return None
-        for r in routers:
-            fc = r._modules.get("fc") if type(r) is Router else None
-            if type(fc) is not torch.nn.Linear or r._forward_hooks or r._forward_pre_hooks or fc._forward_hooks:
-                return None
-            if fc._forward_pre_hooks or fc._parameters["bias"] is None:
-                return None
-            for t in (fc._parameters["weight"], fc._parameters["bias"]):
-                if not (t.is_cpu and t.dtype == dt and t.is_contiguous()):
-                    return None
+        if any(_plain_router(r, dt) is None for r in routers):
+            return None
         return SampleKernels(backend, dt, routers, tau)
 
     def router(self, i: int, y: Tensor) -> list[float] | None:
