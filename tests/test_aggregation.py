@@ -450,6 +450,81 @@ def test_inference_fast_path_with_fused_router_and_relu_equals_reference(mode, m
 
 
 @needs_fused
+@pytest.mark.parametrize(
+    "node,eval_gate,dtype,output_closed",
+    [
+        ("branch", "masked", torch.float32, False),
+        ("branch", "hard", torch.float32, True),
+        ("branch", "soft", torch.float64, False),
+        ("block", "masked", torch.float64, True),
+        ("block", "hard", torch.float32, False),
+    ],
+)
+def test_batch_one_stage_step_equals_general_loop(node, eval_gate, dtype, output_closed, monkeypatch):
+    """Batch 1 on the CPU: one C call per node (``SampleKernels.run``: router, gate, removal, the
+    next node's input) gives the general loop's outputs, with nodes removed and, with
+    ``output_closed``, the output node's fallback to its strongest edge from a live node."""
+    from conftest import set_thresholds_at_quantile
+
+    from dynwire.layers import _fused_glue
+
+    ran = []
+    real = _fused_glue.SampleKernels.run
+    monkeypatch.setattr(_fused_glue.SampleKernels, "run", lambda self, *a: ran.append(r := real(self, *a)) or r)
+    torch.manual_seed(0)
+    model = dynwire.create_model(
+        "cifar_resnet20", num_classes=10, wiring="dynamic", node=node, in_chans=1, eval_gate=eval_gate
+    )
+    model = model.to(dtype).eval()
+    x = torch.randn(6, 1, 20, 20, dtype=dtype)
+    set_thresholds_at_quantile(model, x, 0.4)
+    if output_closed:
+        with torch.no_grad():
+            model.layer2.edges.tau[-1] = 2.0  # every router weight is below 1: all output edges close
+    with torch.no_grad():
+        one = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert len(ran) == 3 * len(x) and all(r is not None for r in ran), "every stage took the C step"
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:  # the general loop
+        ref = model(x)
+    if eval_gate != "soft":
+        assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0, "some nodes are removed"
+    if output_closed:
+        assert ((rec["layer2"][:, -1] != 0).sum(1) == 1).all(), "the output node keeps one edge"
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert (one - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+    with torch.no_grad(), fused_aggregation("off"):  # the Python-number path of batch 1
+        plain = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert len(ran) == 3 * len(x)
+    assert (one - plain).abs().max() <= tol * max(1.0, ref.abs().max().item())
+
+
+@needs_fused
+def test_batch_one_stage_step_declines_what_it_does_not_take(monkeypatch):
+    """Block 0's output the C step does not take (not contiguous) leaves the stage to the
+    Python-number path, going on from that output (block 0 runs once): the same result."""
+    from dynwire.layers import _fused_glue
+
+    ran = []
+    real = _fused_glue.SampleKernels.run
+    monkeypatch.setattr(_fused_glue.SampleKernels, "run", lambda self, *a: ran.append(r := real(self, *a)) or r)
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node="branch", in_chans=1).eval()
+    x = torch.randn(1, 1, 20, 20)
+    calls = []
+    model.layer1.blocks()[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        ref = model(x)
+        assert ran and all(r is not None for r in ran)
+        ran.clear()
+        calls.clear()
+        model = model.to(memory_format=torch.channels_last)
+        got = model(x.to(memory_format=torch.channels_last))
+    assert ran and all(r is None for r in ran), "channels_last block outputs are declined"
+    assert calls == [1], "block 0 ran once"
+    assert (got - ref).abs().max() <= 1e-5
+
+
+@needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_node_weights_match_the_tensor_ops(dtype):
     from dynwire.layers._fused_glue import fused_node_weights

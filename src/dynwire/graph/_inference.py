@@ -99,12 +99,20 @@ def forward_inference(
 
 def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bool]) -> Tensor:
     """One sample on the CPU: the gates as Python numbers (one ``.tolist()`` per router), so a
-    node costs its block, its router and one ``add_`` per live input, and a removed node nothing."""
+    node costs its block, its router and one ``add_`` per live input, and a removed node nothing.
+    Plain routers of a complete DAG take one C call per node instead
+    (:meth:`~dynwire.layers._fused_glue.SampleKernels.run`)."""
     n = len(blocks)
     removal = g.can_close()
-    routers = tau = None
+    routers = tau = first = None
     if isinstance(g, RoutedEdges) and type(g).output_gates is RoutedEdges.output_gates:
         routers, tau = g.routers, g.tau.tolist()
+        kern = SampleKernels.for_stage(routers, g.tau, x) if g.complete_dag() else None
+        if kern is not None:
+            first = blocks[0](x)
+            out = kern.run(blocks, first, relu, g.eval_gate, removal)
+            if out is not None:
+                return out
     if g.data_dependent:
         value = [[0.0] * (n + 1) for _ in range(n + 1)]
         opened = [[False] * (n + 1) for _ in range(n + 1)]
@@ -115,7 +123,6 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
         opened = mats.open[0].tolist() if removal else None
     alive = [True] + [False] * n
     xs: list[Tensor | None] = []
-    kern = SampleKernels.for_stage(routers, g.tau, x) if routers is not None else None
     h = x
     for j in range(n + 1):
         if j:
@@ -129,27 +136,22 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
                     live = [max((i for i in preds if alive[i]), key=lambda i: alpha_out[i])]
             else:
                 live = preds
-            h = (
-                kern.sum([value[j][i] for i in live], [xs[i] for i in live], relu[j])
-                if kern and len(live) > 1
-                else None
-            )
-            if h is None:
-                h = xs[live[0]] * value[j][live[0]]
-                for i in live[1:]:
-                    h.add_(xs[i], alpha=value[j][i])
-                if relu[j]:
-                    h.relu_()
+            h = xs[live[0]] * value[j][live[0]]
+            for i in live[1:]:
+                h.add_(xs[i], alpha=value[j][i])
+            if relu[j]:
+                h.relu_()
         if j == n:
             return h
         alive[j] = True
-        y = blocks[j](h, act=False) if j and relu[j] else blocks[j](h)
+        if j == 0 and first is not None:  # block 0 ran already
+            y = first
+        else:
+            y = blocks[j](h, act=False) if j and relu[j] else blocks[j](h)
         xs.append(y)
         if g.data_dependent:
             if routers is not None:  # one router call and one .tolist(); the gate on Python numbers
-                a = kern.router(j, y) if kern else None
-                if a is None:
-                    a = routers[j](y).tolist()[0]
+                a = routers[j](y).tolist()[0]
                 v, o = edge_gate_floats(a, tau[j:], g.eval_gate)
                 o = o if removal else None
             else:

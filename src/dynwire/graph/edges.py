@@ -90,6 +90,10 @@ class EdgeWeights(nn.Module):
         """Indices of the nodes feeding node ``j``."""
         return self._preds[j]
 
+    def complete_dag(self) -> bool:
+        """Whether every node ``j`` reads all nodes ``0 .. j-1`` (predecessors are earlier nodes)."""
+        return all(len(p) == j for j, p in enumerate(self._preds))
+
     def edge_mask_matrix(self) -> Tensor:
         """``(N, N)`` 0/1 matrix of the edges that exist, row = receiver, column = sender."""
         m = torch.zeros(self.num_nodes, self.num_nodes)

@@ -286,9 +286,58 @@ DEFINE_ROUTER(f64, double)
 DEFINE_NODE_WEIGHTS(f32, float)
 DEFINE_NODE_WEIGHTS(f64, double)
 
+/* One sample through a stage of a complete DAG in inference (dynwire.graph._inference, batch 1):
+ * one call per block node i after the block ran, with the stage's plan and a zeroed scratch area.
+ *   plan: n, C, HW, mode, removal, tau, then per block node i: W_i, bias_i (router of node i,
+ *         (n - i, C) row-major), then n + 1 relu flags (node j's aggregation applies max(., 0))
+ *   scratch: xs (n + 1 pointers), value (N*N), alpha_out (N), w (N) of T, open (N*N), alive (N)
+ *         bytes; N = n + 1, value/open receiver-major as the stage's edge matrices
+ * Records y as node i's output, runs its router and gate (Eq. 4-5) into column i, then finds the
+ * next node j > i with an open edge from a live node (Sec. 3.3: nodes with none are removed; the
+ * output node n keeps its strongest edge from a live node), writes its input into out and returns
+ * j. Without removal every edge is open and every node runs. */
+#define DEFINE_SAMPLE(NAME, T)                                                                                  \
+    int64_t dynwire_sample_step_##NAME(const int64_t *plan, void *scratch, int64_t i, const T *y, T *out) {     \
+        const int64_t n = plan[0], C = plan[1], HW = plan[2], N = plan[0] + 1;                                   \
+        const int mode = (int)plan[3], removal = (int)plan[4];                                                   \
+        const T *tau = (const T *)(intptr_t)plan[5];                                                             \
+        const int64_t *router = plan + 6, *relu = plan + 6 + 2 * n;                                              \
+        const T **xs = (const T **)scratch;                                                                      \
+        T *value = (T *)(xs + N), *alpha_out = value + N * N, *w = alpha_out + N;                                \
+        uint8_t *open = (uint8_t *)(w + N), *alive = open + N * N;                                               \
+        xs[i] = y;                                                                                               \
+        alive[i] = 1;                                                                                            \
+        NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i], (const T *)(intptr_t)router[2 * i + 1], \
+                             n - i, tau + i, mode, value + (i + 1) * N + i, N,                                   \
+                             removal ? open + (i + 1) * N + i : NULL, N, alpha_out + i);                         \
+        int64_t j = i + 1;                                                                                       \
+        for (;; j++) {                                                                                           \
+            int any = 0;                                                                                         \
+            for (int64_t k = 0; k < j; k++) {                                                                    \
+                const int on = alive[k] && (!removal || open[j * N + k]);                                        \
+                w[k] = on ? value[j * N + k] : (T)0;                                                             \
+                any |= on;                                                                                       \
+            }                                                                                                    \
+            if (any) break;                                                                                      \
+            if (j == n) { /* the output node: its strongest edge from a live node */                             \
+                int64_t best = -1;                                                                               \
+                for (int64_t k = 0; k < n; k++)                                                                  \
+                    if (alive[k] && (best < 0 || alpha_out[k] > alpha_out[best])) best = k;                      \
+                w[best] = value[n * N + best];                                                                   \
+                break;                                                                                           \
+            }                                                                                                    \
+        }                                                                                                        \
+        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, C * HW, (int)relu[j]);                                              \
+        return j;                                                                                                \
+    }
+
+DEFINE_SAMPLE(f32, float)
+DEFINE_SAMPLE(f64, double)
+
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
- * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node weights). */
-int dynwire_agg_abi(void) { return 3; }
+ * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node
+ * weights; 4: the batch-1 stage step). */
+int dynwire_agg_abi(void) { return 4; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

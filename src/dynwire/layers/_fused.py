@@ -73,7 +73,7 @@ class _CpuKernels(_FusedBackend):
     def __init__(self, lib) -> None:
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fwd, self._bwd = {}, {}
-        self._router, self._node_weights = {}, {}
+        self._router, self._node_weights, self._sample_step = {}, {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
             f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint, cint], None
@@ -88,6 +88,9 @@ class _CpuKernels(_FusedBackend):
                 nw = getattr(lib, f"dynwire_node_weights_{name}")
                 nw.argtypes, nw.restype = [i64, i64, p, i64, p, i64, p, i64, p, p, i64], i64
                 self._node_weights[dtype] = nw
+                st = getattr(lib, f"dynwire_sample_step_{name}")
+                st.argtypes, st.restype = [p, p, i64, p, p], i64
+                self._sample_step[dtype] = st
 
     @staticmethod
     def load() -> _CpuKernels | None:
@@ -96,7 +99,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 3:
+            if lib.dynwire_agg_abi() != 4:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):

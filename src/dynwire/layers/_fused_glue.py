@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._fused import _BACKENDS, _MODE, FUSED_CHUNK, _CpuKernels
+from ._fused import _BACKENDS, _MODE, _CpuKernels
 from .router import Router
 
 __all__ = ["SampleKernels", "fused_node_weights", "fused_router_gate"]
@@ -143,21 +143,16 @@ def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> t
 
 
 class SampleKernels:
-    """The C calls of the batch-1 inference path (``graph._inference._forward_one``), checked once
-    per stage forward by :meth:`for_stage`: a router's raw weights as Python numbers, and the
-    weighted sum of a node's inputs with Python-number weights. Each call then costs a few
-    pointer reads instead of the tensor ops (and checks) it replaces."""
+    """The batch-1 inference path's C call (``graph._inference._forward_one``), checked once per
+    stage forward by :meth:`for_stage`: after each block, one call runs the block's router and
+    gate, decides which node runs next (Sec. 3.3) and writes that node's input, so a node costs
+    its block and one C call instead of tensor ops or Python arithmetic per edge."""
 
-    def __init__(self, backend: _CpuKernels, dtype: torch.dtype, routers, tau: Tensor) -> None:
-        self._router = backend._router[dtype]
-        self._fwd = backend._fwd[dtype]
-        self._ctype = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+    def __init__(self, backend: _CpuKernels, dtype: torch.dtype, params: list[tuple[Tensor, Tensor]], tau: Tensor):
+        self._step = backend._sample_step[dtype]
         self._dtype = dtype
-        fcs = [r._modules["fc"] for r in routers]
-        self._params = [(fc._parameters["weight"], fc._parameters["bias"]) for fc in fcs]  # kept alive
-        self._ptrs = [(w.shape[1], w.shape[0], w.data_ptr(), b.data_ptr()) for w, b in self._params]
+        self._params = params  # kept alive while their pointers are in a plan
         self._tau = tau
-        self._tau_ptr, self._esize = tau.data_ptr(), tau.element_size()
 
     @staticmethod
     def for_stage(routers, tau: Tensor, like: Tensor) -> SampleKernels | None:
@@ -168,33 +163,53 @@ class SampleKernels:
         dt = like.dtype
         if backend is None or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous()):
             return None
-        if any(_plain_router(r, dt) is None for r in routers):
-            return None
-        return SampleKernels(backend, dt, routers, tau)
-
-    def router(self, i: int, y: Tensor) -> list[float] | None:
-        """Router ``i``'s raw weights ``alpha`` on one sample ``y`` ``(1, C, ...)``, or None."""
-        c, k, wp, bp = self._ptrs[i]
-        if y.dtype != self._dtype or not y.is_contiguous() or y.ndim < 2 or y.shape[0] != 1 or y.shape[1] != c:
-            return None
-        out = (self._ctype * k)()
-        addr = ctypes.addressof(out)
-        tp = self._tau_ptr + i * self._esize
-        self._router(1, c, y.numel() // c, y.data_ptr(), wp, bp, k, tp, 1, addr, k, 1, None, 0, 0, None, 0, 1)
-        return out[:]
-
-    def sum(self, weights: list[float], xs: list[Tensor], relu: bool) -> Tensor | None:
-        """``sum_k weights[k] * xs[k]`` (``max(., 0)`` of it with ``relu``) for one sample, or None."""
-        x0 = xs[0]
-        shape = x0.shape
-        if x0.dtype != self._dtype or shape[0] != 1:
-            return None
-        for x in xs:
-            if x.shape != shape or x.dtype != x0.dtype or not x.is_contiguous():
+        params = []
+        for r in routers:
+            p = _plain_router(r, dt)
+            if p is None:
                 return None
-        out = torch.empty_like(x0)
-        k = len(xs)
-        ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in xs])
-        w = (self._ctype * k)(*weights)
-        self._fwd(1, x0.numel(), k, ptrs, ctypes.addressof(w), out.data_ptr(), FUSED_CHUNK, 1, int(relu))
-        return out
+            params.append(p)
+        return SampleKernels(backend, dt, params, tau)
+
+    def run(self, blocks, y: Tensor, relu: list[bool], eval_gate: str, removal: bool) -> Tensor | None:
+        """The stage on one sample from ``y``, block 0's output ``(1, C, ...)``: blocks ``j >= 1`` get
+        ``act=False`` where ``relu[j]`` says that their input aggregation applies the activation
+        (``relu[n]``: the stage output's). None, before anything ran, where ``y`` does not fit the
+        C call (dtype, layout, router shapes); then the caller goes on from ``y``."""
+        n = len(blocks)
+        C = y.shape[1] if y.ndim >= 2 else 0
+        if (
+            y.dtype != self._dtype
+            or not y.is_contiguous()
+            or y.shape[0] != 1
+            or C == 0
+            or self._tau.numel() != n
+            or len(self._params) != n
+            or any(w.shape != (n - i, C) for i, (w, _) in enumerate(self._params))
+        ):
+            return None
+        shape = y.shape
+        plan = [n, C, y.numel() // C, _GATE_MODES[eval_gate], int(removal), self._tau.data_ptr()]
+        for w, b in self._params:
+            plan += (w.data_ptr(), b.data_ptr())
+        plan += [int(r) for r in relu]
+        N = n + 1
+        plan_arr = (ctypes.c_int64 * len(plan))(*plan)
+        scratch = (ctypes.c_char * (N * 8 + (N * N + 2 * N) * y.element_size() + N * N + N))()
+        step = self._step
+        outs = [y]  # every node output stays alive: the scratch area holds pointers to them
+        i = 0
+        while True:
+            out = torch.empty_like(y)
+            j = step(plan_arr, scratch, i, y.data_ptr(), out.data_ptr())
+            if j == n:
+                return out
+            y = blocks[j](out, act=False) if relu[j] else blocks[j](out)
+            if y.shape != shape or y.dtype != self._dtype:
+                raise ValueError(
+                    f"block {j} of a graph stage returned {tuple(y.shape)} {y.dtype}, block 0 {tuple(shape)} "
+                    f"{self._dtype}: the blocks of a stage must return outputs of one shape and dtype"
+                )
+            y = y.contiguous()  # same values: the sum and the router read them densely
+            outs.append(y)
+            i = j
