@@ -35,7 +35,7 @@ __all__ = ["forward_inference"]
 def forward_inference(
     stage: nn.Module, x: Tensor, blocks: list[nn.Module], pruned: bool, output_act: nn.Module | None = None
 ) -> Tensor:
-    """Run ``stage`` on ``x`` in inference; equal to ``output_act(stage._forward_graph(x))`` (the reference).
+    """Run ``stage`` on ``x`` in inference; equal to ``stage._forward_graph(x, blocks, output_act)`` (the reference).
 
     ``pruned``: removed nodes are not computed (the pruned executor); otherwise every block runs
     on the whole batch and removed samples are zeroed (the dense executor's arithmetic).

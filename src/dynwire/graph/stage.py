@@ -130,8 +130,7 @@ class GraphStage(nn.Module):
         if self._fast_inference(x):
             return forward_inference(self, x, blocks, pruned=True, output_act=self.output_act)
         with recompute_aggregations(self._recompute(), self.wiring.recompute_max_inputs):
-            out = self._forward_graph(x, blocks)
-        return out if self.output_act is None else self.output_act(out)
+            return self._forward_graph(x, blocks, self.output_act)
 
     def _fast_inference(self, x: Tensor) -> bool:
         """Inference on the pruned executor, nothing recorded: the few-ops path (``graph._inference``)."""
@@ -147,7 +146,7 @@ class GraphStage(nn.Module):
             and _get_current_dispatch_mode() is None
         )
 
-    def _forward_graph(self, x: Tensor, blocks: list[nn.Module]) -> Tensor:
+    def _forward_graph(self, x: Tensor, blocks: list[nn.Module], output_act: nn.Module | None = None) -> Tensor:
         g = self.edges
         batch = x.shape[0]
         n = self.num_blocks
@@ -206,6 +205,10 @@ class GraphStage(nn.Module):
                     if record:
                         macs.add_all(len(cols) * ins[0][0].numel())
             if j == n:
+                if output_act is not None:
+                    # the output sum is as fresh as a node input: a plain ReLU in place (one map less)
+                    fresh = cols and not record and not onnx and not _tracing() and type(output_act) is nn.ReLU
+                    h = torch.relu_(h) if fresh else output_act(h)
                 break
             if cost and count:
                 self.block_macs.append(_block_macs(blocks[j], xs[0] if j else h))
