@@ -17,7 +17,8 @@ load hits all variants alike; every ratio is against a reference of the same rou
   budget runs) on real test images, against the sequential run among them: executed MACs,
   batch-1 latency and batch-N throughput.
 * ``frontier`` (``--runs DIR ...``): budget-trained DG-Nets (``experiments/frontier``) against dense
-  ``cifar_resnet56`` and against the static CIFAR ResNet of the nearest MACs, same rounds.
+  ``cifar_resnet56`` and against the static CIFAR ResNet of the nearest MACs, same rounds;
+  batch-1 latency is the mean over the first 16 test images (compute varies per image).
 * ``compile`` (``--compile``): ``torch.compile`` (dense executor, ``fullgraph=True``) of
   ``sequential`` and ``dynamic`` against eager ``sequential``.
 
@@ -79,14 +80,22 @@ def _measure(
     pairs: dict[str, str] | None = None,
 ) -> dict:
     """Interleaved rounds; per variant the median latency, throughput and ratios against ``ref``
-    (and, for the variants in ``pairs``, against their own reference ``pairs[k]``, same rounds)."""
+    (and, for the variants in ``pairs``, against their own reference ``pairs[k]``, same rounds).
+    Latency is per image of ``x1``, each image a batch-1 call (several images: their mean, for
+    models whose compute varies per image)."""
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
+    ones = [x1[i : i + 1] for i in range(x1.shape[0])]
+
+    def one_by_one(m: nn.Module) -> None:
+        for x in ones:
+            m(x)
+
     with torch.inference_mode():
         for m in models.values():
-            m(x1), m(xn)  # warm-up
+            one_by_one(m), m(xn)  # warm-up
         for _ in range(rounds):
             for k, m in models.items():
-                t1 = _timer(functools.partial(m, x1), reps1)
+                t1 = _timer(functools.partial(one_by_one, m), reps1) / len(ones)
                 rows[k].append((t1, xn.shape[0] / _timer(functools.partial(m, xn), repsn)))
     out = {}
     for k, vals in rows.items():
@@ -257,6 +266,7 @@ def bench_trained(runs: list[Path], batch: int, rounds: int, reps1: int, repsn: 
 
 
 FRONTIER_SERIES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56")
+FRONTIER_LATENCY_IMAGES = 16
 
 
 def bench_frontier(runs: list[Path], batch: int, rounds: int, reps1: int, repsn: int) -> dict:
@@ -266,7 +276,7 @@ def bench_frontier(runs: list[Path], batch: int, rounds: int, reps1: int, repsn:
     if not runs:
         raise SystemExit("--parts frontier needs --runs (budget-trained run directories)")
     xn = _test_images(runs[0], batch)
-    x1 = xn[:1]
+    x1 = xn[:FRONTIER_LATENCY_IMAGES]  # per-sample compute: latency over several images, not one
     shape = tuple(xn.shape[1:])
     models: dict[str, nn.Module] = {}
     info: dict[str, dict] = {}
@@ -367,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             if part in ("trained", "frontier"):
                 fn = bench_trained if part == "trained" else bench_frontier
-                r = fn(args.runs, 64, 3 if part == "trained" else 5, 40, 3)
+                # frontier: each latency repetition is FRONTIER_LATENCY_IMAGES batch-1 calls
+                r = fn(args.runs, 64, 3, 40, 3) if part == "trained" else fn(args.runs, 64, 5, 10, 3)
                 out.append(dict(threads=threads, **r))
             else:
                 for plan in plans[part]:
