@@ -548,3 +548,14 @@ def test_fused_node_weights_match_the_tensor_ops(dtype):
         assert torch.equal(got, alive)  # nothing else written
     with torch.no_grad():
         assert fused_node_weights(value, opened, alive.float(), 2) is None  # not a bool mask
+
+
+def test_complete_dag_follows_the_predecessor_lists():
+    """The batch-1 C step needs a complete DAG; the cached answer changes when the edges do."""
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic")
+    g = m.layer1.edges
+    assert g.complete_dag()
+    g._preds = [list(range(j)) if j != 2 else [1] for j in range(g.num_nodes)]
+    assert not g.complete_dag()
+    r = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="random-ws").layer1.edges
+    assert r.complete_dag() == all(len(r.predecessors(j)) == j for j in range(r.num_nodes))

@@ -106,13 +106,14 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
     removal = g.can_close()
     routers = tau = first = None
     if isinstance(g, RoutedEdges) and type(g).output_gates is RoutedEdges.output_gates:
-        routers, tau = g.routers, g.tau.tolist()
+        routers = g.routers
         kern = SampleKernels.for_stage(routers, g.tau, x) if g.complete_dag() else None
         if kern is not None:
             first = blocks[0](x)
             out = kern.run(blocks, first, relu, g.eval_gate, removal)
             if out is not None:
                 return out
+        tau = g.tau.tolist()
     if g.data_dependent:
         value = [[0.0] * (n + 1) for _ in range(n + 1)]
         opened = [[False] * (n + 1) for _ in range(n + 1)]

@@ -47,7 +47,13 @@ def _plain_router(router: torch.nn.Module, dt: torch.dtype) -> tuple[Tensor, Ten
     if type(fc) is not torch.nn.Linear or fc._forward_hooks or fc._forward_pre_hooks:
         return None
     weight, bias = fc._parameters["weight"], fc._parameters["bias"]
-    if bias is None or not all(t.is_cpu and t.dtype == dt and t.is_contiguous() for t in (weight, bias)):
+    if (
+        bias is None
+        or not (weight.is_cpu and bias.is_cpu)
+        or weight.dtype != dt
+        or bias.dtype != dt
+        or not (weight.is_contiguous() and bias.is_contiguous())
+    ):
         return None
     return weight, bias
 
@@ -148,51 +154,61 @@ class SampleKernels:
     gate, decides which node runs next (Sec. 3.3) and writes that node's input, so a node costs
     its block and one C call instead of tensor ops or Python arithmetic per edge."""
 
-    def __init__(self, backend: _CpuKernels, dtype: torch.dtype, params: list[tuple[Tensor, Tensor]], tau: Tensor):
+    def __init__(
+        self, backend: _CpuKernels, dtype: torch.dtype, params: list[tuple[Tensor, Tensor]], tau: Tensor, channels: int
+    ) -> None:
         self._step = backend._sample_step[dtype]
         self._dtype = dtype
         self._params = params  # kept alive while their pointers are in a plan
         self._tau = tau
+        self._channels = channels
+        self._ptrs = [tau.data_ptr()]
+        for w, b in params:
+            self._ptrs += (w.data_ptr(), b.data_ptr())
 
     @staticmethod
     def for_stage(routers, tau: Tensor, like: Tensor) -> SampleKernels | None:
-        """The kernels for plain ``Router`` modules (no hooks) whose parameters and ``tau`` are dense
-        CPU tensors of ``like``'s dtype (float32 or float64), outside autograd, compile and dispatch
-        modes; None otherwise (the caller's tensor ops are the reference)."""
+        """The kernels for plain ``Router`` modules (no hooks) of a stage's ``n`` block nodes
+        (router ``i``: ``(n - i, C)``) whose parameters and ``tau`` (``n``) are dense CPU tensors of
+        ``like``'s dtype (float32 or float64), outside autograd, compile and dispatch modes; None
+        otherwise (the caller's tensor ops are the reference)."""
         backend = _backend_for(like)
         dt = like.dtype
-        if backend is None or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous()):
+        n = len(routers)
+        if backend is None or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous() and tau.shape == (n,)):
             return None
         params = []
-        for r in routers:
+        channels = None
+        for i, r in enumerate(routers):
             p = _plain_router(r, dt)
             if p is None:
                 return None
+            shape = p[0].shape
+            if channels is None:
+                channels = shape[1]
+            if shape[0] != n - i or shape[1] != channels:
+                return None
             params.append(p)
-        return SampleKernels(backend, dt, params, tau)
+        return SampleKernels(backend, dt, params, tau, channels) if n else None
 
     def run(self, blocks, y: Tensor, relu: list[bool], eval_gate: str, removal: bool) -> Tensor | None:
         """The stage on one sample from ``y``, block 0's output ``(1, C, ...)``: blocks ``j >= 1`` get
         ``act=False`` where ``relu[j]`` says that their input aggregation applies the activation
         (``relu[n]``: the stage output's). None, before anything ran, where ``y`` does not fit the
-        C call (dtype, layout, router shapes); then the caller goes on from ``y``."""
+        C call (dtype, layout, router width); then the caller goes on from ``y``."""
         n = len(blocks)
-        C = y.shape[1] if y.ndim >= 2 else 0
+        C = self._channels
         if (
-            y.dtype != self._dtype
+            n != len(self._params)
+            or y.dtype != self._dtype
             or not y.is_contiguous()
+            or y.ndim < 2
             or y.shape[0] != 1
-            or C == 0
-            or self._tau.numel() != n
-            or len(self._params) != n
-            or any(w.shape != (n - i, C) for i, (w, _) in enumerate(self._params))
+            or y.shape[1] != C
         ):
             return None
         shape = y.shape
-        plan = [n, C, y.numel() // C, _GATE_MODES[eval_gate], int(removal), self._tau.data_ptr()]
-        for w, b in self._params:
-            plan += (w.data_ptr(), b.data_ptr())
-        plan += [int(r) for r in relu]
+        plan = [n, C, y.numel() // C, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
         N = n + 1
         plan_arr = (ctypes.c_int64 * len(plan))(*plan)
         scratch = (ctypes.c_char * (N * 8 + (N * N + 2 * N) * y.element_size() + N * N + N))()
