@@ -307,7 +307,8 @@ DEFINE_NODE_WEIGHTS(f64, double)
         uint8_t *open = (uint8_t *)(w + N), *alive = open + N * N;                                               \
         xs[i] = y;                                                                                               \
         alive[i] = 1;                                                                                            \
-        NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i], (const T *)(intptr_t)router[2 * i + 1], \
+        NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i],                                       \
+                             (const T *)(intptr_t)router[2 * i + 1],                                             \
                              n - i, tau + i, mode, value + (i + 1) * N + i, N,                                   \
                              removal ? open + (i + 1) * N + i : NULL, N, alpha_out + i);                         \
         int64_t j = i + 1;                                                                                       \
@@ -327,7 +328,7 @@ DEFINE_NODE_WEIGHTS(f64, double)
                 break;                                                                                           \
             }                                                                                                    \
         }                                                                                                        \
-        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, C * HW, (int)relu[j]);                                              \
+        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, C * HW, (int)relu[j]);                           \
         return j;                                                                                                \
     }
 
