@@ -14,7 +14,9 @@ node that does not grow with the number of its inputs, apart from the aggregatio
 * on the CPU a plain router and its gate are one C call (``layers._fused_glue.fused_router_gate``)
   that writes the edge matrices directly, and a branch node whose branch starts with a ReLU
   (``BranchNode.relu_input``; also the stage's output activation) gets it applied in the
-  aggregation's own pass, so the node input is written once and never copied by the activation.
+  aggregation's own pass, so the node input is written once and never copied by the activation;
+* at batch 1 on the CPU a node is its block and one C call (``SampleKernels.run``): its router and
+  gate, the removal of the nodes after it and the next node's input, in C arrays, not tensors.
 """
 
 from __future__ import annotations

@@ -102,9 +102,10 @@ def edge_gate(
 def edge_gate_floats(alpha: list[float], tau: list[float], eval_gate: str = "masked") -> tuple[list[float], list[bool]]:
     """:func:`edge_gate` in evaluation on Python numbers (one sample's edges): ``(value, open)``.
 
-    The batch-1 inference path gates a node's output edges this way after one ``.tolist()`` of its
-    router's output, instead of four tensor ops: same decisions (``alpha >= tau`` on the same
-    float32 numbers), values in double precision. ``eval_gate="soft"`` opens every edge.
+    The batch-1 inference path's Python fallback (where its C call does not apply) gates a node's
+    output edges this way after one ``.tolist()`` of its router's output, instead of four tensor
+    ops: same decisions (``alpha >= tau`` on the same float32 numbers), values in double
+    precision. ``eval_gate="soft"`` opens every edge.
     """
     if eval_gate == "hard":
         return list(alpha), [a >= t for a, t in zip(alpha, tau)]
