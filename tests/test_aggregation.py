@@ -559,3 +559,12 @@ def test_complete_dag_follows_the_predecessor_lists():
     assert not g.complete_dag()
     r = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="random-ws").layer1.edges
     assert r.complete_dag() == all(len(r.predecessors(j)) == j for j in range(r.num_nodes))
+
+
+@needs_fused
+def test_batch_one_stage_step_names_a_block_of_another_shape():
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node="branch", in_chans=1).eval()
+    node = model.layer1.blocks()[2]
+    node.forward = lambda x, act=True: x[:, :, :-1]  # a block whose output is smaller than block 0's
+    with torch.no_grad(), pytest.raises(ValueError, match="block 2 of a graph stage returned"):
+        model(torch.randn(1, 1, 20, 20))
