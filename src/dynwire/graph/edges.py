@@ -92,11 +92,7 @@ class EdgeWeights(nn.Module):
 
     def complete_dag(self) -> bool:
         """Whether every node ``j`` reads all nodes ``0 .. j-1`` (predecessors are earlier nodes)."""
-        preds = self._preds
-        cached = self.__dict__.get("_complete")
-        if cached is None or cached[0] is not preds:  # _preds is replaced, never edited, when edges change
-            cached = self.__dict__["_complete"] = (preds, all(len(p) == j for j, p in enumerate(preds)))
-        return cached[1]
+        return all(len(p) == j for j, p in enumerate(self._preds))
 
     def edge_mask_matrix(self) -> Tensor:
         """``(N, N)`` 0/1 matrix of the edges that exist, row = receiver, column = sender."""

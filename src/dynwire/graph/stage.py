@@ -163,6 +163,8 @@ class GraphStage(nn.Module):
         alive: list[Tensor] = []  # (B,) bool per node, when nodes can be removed
         use_taps = self.fused_grad and torch.is_grad_enabled() and not _tracing()
         onnx = torch.onnx.is_in_onnx_export()
+        # ReLUs in place on fresh sums (node inputs, the output): not while recording, exporting or tracing
+        relu_in_place = not record and not onnx and not _tracing()
         cost = self.training and self.cost_temperature is not None and hasattr(g, "tau")
         if cost:
             count = self.block_macs is None
@@ -207,13 +209,13 @@ class GraphStage(nn.Module):
             if j == n:
                 if output_act is not None:
                     # the output sum is as fresh as a node input: a plain ReLU in place (one map less)
-                    fresh = cols and not record and not onnx and not _tracing() and type(output_act) is nn.ReLU
+                    fresh = cols and relu_in_place and type(output_act) is nn.ReLU
                     h = torch.relu_(h) if fresh else output_act(h)
                 break
             if cost and count:
                 self.block_macs.append(_block_macs(blocks[j], xs[0] if j else h))
             block = blocks[j]
-            if j and cols and not record and not onnx and not _tracing() and getattr(block, "relu_input", False):
+            if j and cols and relu_in_place and getattr(block, "relu_input", False):
                 # the node input is a fresh sum that only this branch reads: its ReLU in place
                 # (no second map per node; autograd's ReluBackward keeps the result as before)
                 h = torch.relu_(h)

@@ -291,7 +291,8 @@ DEFINE_NODE_WEIGHTS(f64, double)
  *   plan: n, C, HW, mode, removal, tau, then per block node i: W_i, bias_i (router of node i,
  *         (n - i, C) row-major), then n + 1 relu flags (node j's aggregation applies max(., 0))
  *   scratch: xs (n + 1 pointers), value (N*N), alpha_out (N), w (N) of T, open (N*N), alive (N)
- *         bytes; N = n + 1, value/open receiver-major as the stage's edge matrices
+ *         bytes; N = n + 1, value/open receiver-major as the stage's edge matrices; zeroed, except
+ *         open all 1 without removal and alive[0] = 1 (block 0 always runs)
  * Records y as node i's output, runs its router and gate (Eq. 4-5) into column i, then finds the
  * next node j > i with an open edge from a live node (Sec. 3.3: nodes with none are removed; the
  * output node n keeps its strongest edge from a live node), writes its input into out and returns
@@ -306,20 +307,14 @@ DEFINE_NODE_WEIGHTS(f64, double)
         T *value = (T *)(xs + N), *alpha_out = value + N * N, *w = alpha_out + N;                                \
         uint8_t *open = (uint8_t *)(w + N), *alive = open + N * N;                                               \
         xs[i] = y;                                                                                               \
-        alive[i] = 1;                                                                                            \
         NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i],                                       \
                              (const T *)(intptr_t)router[2 * i + 1],                                             \
                              n - i, tau + i, mode, value + (i + 1) * N + i, N,                                   \
                              removal ? open + (i + 1) * N + i : NULL, N, alpha_out + i);                         \
         int64_t j = i + 1;                                                                                       \
         for (;; j++) {                                                                                           \
-            int any = 0;                                                                                         \
-            for (int64_t k = 0; k < j; k++) {                                                                    \
-                const int on = alive[k] && (!removal || open[j * N + k]);                                        \
-                w[k] = on ? value[j * N + k] : (T)0;                                                             \
-                any |= on;                                                                                       \
-            }                                                                                                    \
-            if (any) break;                                                                                      \
+            if (dynwire_node_weights_##NAME(1, j, value + j * N, 0, open + j * N, 0, alive, 0, w, alive + j, 0)) \
+                break;                                                                                           \
             if (j == n) { /* the output node: its strongest edge from a live node */                             \
                 int64_t best = -1;                                                                               \
                 for (int64_t k = 0; k < n; k++)                                                                  \

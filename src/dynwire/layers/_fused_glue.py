@@ -211,7 +211,11 @@ class SampleKernels:
         plan = [n, C, y.numel() // C, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
         N = n + 1
         plan_arr = (ctypes.c_int64 * len(plan))(*plan)
-        scratch = (ctypes.c_char * (N * 8 + (N * N + 2 * N) * y.element_size() + N * N + N))()
+        open_at = N * 8 + (N * N + 2 * N) * y.element_size()  # the scratch layout the C call reads
+        scratch = (ctypes.c_char * (open_at + N * N + N))()
+        if not removal:  # every edge open
+            ctypes.memset(ctypes.addressof(scratch) + open_at, 1, N * N)
+        scratch[open_at + N * N] = b"\x01"  # alive[0]: block 0 ran
         step = self._step
         outs = [y]  # every node output stays alive: the scratch area holds pointers to them
         i = 0
