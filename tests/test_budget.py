@@ -145,7 +145,63 @@ def test_difficulty_term_is_the_mean_squared_gap_to_the_per_sample_targets():
     assert grad[1] > 0 > grad[2]
 
 
-def test_difficulty_is_validated_and_trains(tmp_path):
+def test_per_stage_term_is_the_weighted_gap_of_each_stage_to_the_removable_target():
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard").train()
+    budget = ComputeBudget(m, target=0.5, weight=2.0, per_stage=True)
+    m(torch.randn(4, 3, 32, 32))
+    shape = (3, 32, 32)
+    dense = budget.dense_macs(shape)
+    removable = [sum(s.block_macs[1:]) for s in budget.stages]
+    r = sum(removable)
+    t_r = (0.5 * dense - (dense - r)) / r  # the share of the removable MACs a 0.5 target leaves
+    want = 0.0
+    for s, w in zip(budget.stages, removable):
+        f = s.expected_block_macs.detach() / w
+        want = want + (w / r) * (f - t_r) ** 2
+    want = 2.0 * (r / dense) ** 2 * want.mean()
+    term, frac = budget.loss(shape)
+    assert float(term.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert frac == pytest.approx(float(budget.expected_fraction(shape).mean()), rel=1e-6)
+    # one stage emptied to pay for the others: the whole-model term is 0, the per-stage term is not,
+    # and its gradient asks the emptied stage to spend more, the overfull ones less
+    w0 = removable[0] / r
+    x = t_r / (1 - w0)  # stages 2 and 3 spend more so that the whole model meets its target
+    leaves = [torch.full((4,), v, requires_grad=True) for v in (0.0, x, x)]
+    mean_share = sum(w / r * float(f[0]) for w, f in zip(removable, leaves))
+    assert mean_share == pytest.approx(t_r)
+    budget.stage_fractions = lambda: leaves
+    per_stage = budget._per_stage_term(shape, torch.full((4,), 0.5))
+    assert float(per_stage) > 1e-3
+    grads = torch.autograd.grad(per_stage, leaves)
+    assert grads[0][0] < 0 < grads[1][0] and grads[2][0] > 0
+    with pytest.raises(ValueError, match="per_stage"):
+        ComputeBudget(m, target=0.5, per_stage=2)
+    from dynwire.engine import load_config
+
+    with pytest.raises(ValueError, match="per_stage"):
+        load_config("fmnist_resnet20", ["train.budget.target=0.5", "train.budget.per_stage=0.5"])
+
+
+def test_per_stage_equals_the_whole_model_term_when_every_stage_spends_the_same_share():
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, train_gate="hard").train()
+    shape = (3, 32, 32)
+    # targets 0.49..0.91, above the fixed part (stem, node 0s, head), so no target is clipped
+    whole = ComputeBudget(m, target=0.7, difficulty=0.3)
+    split = ComputeBudget(m, target=0.7, difficulty=0.3, per_stage=True)
+    m(torch.randn(4, *shape))
+    share = torch.tensor([0.1, 0.5, 0.7, 0.9])
+    for s in split.stages:  # every stage at the same per-sample share of its removable MACs
+        s.expected_block_macs = share * sum(s.block_macs[1:])
+    losses = torch.tensor([0.3, 0.1, 2.0, 0.9])
+    a, _ = whole.loss(shape, losses)
+    b, _ = split.loss(shape, losses)
+    assert float(a) == pytest.approx(float(b), rel=1e-5) and float(a) > 0
+
+
+@pytest.mark.parametrize("extra", [[], ["train.budget.per_stage=1"]])
+def test_difficulty_is_validated_and_trains(tmp_path, extra):
     from dynwire.engine import load_config, train
 
     with pytest.raises(ValueError, match="difficulty"):
@@ -161,6 +217,7 @@ def test_difficulty_is_validated_and_trains(tmp_path):
         "train.budget.target=0.5",
         "train.budget.difficulty=1",
         "train.budget.warmup_epochs=0.5",
+        *extra,
         f"data.root={data}",
         f"output.dir={tmp_path}",
     ]

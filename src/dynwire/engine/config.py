@@ -141,7 +141,7 @@ class TrainConfig:
         {},
         doc="compute budget: {target: MAC fraction in (0, 1], weight: >= 0, temperature: > 0, "
         "difficulty: in [0, 1], per-sample targets by loss rank, warmup_epochs: >= 0, linear ramp of the "
-        "weight} (empty: off)",
+        "weight, per_stage: 0 or 1, each stage spends the same share of its removable MACs} (empty: off)",
     )
 
 
@@ -192,7 +192,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_BUDGET_KEYS = ("target", "weight", "temperature", "difficulty", "warmup_epochs")
+_BUDGET_KEYS = ("target", "weight", "temperature", "difficulty", "warmup_epochs", "per_stage")
 
 
 def _cross_check(cfg: RunConfig) -> None:
@@ -219,6 +219,8 @@ def _cross_check(cfg: RunConfig) -> None:
         raise ValueError(f"train.budget.difficulty={budget['difficulty']!r}: must be in [0, 1] (0: one target for all)")
     if budget and budget.get("warmup_epochs", 0.0) < 0:
         raise ValueError(f"train.budget.warmup_epochs={budget['warmup_epochs']!r}: must be >= 0 (0: no warm-up)")
+    if budget and budget.get("per_stage", 0) not in (0, 1):
+        raise ValueError(f"train.budget.per_stage={budget['per_stage']!r}: must be 0 (one term) or 1 (one per stage)")
     if budget and cfg.model.wiring not in ("dynamic", "static"):
         raise ValueError(f"train.budget: needs thresholds to close edges; model.wiring={cfg.model.wiring!r} has none")
     kwargs = cfg.model.wiring_kwargs

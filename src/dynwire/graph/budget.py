@@ -13,6 +13,14 @@ based upon the difficulties of samples", Sec. 5): a sample whose loss ranks ``r`
 within its batch (0 the easiest) aims at ``target * (1 + difficulty * (2 r - 1))``, clipped to
 ``[0, 1]``, so the batch's mean target stays ``target`` and easy samples are asked to spend less.
 
+``per_stage=True`` spreads the budget evenly over the stages: the term becomes the
+removable-MAC-weighted mean over stages of ``(stage fraction - removable target)^2``, where a stage's
+fraction is its expected executed share of its own removable blocks (blocks 1..n-1) and the
+removable target is the share of all removable MACs the sample's target leaves. It is scaled by
+``(removable / dense)^2`` so that it equals the whole-model term when every stage spends the same
+share, and is never smaller (Jensen); with it one stage cannot be emptied to pay for the others.
+A target below the fixed part asks for a removable share of 0 (clipped).
+
 ``warmup_epochs > 0`` ramps the term's weight linearly from 0 to ``weight`` over that many epochs
 (the trainer passes the progress), so the blocks learn features before the budget removes them.
 """
@@ -41,6 +49,7 @@ class ComputeBudget(nn.Module):
         temperature: float = 0.2,
         difficulty: float = 0.0,
         warmup_epochs: float = 0.0,
+        per_stage: bool | float = False,
     ) -> None:
         super().__init__()
         if not 0.0 < target <= 1.0:
@@ -51,6 +60,8 @@ class ComputeBudget(nn.Module):
             raise ValueError(f"budget difficulty={difficulty!r}: must be in [0, 1] (0: one target for every sample)")
         if warmup_epochs < 0:
             raise ValueError(f"budget warmup_epochs={warmup_epochs!r}: must be >= 0")
+        if per_stage not in (0, 1):  # 0/1 from a config's number, or a bool
+            raise ValueError(f"budget per_stage={per_stage!r}: must be 0 (one term for the model) or 1 (one per stage)")
         self.stages = [s for s in model.modules() if isinstance(s, GraphStage) and hasattr(s.edges, "tau")]
         if not self.stages:
             raise ValueError("a compute budget needs thresholded wirings (dynamic or static); this model has none")
@@ -58,6 +69,7 @@ class ComputeBudget(nn.Module):
         self.target, self.weight, self.temperature = float(target), float(weight), float(temperature)
         self.difficulty = float(difficulty)
         self.warmup_epochs = float(warmup_epochs)
+        self.per_stage = bool(per_stage)
         self._dense: float | None = None
         for s in self.stages:
             s.cost_temperature = self.temperature
@@ -82,6 +94,27 @@ class ComputeBudget(nn.Module):
             expected = s.expected_block_macs if expected is None else expected + s.expected_block_macs
         return (dense - removable + expected) / dense
 
+    def stage_fractions(self) -> list[Tensor]:
+        """Per stage, the ``(B,)`` expected executed share of its removable MACs (last training forward)."""
+        out = []
+        for s in self.stages:
+            if s.expected_block_macs is None:
+                raise ValueError("ComputeBudget: run the model's training forward before asking for the budget")
+            removable = sum(s.block_macs[1:])
+            if removable > 0:
+                out.append(s.expected_block_macs / removable)
+        return out
+
+    def _per_stage_term(self, sample_shape: tuple[int, ...], targets: Tensor) -> Tensor:
+        """Mean over samples of the removable-MAC-weighted per-stage squared gaps (module docstring)."""
+        dense = self.dense_macs(sample_shape)
+        shares = [sum(s.block_macs[1:]) for s in self.stages if sum(s.block_macs[1:]) > 0]
+        removable = sum(shares)
+        # the share of the removable MACs a sample's whole-model target leaves (its fixed part runs anyway)
+        t_r = ((targets * dense - (dense - removable)) / removable).clamp(0.0, 1.0)
+        gaps = sum(w / removable * (f - t_r) ** 2 for w, f in zip(shares, self.stage_fractions()))
+        return (removable / dense) ** 2 * gaps.mean()
+
     def sample_targets(self, sample_loss: Tensor) -> Tensor:
         """``(B,)`` per-sample targets from the samples' losses (their ranks; see the module docstring)."""
         b = sample_loss.numel()
@@ -104,9 +137,14 @@ class ComputeBudget(nn.Module):
         fracs = self.expected_fraction(sample_shape)
         frac = fracs.mean()
         weight = self.weight_at(epoch)
-        if self.difficulty == 0:
+        if self.difficulty == 0 and not self.per_stage:
             return weight * (frac - self.target) ** 2, float(frac.detach())
-        if sample_loss is None or sample_loss.numel() != fracs.numel():
+        if self.difficulty == 0:
+            targets = fracs.new_full(fracs.shape, self.target)
+        elif sample_loss is None or sample_loss.numel() != fracs.numel():
             raise ValueError("ComputeBudget.loss: difficulty > 0 needs the (B,) per-sample loss of the same batch")
-        targets = self.sample_targets(sample_loss).to(fracs.dtype)
+        else:
+            targets = self.sample_targets(sample_loss).to(fracs.dtype)
+        if self.per_stage:
+            return weight * self._per_stage_term(sample_shape, targets), float(frac.detach())
         return weight * ((fracs - targets) ** 2).mean(), float(frac.detach())
