@@ -42,6 +42,8 @@ def _label(row: dict[str, str]) -> str:
     parts.append("wide routers" if "router_weight_std" in short else "default routers")
     if float(short.get("difficulty", 0)) > 0:
         parts.append(f"difficulty {short['difficulty']}")
+    if float(short.get("per_stage", 0)) > 0:
+        parts.append("per-stage")
     if float(short.get("warmup_epochs", 0)) > 0:
         parts.append(f"warm-up {short['warmup_epochs']} epochs")
     return f"{row['model']} " + ", ".join(parts)

@@ -533,6 +533,8 @@ def _frontier_label(run: str) -> str:
         label += ", default routers"
     if "difficulty" in parts:
         label += f", difficulty {parts['difficulty']}"
+    if "per_stage=1" in run:
+        label += ", per-stage"
     if "warmup_epochs" in run:
         label += ", warm-up"
     return label + f" (s{run.rsplit('__s', 1)[-1]})"
