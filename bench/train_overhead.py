@@ -44,6 +44,14 @@ designs, which the node-level micro-benchmark (pre-allocated slots) is not.
     python bench/train_overhead.py --parts steps --models cifar_resnet20:64 cifar_resnet56:64 --size 28 \
         --threads 1 --variants sequential dynamic dynamic-block --rounds 9     # small models, both node forms
 
+Step workers run on the heap ``dynwire train`` uses (``--malloc kept``: ``dynwire.keep_freed_memory()``)
+unless ``--malloc default`` keeps glibc's own (which unmaps freed maps above its mmap threshold);
+each variant's page faults per step (``ru_minflt``, median over rounds) are recorded with its time:
+
+    python bench/train_overhead.py --parts steps --models cifar_resnet20:64 cifar_resnet56:64 --size 28 \
+        --threads 1 --variants sequential dynamic dynamic-block --rounds 9 --malloc default \
+        --out bench/results/train_overhead_default_heap.json
+
 A run keeps the parts of an existing ``--out`` file that it does not redo; step results are
 stored per thread count (``steps_t2``, ``steps_t1``) and input size when not 224 (``steps_t1_s28``).
 ``dynamic`` is the default node form (branch since 0.2.0), ``dynamic-block`` the block form.
@@ -287,9 +295,12 @@ def timing_worker(model_name: str, variants: list[str], batch: int, size: int, r
         r.step(x, y)
     wall: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
+    faults: dict[str, list[int]] = {v: [] for v in variants}
     for i in range(rounds):
         for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             w, c = runs[v].step(x, y)
+            faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             wall[v].append(w)
             cpu[v].append(c)
     split = {v: runs[v].instrumented_step(x, y) for v in variants}
@@ -298,6 +309,7 @@ def timing_worker(model_name: str, variants: list[str], batch: int, size: int, r
     return {
         "wall_s": wall,
         "cpu_s": cpu,
+        "page_faults": faults,
         "split": split,
         "agg_min_bytes": min_bytes,
         "bandwidth_gbs": bw,
@@ -336,7 +348,7 @@ def memory_worker(model_name: str, variant: str, batch: int, size: int, steps: i
 
 
 def _subprocess(args, *worker_args: str) -> dict:
-    cmd = [sys.executable, __file__, "--size", str(args.size)]
+    cmd = [sys.executable, __file__, "--size", str(args.size), "--malloc", args.malloc]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run([*cmd, *worker_args], check=True, capture_output=True, text=True).stdout
@@ -396,6 +408,8 @@ def run_steps(args) -> dict:
                     "step_s_best": round(min(wall[v]), 4),
                     "step_s_median": round(statistics.median(wall[v]), 4),
                     "cpu_s_best": round(min(cpu[v]), 4),
+                    # minor page faults per step (median over rounds and processes): freed maps faulted in again
+                    "page_faults": int(statistics.median([f for tw in timing for f in tw["page_faults"][v]])),
                     # each round's step against the sequential step of the same round (same process)
                     "time_ratio": _spread([a / b for a, b in zip(wall[v], wall[seq])]),
                     "cpu_ratio": _spread([a / b for a, b in zip(cpu[v], cpu[seq])]),
@@ -441,7 +455,7 @@ def run_steps(args) -> dict:
 def print_steps(doc: dict) -> None:
     print(
         f"\n{'model':<10} {'variant':<20} {'step s':>7} {'x time (median, min..max)':>27} {'x cpu':>6} "
-        f"{'x mem':>6} {'x train mem':>12} {'agg f/r/b cpu s':>18} {'floor':>6}"
+        f"{'x mem':>6} {'x train mem':>12} {'agg f/r/b cpu s':>18} {'floor':>6} {'faults':>7}"
     )
     for r in doc["results"]:
         s, t = r["split_s"], r["time_ratio"]
@@ -451,7 +465,7 @@ def print_steps(doc: dict) -> None:
             f"{spread:>27} {r['cpu_ratio']['median']:>6.3f} "
             f"{r['memory_ratio']:>6.3f} {r['train_memory_ratio'] or float('nan'):>12.3f} "
             f"{s['agg_forward_cpu_s']:>6.3f}/{s['agg_recompute_cpu_s']:.3f}/{s['agg_backward_cpu_s']:.3f} "
-            f"{(r.get('bound') or {}).get('time_ratio_floor', float('nan')):>6.3f}"
+            f"{(r.get('bound') or {}).get('time_ratio_floor', float('nan')):>6.3f} {r.get('page_faults', -1):>7d}"
         )
 
 
@@ -680,6 +694,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, help="torch threads of the step workers (default: torch's)")
+    ap.add_argument(
+        "--malloc",
+        choices=["kept", "default"],
+        default="kept",
+        help="glibc heap of the step workers: 'kept' = dynwire.keep_freed_memory() (what `dynwire train` uses), "
+        "'default' = glibc's own",
+    )
     ap.add_argument("--rounds", type=int, default=11, help="timed steps per variant (one per round)")
     ap.add_argument("--timing-processes", type=int, default=1, help="timing processes per model (rounds each)")
     ap.add_argument("--memory-repeats", type=int, default=2, help="fresh processes per variant for peak RSS")
@@ -694,6 +715,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.timing_worker or args.memory_worker:
         import torch
+
+        if args.malloc == "kept":
+            import dynwire
+
+            if not dynwire.keep_freed_memory():
+                raise SystemExit("--malloc kept: glibc mallopt is unavailable here; use --malloc default")
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -736,7 +763,14 @@ def main() -> None:
         load0 = _loadavg()
         start = time.strftime("%Y-%m-%d %H:%M:%S")
         result = run(args)
-        doc[part] = {"command": command, "date": start, "env": env, "loadavg_start_end": [load0, _loadavg()], **result}
+        doc[part] = {
+            "command": command,
+            "date": start,
+            "malloc": args.malloc,
+            "env": env,
+            "loadavg_start_end": [load0, _loadavg()],
+            **result,
+        }
         show(doc[part])
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -293,7 +293,7 @@ def test_keep_freed_memory_applies_once_and_can_be_switched_off(tmp_path):
     assert run({"DYNWIRE_MALLOC_TUNING": "0"}) == ["False", "False"]
 
 
-def test_cli_keeps_freed_memory_for_evaluation_commands_only(tmp_path, monkeypatch):
+def test_cli_keeps_freed_memory_for_the_commands_that_run_models(tmp_path, monkeypatch):
     from dynwire import cli
 
     calls = []
@@ -301,6 +301,8 @@ def test_cli_keeps_freed_memory_for_evaluation_commands_only(tmp_path, monkeypat
     assert cli.main(["models", "cifar_resnet2*"]) == 0 and calls == []
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2  # a clear error, after the heap call
     assert calls == [1]
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("gate", ["masked", "hard", "soft"])
