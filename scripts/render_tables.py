@@ -296,8 +296,8 @@ def _bench(name: str) -> dict[str, Any]:
     return json.loads((ROOT / "bench/results" / name).read_text())
 
 
-def train_steps(part: str = "steps_t2") -> str:
-    r = _bench("train_overhead.json")[part]
+def train_steps(part: str = "steps_t2", file: str = "train_overhead.json") -> str:
+    r = _bench(file)[part]
     rows = []
     for row in r["results"]:
         if row["variant"] == "sequential":
@@ -313,6 +313,7 @@ def train_steps(part: str = "steps_t2") -> str:
                 f"{ratio(t['median'], 3)} ({t['min']:.3f}..{t['max']:.3f})",
                 ratio(row["bound"]["time_ratio_floor"], 3),
                 ratio(row["memory_ratio"], 3),
+                str(row.get("page_faults", "")),
             ]
         )
     header = [
@@ -322,8 +323,10 @@ def train_steps(part: str = "steps_t2") -> str:
         f"step time vs sequential, median (min..max of {r['rounds']} rounds)",
         "floor",
         "peak RSS vs sequential",
+        "page faults per step",
     ]
-    return f"`{r['command']}`\n\n" + table(header, rows, "lrlrrr")
+    heap = r.get("malloc", "default")
+    return f"`{r['command']}` (heap: {heap})\n\n" + table(header, rows, "lrlrrrr")
 
 
 def stage_backward() -> str:
@@ -416,14 +419,14 @@ def inference_compile() -> str:
 
 
 def small_perf() -> str:
-    """README: the small models' training step (bench/node_overhead.py, glibc's default heap, as
+    """README: the small models' training step (bench/node_overhead.py on the kept heap, as
     ``dynwire train`` runs) and evaluation (bench/inference.py --parts small, on its recorded heap)."""
     node = _bench("node_overhead.json")
     part = _bench("inference.json")["parts"]["small"]
     ev = {(r["model"], r["threads"]): r["variants"] for r in part["results"]}
     threads = sorted({t for _, t in ev})
     rows = []
-    for r in node["results"]:
+    for r in node["results_kept_malloc"]:
         for form, key in (("branch (default)", "dynamic"), ("block", "dynamic-block")):
             row = [f"`{r['model']}`", form, ratio(r["train"][form.split()[0]]["ratio"])]
             for t in threads:
@@ -435,8 +438,8 @@ def small_perf() -> str:
         header += [f"eval batch 64, {t} thread{'s' * (t > 1)}", f"eval batch 1, {t} thread{'s' * (t > 1)}"]
     heap = part.get("malloc", "default")
     return (
-        f"Time against `sequential` in the same process, 1x28x28 inputs (`{node['command']}`, glibc's default "
-        f"heap; `{part['command']}`, heap: {heap}):\n\n" + table(header, rows, "ll" + "r" * (len(header) - 2))
+        f"Time against `sequential` in the same process, 1x28x28 inputs (`{node['command']}`, heap: "
+        f"kept; `{part['command']}`, heap: {heap}):\n\n" + table(header, rows, "ll" + "r" * (len(header) - 2))
     )
 
 
@@ -769,6 +772,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "train_steps_t2.md": lambda: train_steps("steps_t2"),
     "train_steps_t1.md": lambda: train_steps("steps_t1"),
     "train_steps_t1_s28.md": lambda: train_steps("steps_t1_s28"),
+    "train_steps_t1_s28_default_heap.md": lambda: train_steps("steps_t1_s28", "train_overhead_default_heap.json"),
     "stage_backward.md": stage_backward,
     "inference_dense.md": inference_dense,
     "inference_removal.md": inference_removal,

@@ -7,8 +7,9 @@ aggregation), so it pays more. PyTorch's CPU performance guide recommends jemall
 the same reason; this is the no-install version. ``dynwire eval``, ``detect`` and ``analyze`` call
 it: in an evaluation-only process it made the chain 1.5x faster and DG-Net's time per image 1.1x
 / 1.15x of the chain's instead of 1.28x / 1.34x (``cifar_resnet20`` / ``cifar_resnet56``, batch 64,
-``bench/inference.py --parts small --malloc kept|default``). Training is left on glibc's heap: there
-``bench/node_overhead.py`` (each heap policy in its own process) finds no difference beyond its noise.
+``bench/inference.py --parts small --malloc kept|default``). ``dynwire train`` calls it too: on the
+default heap a DG-Net training step faulted in 3,000-9,000 pages against 0-750 for the chain, and
+none on the kept heap (``bench/train_overhead.py --malloc kept|default``, page faults per step).
 
 :func:`keep_freed_memory` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit) and the
 trim threshold to 1 GiB: memory a process has freed (up to 1 GiB at the top of its heap) stays

@@ -422,9 +422,9 @@ _KERNEL_COMMANDS = frozenset({"train", "eval", "detect", "analyze", "study", "ex
 # Processes that run models keep freed feature maps in the heap (dynwire.keep_freed_memory): on
 # glibc's default heap they are unmapped and faulted in again every step, which made
 # `python bench/inference.py --parts small --malloc default` run cifar_resnet20's chain at 0.67x
-# the throughput of `--malloc kept` (bench/results/inference*.json); a training step faults in
-# 9,500-17,800 pages on the default heap against 260-1,100 kept (bench/results/train_overhead.json,
-# steps_t1_s28 "page_faults"). A study's runs are `dynwire train` processes, so they keep it too.
+# the throughput of `--malloc kept` (bench/results/inference*.json); a DG-Net training step faulted in
+# 3,000-9,000 pages on the default heap and none kept (bench/train_overhead.py --malloc default|kept,
+# "page_faults"). A study's runs are `dynwire train` processes, so they keep it too.
 _HEAP_KEPT_COMMANDS = frozenset({"train", "eval", "detect", "analyze"})
 _KERNEL_NOTE = (
     "note: dynwire's fused aggregation kernels (layers/_aggkernel.c) were not built when it was installed "
