@@ -156,10 +156,10 @@ def test_per_stage_term_is_the_weighted_gap_of_each_stage_to_the_removable_targe
     r = sum(removable)
     t_r = (0.5 * dense - (dense - r)) / r  # the share of the removable MACs a 0.5 target leaves
     want = 0.0
-    for s, w in zip(budget.stages, removable):
-        f = s.expected_block_macs.detach() / w
+    for s, w in zip(budget.stages, removable):  # one target: on each stage's batch-mean fraction
+        f = float(s.expected_block_macs.detach().mean()) / w
         want = want + (w / r) * (f - t_r) ** 2
-    want = 2.0 * (r / dense) ** 2 * want.mean()
+    want = 2.0 * (r / dense) ** 2 * want
     term, frac = budget.loss(shape)
     assert float(term.detach()) == pytest.approx(float(want), rel=1e-5)
     assert frac == pytest.approx(float(budget.expected_fraction(shape).mean()), rel=1e-6)
@@ -198,6 +198,9 @@ def test_per_stage_equals_the_whole_model_term_when_every_stage_spends_the_same_
     a, _ = whole.loss(shape, losses)
     b, _ = split.loss(shape, losses)
     assert float(a) == pytest.approx(float(b), rel=1e-5) and float(a) > 0
+    # one target for the batch: both terms on batch means
+    whole, split = ComputeBudget(m, target=0.7), ComputeBudget(m, target=0.7, per_stage=True)
+    assert float(whole.loss(shape)[0]) == pytest.approx(float(split.loss(shape)[0]), rel=1e-4)
 
 
 @pytest.mark.parametrize("extra", [[], ["train.budget.per_stage=1"]])

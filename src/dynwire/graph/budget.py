@@ -19,7 +19,8 @@ fraction is its expected executed share of its own removable blocks (blocks 1..n
 removable target is the share of all removable MACs the sample's target leaves. It is scaled by
 ``(removable / dense)^2`` so that it equals the whole-model term when every stage spends the same
 share, and is never smaller (Jensen); with it one stage cannot be emptied to pay for the others.
-A target below the fixed part asks for a removable share of 0 (clipped).
+A target below the fixed part asks for a removable share of 0 (clipped). Without per-sample
+targets (``difficulty=0``) each stage's fraction is the batch mean, as the whole-model term's is.
 
 ``warmup_epochs > 0`` ramps the term's weight linearly from 0 to ``weight`` over that many epochs
 (the trainer passes the progress), so the blocks learn features before the budget removes them.
@@ -105,14 +106,18 @@ class ComputeBudget(nn.Module):
                 out.append(s.expected_block_macs / removable)
         return out
 
-    def _per_stage_term(self, sample_shape: tuple[int, ...], targets: Tensor) -> Tensor:
-        """Mean over samples of the removable-MAC-weighted per-stage squared gaps (module docstring)."""
+    def _per_stage_term(self, sample_shape: tuple[int, ...], targets: Tensor | None) -> Tensor:
+        """Mean over samples of the removable-MAC-weighted per-stage squared gaps (module docstring);
+        ``targets`` None: one target, on each stage's batch-mean fraction."""
         dense = self.dense_macs(sample_shape)
         shares = [sum(s.block_macs[1:]) for s in self.stages if sum(s.block_macs[1:]) > 0]
         removable = sum(shares)
         # the share of the removable MACs a sample's whole-model target leaves (its fixed part runs anyway)
+        fracs = self.stage_fractions()
+        if targets is None:
+            fracs, targets = [f.mean().reshape(1) for f in fracs], fracs[0].new_full((1,), self.target)
         t_r = ((targets * dense - (dense - removable)) / removable).clamp(0.0, 1.0)
-        gaps = sum(w / removable * (f - t_r) ** 2 for w, f in zip(shares, self.stage_fractions()))
+        gaps = sum(w / removable * (f - t_r) ** 2 for w, f in zip(shares, fracs))
         return (removable / dense) ** 2 * gaps.mean()
 
     def sample_targets(self, sample_loss: Tensor) -> Tensor:
@@ -137,14 +142,13 @@ class ComputeBudget(nn.Module):
         fracs = self.expected_fraction(sample_shape)
         frac = fracs.mean()
         weight = self.weight_at(epoch)
-        if self.difficulty == 0 and not self.per_stage:
-            return weight * (frac - self.target) ** 2, float(frac.detach())
         if self.difficulty == 0:
-            targets = fracs.new_full(fracs.shape, self.target)
-        elif sample_loss is None or sample_loss.numel() != fracs.numel():
+            if self.per_stage:
+                return weight * self._per_stage_term(sample_shape, None), float(frac.detach())
+            return weight * (frac - self.target) ** 2, float(frac.detach())
+        if sample_loss is None or sample_loss.numel() != fracs.numel():
             raise ValueError("ComputeBudget.loss: difficulty > 0 needs the (B,) per-sample loss of the same batch")
-        else:
-            targets = self.sample_targets(sample_loss).to(fracs.dtype)
+        targets = self.sample_targets(sample_loss).to(fracs.dtype)
         if self.per_stage:
             return weight * self._per_stage_term(sample_shape, targets), float(frac.detach())
         return weight * ((fracs - targets) ** 2).mean(), float(frac.detach())
