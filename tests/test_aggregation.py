@@ -551,7 +551,7 @@ def test_fused_node_weights_match_the_tensor_ops(dtype):
 
 
 def test_complete_dag_follows_the_predecessor_lists():
-    """The batch-1 C step needs a complete DAG; the cached answer changes when the edges do."""
+    """The batch-1 C step needs a complete DAG; the answer follows the current predecessor lists."""
     m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic")
     g = m.layer1.edges
     assert g.complete_dag()

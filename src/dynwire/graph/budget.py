@@ -95,27 +95,31 @@ class ComputeBudget(nn.Module):
             expected = s.expected_block_macs if expected is None else expected + s.expected_block_macs
         return (dense - removable + expected) / dense
 
-    def stage_fractions(self) -> list[Tensor]:
-        """Per stage, the ``(B,)`` expected executed share of its removable MACs (last training forward)."""
+    def _removable(self) -> list[tuple[GraphStage, float]]:
+        """Each stage with removable blocks and their MACs (blocks 1..n-1), after a training forward."""
         out = []
         for s in self.stages:
             if s.expected_block_macs is None:
                 raise ValueError("ComputeBudget: run the model's training forward before asking for the budget")
             removable = sum(s.block_macs[1:])
             if removable > 0:
-                out.append(s.expected_block_macs / removable)
+                out.append((s, removable))
         return out
+
+    def stage_fractions(self) -> list[Tensor]:
+        """Per stage, the ``(B,)`` expected executed share of its removable MACs (last training forward)."""
+        return [s.expected_block_macs / removable for s, removable in self._removable()]
 
     def _per_stage_term(self, sample_shape: tuple[int, ...], targets: Tensor | None) -> Tensor:
         """Mean over samples of the removable-MAC-weighted per-stage squared gaps (module docstring);
         ``targets`` None: one target, on each stage's batch-mean fraction."""
         dense = self.dense_macs(sample_shape)
-        shares = [sum(s.block_macs[1:]) for s in self.stages if sum(s.block_macs[1:]) > 0]
+        shares = [r for _, r in self._removable()]
         removable = sum(shares)
-        # the share of the removable MACs a sample's whole-model target leaves (its fixed part runs anyway)
         fracs = self.stage_fractions()
         if targets is None:
             fracs, targets = [f.mean().reshape(1) for f in fracs], fracs[0].new_full((1,), self.target)
+        # the share of the removable MACs a sample's whole-model target leaves (its fixed part runs anyway)
         t_r = ((targets * dense - (dense - removable)) / removable).clamp(0.0, 1.0)
         gaps = sum(w / removable * (f - t_r) ** 2 for w, f in zip(shares, fracs))
         return (removable / dense) ** 2 * gaps.mean()
