@@ -202,3 +202,60 @@ def test_inference_fast_path_equals_dense_reference(name, wiring, node):
     # blocks ran on exactly the live samples: every (sample, block) pair not removed, once
     blocks = sum(s.num_blocks for _, s in model.graph_stages())
     assert sum(fast_calls) == 2 * (len(x) * blocks - removed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eval_gate", ["masked", "hard", "soft"])
+@pytest.mark.parametrize("pruned,node,threads", [(True, "branch", 1), (False, "branch", 2), (True, "block", 2)])
+def test_batch_stage_kernels_equal_tensor_ops(dtype, eval_gate, pruned, node, threads, monkeypatch):
+    # the batch path's one C call per node against its tensor ops (the C library off) and the
+    # stage's general loop (the reference), with partial removal, in both executors, on one
+    # thread (router and sum sample by sample) and two (the parallel loops)
+    torch.manual_seed(0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    monkeypatch.setattr("dynwire.layers._fused._PARALLEL_MIN_NUMEL", 1024)  # the later stages too
+    try:
+        _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch):
+    from dynwire.graph._inference import forward_inference
+    from dynwire.layers._fused import fused_aggregation
+    from dynwire.layers._fused_glue import SampleKernels
+
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node=node).eval().to(dtype)
+    x = torch.randn(7, 3, 24, 24, dtype=dtype)
+    set_thresholds_at_quantile(model, x, 0.6)
+    model.set_eval_gate(eval_gate)
+    inputs = {}
+    for name, s in model.graph_stages():
+        s.register_forward_pre_hook(lambda mod, a, name=name: inputs.setdefault(name, a[0]))
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        model(x)
+    removed = int(sum(r[:, 1:-1].sum() for r in rec.removed.values()))
+    assert removed == 0 if eval_gate == "soft" else removed > 0, "the thresholds remove some nodes"
+    ran = []
+    real = SampleKernels.run_batch
+    monkeypatch.setattr(SampleKernels, "run_batch", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    calls = []
+    for name, s in model.graph_stages():
+        for b in s.blocks():
+            b.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
+        h, blocks = inputs[name], s.blocks()
+        with torch.no_grad():
+            fast = forward_inference(s, h, blocks, pruned, s.output_act)
+            fast_calls, calls[:] = list(calls), []
+            with fused_aggregation("off"):
+                plain = forward_inference(s, h, blocks, pruned, s.output_act)
+            assert calls == fast_calls, "the same blocks ran on the same numbers of samples"
+            ref = s._forward_graph(h, blocks, s.output_act)
+            calls[:] = []
+        assert ran and ran[-1] is not None, "the stage took the C calls"
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        assert (fast - plain).abs().max() <= tol * max(1.0, plain.abs().max().item())
+        assert (fast - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+        live = len(x) * s.num_blocks - int(rec.removed[name][:, 1:-1].sum()) if pruned else len(x) * s.num_blocks
+        assert sum(fast_calls) == live, "blocks ran on exactly the live samples (all of them when not pruned)"

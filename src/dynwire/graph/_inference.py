@@ -53,6 +53,43 @@ def forward_inference(
     mats = g.begin_matrices(batch, x)
     removal = mats.open is not None
     alive = x.new_ones(batch, n + 1, dtype=torch.bool) if removal else None
+    kern = _stage_kernels(g, x)
+    if kern is not None:
+        first = blocks[0](x)
+        out = kern.run_batch(blocks, first, mats, alive, relu, g.eval_gate, pruned)
+        if out is not None:
+            return out if output_act is None or relu[n] else output_act(out)
+        return _forward_batch(g, x, blocks, pruned, output_act, relu, mats, alive, first)
+    return _forward_batch(g, x, blocks, pruned, output_act, relu, mats, alive)
+
+
+def _stage_kernels(g: nn.Module, x: Tensor) -> SampleKernels | None:
+    """The C calls for a complete DAG of plain routers (``RoutedEdges`` as shipped, nothing of its
+    per-forward interface overridden by a subclass or on the instance), or None."""
+    if not (isinstance(g, RoutedEdges) and g.data_dependent and g.complete_dag()):
+        return None
+    for name in ("output_gates", "begin_matrices", "observe_matrices"):
+        if name in vars(g) or getattr(type(g), name) is not getattr(RoutedEdges, name):
+            return None
+    return SampleKernels.for_stage(g.routers, g.tau, x)
+
+
+def _forward_batch(
+    g: nn.Module,
+    x: Tensor,
+    blocks: list[nn.Module],
+    pruned: bool,
+    output_act: nn.Module | None,
+    relu: list[bool],
+    mats,
+    alive: Tensor | None,
+    first: Tensor | None = None,
+) -> Tensor:
+    """A batch, node by node with tensor ops (the C calls' reference); ``first``: block 0's
+    output, when it ran already."""
+    n = len(blocks)
+    batch = x.shape[0]
+    removal = mats.open is not None
     dead = [False] * (n + 1)  # node removed for every sample of the batch: never read again
     xs: list[Tensor | None] = []
     h = x
@@ -93,7 +130,7 @@ def forward_inference(
         if j == n:
             return h if output_act is None or relu[n] else output_act(h)
         block = partial(blocks[j], act=False) if j and relu[j] else blocks[j]
-        y = _run(block, h, node_alive, count, batch, pruned)
+        y = first if j == 0 and first is not None else _run(block, h, node_alive, count, batch, pruned)
         xs.append(y)
         g.observe_matrices(mats, j, y)
     raise AssertionError("unreachable")

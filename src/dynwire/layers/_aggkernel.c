@@ -59,7 +59,7 @@ static inline uint16_t bf16_store(float f) {
 /* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
 #define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
     MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,         \
-                                             int64_t c0, int64_t c1, int relu) {                                     \
+                                             int64_t ooff, int64_t c0, int64_t c1, int relu) {                       \
         A acc[BLK];                                                                                                  \
         for (int64_t s = c0; s < c1; s += BLK) {                                                                     \
             const int64_t n = MIN(BLK, c1 - s);                                                                      \
@@ -107,7 +107,7 @@ static inline uint16_t bf16_store(float f) {
                 }                                                                                                    \
                 first = 0;                                                                                           \
             }                                                                                                        \
-            T *o = out + off + s;                                                                                    \
+            T *o = out + ooff + s;                                                                                   \
             if (first) {                                                                                             \
                 for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                     \
             } else if (relu) { /* max(sum, 0); NaN stays NaN as in torch.relu */                                     \
@@ -189,7 +189,7 @@ static inline uint16_t bf16_store(float f) {
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
                                                                                 t++) {                           \
             const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
-            NAME##_fwd_task(K, xs, w + b * K, out, b * N, c0, MIN(c0 + chunk, N), relu);                         \
+            NAME##_fwd_task(K, xs, w + b * K, out, b * N, b * N, c0, MIN(c0 + chunk, N), relu);                  \
         }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
@@ -323,17 +323,94 @@ DEFINE_NODE_WEIGHTS(f64, double)
                 break;                                                                                           \
             }                                                                                                    \
         }                                                                                                        \
-        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, C * HW, (int)relu[j]);                           \
+        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, 0, C * HW, (int)relu[j]);                        \
         return j;                                                                                                \
     }
 
 DEFINE_SAMPLE(f32, float)
 DEFINE_SAMPLE(f64, double)
 
+/* A batch through a stage of a complete DAG in inference (dynwire.graph._inference, batch > 1): one
+ * call per node j >= 1, with the plan of dynwire_sample_step and the stage's edge matrices
+ * (EdgeMatrices: value and open (B, N, N) receiver-major, alpha_out (B, N)) and alive (B, N), all
+ * dense. When y is not NULL it is node i = j - 1's output (B, C, HW): its router and gate (Eq. 4-5)
+ * fill column i first. Then, per sample, node j's input weights w (B, N scratch; closed edges and
+ * removed inputs at 0, Sec. 3.3; the output node keeps its strongest edge from a live node) and
+ * alive[b, j] (block nodes), and the sum of xs (node outputs; NULL for a node removed for every
+ * sample, whose weights are all 0) into out. compact: the live samples' inputs are written to rows
+ * 0 .. count-1 in order and idx[r] is the sample of row r; otherwise every row is written (zeros for
+ * a removed sample). Without removal (open and alive NULL) every edge is open. On one thread a
+ * sample's router and sum follow each other, so the sum reads y's sample from cache. Returns count,
+ * the samples for which node j is alive. */
+#define DEFINE_BATCH(NAME, T)                                                                                   \
+    static int NAME##_batch_weights(const int64_t *plan, int64_t i, const T *y, T *value, uint8_t *open,       \
+                                    T *alpha_out, uint8_t *alive, int64_t j, T *w) {                            \
+        const int64_t n = plan[0], C = plan[1], HW = plan[2], N = plan[0] + 1;                                   \
+        const int mode = (int)plan[3];                                                                           \
+        const T *tau = (const T *)(intptr_t)plan[5];                                                             \
+        const int64_t *router = plan + 6;                                                                        \
+        if (y)                                                                                                   \
+            NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i],                                   \
+                                 (const T *)(intptr_t)router[2 * i + 1], n - i, tau + i, mode,                   \
+                                 value + (i + 1) * N + i, N, open ? open + (i + 1) * N + i : NULL, N,            \
+                                 alpha_out + i);                                                                 \
+        if (!open) {                                                                                             \
+            for (int64_t k = 0; k < j; k++) w[k] = value[j * N + k];                                             \
+            return 1;                                                                                            \
+        }                                                                                                        \
+        uint8_t none = 0;                                                                                        \
+        if (dynwire_node_weights_##NAME(1, j, value + j * N, 0, open + j * N, 0, alive, 0, w,                   \
+                                        j < n ? alive + j : &none, 0))                                           \
+            return 1;                                                                                            \
+        if (j < n) return 0;                                                                                     \
+        int64_t best = -1; /* the output node: its strongest edge from a live node */                            \
+        for (int64_t k = 0; k < n; k++)                                                                          \
+            if (alive[k] && (best < 0 || alpha_out[k] > alpha_out[best])) best = k;                              \
+        w[best] = value[n * N + best];                                                                           \
+        return 1;                                                                                                \
+    }                                                                                                            \
+                                                                                                                 \
+    int64_t dynwire_batch_step_##NAME(const int64_t *plan, int64_t B, int64_t i, const T *y, T *value,          \
+                                      uint8_t *open, T *alpha_out, uint8_t *alive, const T *const *xs,          \
+                                      int64_t j, T *w, T *out, int64_t *idx, int compact, int nthreads) {        \
+        const int64_t N = plan[0] + 1, CHW = plan[1] * plan[2];                                                  \
+        const int relu = (int)plan[6 + 2 * plan[0] + j];                                                         \
+        int64_t count = 0;                                                                                       \
+        if (nthreads <= 1) {                                                                                     \
+            for (int64_t b = 0; b < B; b++) {                                                                    \
+                const int live = NAME##_batch_weights(plan, i, y ? y + b * CHW : NULL, value + b * N * N,        \
+                                                      open ? open + b * N * N : NULL, alpha_out + b * N,         \
+                                                      alive ? alive + b * N : NULL, j, w + b * N);               \
+                if (live) idx[count++] = b;                                                                      \
+                if (live || !compact)                                                                            \
+                    NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, (compact ? count - 1 : b) * CHW, 0, CHW,    \
+                                    live ? relu : 0);                                                            \
+            }                                                                                                    \
+            return count;                                                                                        \
+        }                                                                                                        \
+        uint8_t *lives = (uint8_t *)malloc((size_t)B);                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)      \
+            lives[b] = (uint8_t)NAME##_batch_weights(plan, i, y ? y + b * CHW : NULL, value + b * N * N,         \
+                                                     open ? open + b * N * N : NULL, alpha_out + b * N,          \
+                                                     alive ? alive + b * N : NULL, j, w + b * N);                \
+        for (int64_t b = 0; b < B; b++)                                                                          \
+            if (lives[b]) idx[count++] = b;                                                                      \
+        const int64_t rows = compact ? count : B;                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < rows; r++) { \
+            const int64_t b = compact ? idx[r] : r;                                                              \
+            NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, r * CHW, 0, CHW, lives[b] ? relu : 0);               \
+        }                                                                                                        \
+        free(lives);                                                                                             \
+        return count;                                                                                            \
+    }
+
+DEFINE_BATCH(f32, float)
+DEFINE_BATCH(f64, double)
+
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
  * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node
- * weights; 4: the batch-1 stage step). */
-int dynwire_agg_abi(void) { return 4; }
+ * weights; 4: the batch-1 stage step; 5: the batch stage step, fwd_task's output offset). */
+int dynwire_agg_abi(void) { return 5; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

@@ -73,7 +73,7 @@ class _CpuKernels(_FusedBackend):
     def __init__(self, lib) -> None:
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fwd, self._bwd = {}, {}
-        self._router, self._node_weights, self._sample_step = {}, {}, {}
+        self._router, self._node_weights, self._sample_step, self._batch_step = {}, {}, {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
             f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint, cint], None
@@ -91,6 +91,10 @@ class _CpuKernels(_FusedBackend):
                 st = getattr(lib, f"dynwire_sample_step_{name}")
                 st.argtypes, st.restype = [p, p, i64, p, p], i64
                 self._sample_step[dtype] = st
+                bs = getattr(lib, f"dynwire_batch_step_{name}")
+                bs.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, p, cint, cint]
+                bs.restype = i64
+                self._batch_step[dtype] = bs
 
     @staticmethod
     def load() -> _CpuKernels | None:
@@ -99,7 +103,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 4:
+            if lib.dynwire_agg_abi() != 5:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):

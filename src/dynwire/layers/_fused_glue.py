@@ -149,15 +149,18 @@ def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> t
 
 
 class SampleKernels:
-    """The batch-1 inference path's C call (``graph._inference._forward_one``), checked once per
-    stage forward by :meth:`for_stage`: after each block, one call runs the block's router and
-    gate, decides which node runs next (Sec. 3.3) and writes that node's input, so a node costs
-    its block and one C call instead of tensor ops or Python arithmetic per edge."""
+    """The inference fast path's C calls for a stage of plain routers (``graph._inference``),
+    checked once per stage forward by :meth:`for_stage`. After each block one call runs the
+    block's router and gate and writes the next node's input: at batch 1 (:meth:`run`) it also
+    decides which node runs next (Sec. 3.3); at batch B (:meth:`run_batch`) it computes the next
+    node's weights per sample, which samples keep it alive, and writes their inputs compacted. A
+    node costs its block and one C call instead of tensor ops or Python arithmetic per edge."""
 
     def __init__(
         self, backend: _CpuKernels, dtype: torch.dtype, params: list[tuple[Tensor, Tensor]], tau: Tensor, channels: int
     ) -> None:
         self._step = backend._sample_step[dtype]
+        self._batch_step = backend._batch_step[dtype]
         self._dtype = dtype
         self._params = params  # kept alive while their pointers are in a plan
         self._tau = tau
@@ -233,3 +236,85 @@ class SampleKernels:
             y = y.contiguous()  # same values: the sum and the router read them densely
             outs.append(y)
             i = j
+
+    def run_batch(
+        self,
+        blocks,
+        y: Tensor,
+        mats,
+        alive: Tensor | None,
+        relu: list[bool],
+        eval_gate: str,
+        pruned: bool,
+    ) -> Tensor | None:
+        """The stage on a batch from ``y``, block 0's output ``(B, C, ...)``, with the stage's fresh
+        (zeroed) :class:`~dynwire.graph.edges.EdgeMatrices` ``mats`` and ``alive`` ``(B, N)`` (all
+        True; None without removal, then ``mats.open`` is None too). ``pruned``: a node runs on its
+        live samples only (gathered), otherwise on all with removed samples zeroed, as
+        ``graph._inference._run``. None, before anything ran, where ``y`` or the matrices do not fit
+        the C call; then the caller goes on from ``y``."""
+        n = len(blocks)
+        C = self._channels
+        B = y.shape[0]
+        N = n + 1
+        removal = mats.open is not None
+        dt = self._dtype
+        if (
+            n != len(self._params)
+            or y.dtype != dt
+            or not y.is_contiguous()
+            or y.ndim < 2
+            or y.shape[1] != C
+            or removal != (alive is not None)
+            or mats.value.dtype != dt
+            or mats.alpha_out.dtype != dt
+            or not all(t.is_contiguous() for t in (mats.value, mats.alpha_out))
+            or mats.value.shape != (B, N, N)
+            or (removal and not (mats.open.is_contiguous() and alive.is_contiguous() and alive.shape == (B, N)))
+        ):
+            return None
+        shape = y.shape
+        plan = [n, C, y.numel() // (B * C), _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
+        plan_arr = (ctypes.c_int64 * len(plan))(*plan)
+        xs = (ctypes.c_void_p * N)()
+        w = y.new_empty(B, N)
+        idx = torch.empty(B, dtype=torch.int64)
+        ptrs = (
+            mats.value.data_ptr(),
+            None if not removal else mats.open.data_ptr(),
+            mats.alpha_out.data_ptr(),
+            None if not removal else alive.data_ptr(),
+        )
+        threads = _CpuKernels._threads(y.numel())
+        step = self._batch_step
+        outs = [y]  # every node output stays alive: xs holds pointers to them
+        xs[0] = y.data_ptr()
+        i_ptr: int | None = xs[0]
+        for j in range(1, N):
+            out = torch.empty_like(y)
+            compact = pruned and j < n
+            count = step(
+                plan_arr, B, j - 1, i_ptr, *ptrs, xs, j, w.data_ptr(), out.data_ptr(), idx.data_ptr(), compact, threads
+            )
+            if j == n:
+                return out
+            if count == 0 and pruned:  # removed for every sample: never read, its router never runs
+                i_ptr = None
+                continue
+            if compact and count < B:
+                out = out[:count]
+            y = blocks[j](out, act=False) if relu[j] else blocks[j](out)
+            if y.shape[1:] != shape[1:] or y.dtype != dt:
+                raise ValueError(
+                    f"block {j} of a graph stage returned {tuple(y.shape)} {y.dtype}, block 0 {tuple(shape)} "
+                    f"{dt}: the blocks of a stage must return outputs of one shape and dtype"
+                )
+            if count < B:
+                if pruned:
+                    y = y.new_zeros(shape).index_copy_(0, idx[:count], y)
+                else:
+                    y = y * alive[:, j].view(-1, *([1] * (y.ndim - 1))).to(dt)
+            y = y.contiguous()  # same values: the sum and the router read them densely
+            outs.append(y)
+            xs[j] = i_ptr = y.data_ptr()
+        raise AssertionError("unreachable")
