@@ -79,7 +79,7 @@ def _context(variant: str):
         return contextlib.nullcontext()
 
     def observe(self, state, i, y):  # every output edge of node i at sigmoid(3), no router work
-        state.router_out.append(y.new_full((y.shape[0], self.num_blocks - i), 0.95))
+        state.router_out.append(y.new_full((y.shape[0], self.num_blocks - i), 0.95).unbind(1))
 
     return mock.patch.object(RoutedEdges, "observe", observe)
 

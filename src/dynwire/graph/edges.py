@@ -45,7 +45,7 @@ class EdgeState:
 
     def __init__(self, batch: int, alpha: Tensor | None = None) -> None:
         self.batch = batch
-        self.router_out: list[Tensor] = []
+        self.router_out: list[tuple[Tensor, ...]] = []  # per node: its output edges, one (B,) column each
         self.alpha = alpha
 
 
@@ -204,7 +204,10 @@ class RoutedEdges(_Thresholded):
             r.reset_parameters()
 
     def observe(self, state: EdgeState, i: int, y: Tensor) -> None:
-        state.router_out.append(self.routers[i](y))
+        # one column per output edge, each read by one receiver: one unbind (backward: one stack)
+        # instead of a select per edge, whose backward writes a zero-padded copy of the router
+        # output per edge and adds them up
+        state.router_out.append(self.routers[i](y).unbind(1))
 
     def begin_matrices(self, batch: int, like: Tensor) -> EdgeMatrices:
         n = self.num_nodes
@@ -238,7 +241,7 @@ class RoutedEdges(_Thresholded):
 
     def node_weights(self, state: EdgeState, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
         ro = state.router_out
-        alpha = torch.stack([ro[i][:, j - i - 1] for i in self._preds[j]], dim=1)
+        alpha = torch.stack([ro[i][j - i - 1] for i in self._preds[j]], dim=1)
         return (alpha, *self.gate(alpha, j))
 
 
