@@ -16,7 +16,13 @@ recomputation, backward dot products and the taps' sums) are timed inside the sh
 wrapping them; ``rest`` is what is left of the overhead: the per-node glue (gates, stacking of edge
 weights, op dispatch, Python). ``ops`` counts the aten operators one step dispatches (profiler).
 
-Evaluation (``torch.no_grad``, eval mode): batch 64 and batch 1, same interleaving.
+Evaluation (``torch.no_grad``, eval mode): batch 64 and batch 1, same interleaving. One extra
+pass after the timed rounds splits the batch-64 evaluation of every variant: time inside the graph
+stages' blocks (the chain's blocks include their shortcut add and ReLU; DG-Net's branches do not),
+and in the stages outside them (DG-Net: the routers, gates, removal and aggregations, one C call
+per node on the CPU). ``agg_traffic_share``: the least memory traffic of DG-Net's aggregations in
+inference (``K`` reads + 1 write per node, every node alive) at the bandwidth of an out-of-cache
+``torch.add(a, b, out=c)`` measured in the same process, as a share of the chain's evaluation.
 
 Each model runs in a fresh process per heap policy: ``default`` (glibc's own, which unmaps freed
 maps above its mmap threshold) and ``kept`` (``dynwire.keep_freed_memory()``, opt-in: freed
@@ -48,6 +54,9 @@ import dynwire
 from dynwire.graph.edges import RoutedEdges
 from dynwire.graph.stage import GraphStage
 from dynwire.layers import aggregation as agg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_overhead import _bandwidth_gbs  # noqa: E402  (the same bandwidth probe as the training floor)
 
 FORMS = ("block", "branch")
 ABLATIONS = ("norecompute", "notaps", "norouters")
@@ -116,6 +125,56 @@ def _ops(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as p:
         fn()
     return sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
+
+
+def _eval_split(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict:
+    """Batch evaluation time (median of ``reps``) and its part inside the graph stages' blocks and
+    in the stages outside the blocks, by wrapping their forwards for one timed pass each."""
+    stages = [m for m in model.modules() if isinstance(m, GraphStage)]
+    t = {"blocks": 0.0, "stages": 0.0}
+
+    def timed(mod, key):
+        fwd = mod.forward
+
+        def wrapped(*a, **kw):
+            t0 = _clock()
+            try:
+                return fwd(*a, **kw)
+            finally:
+                t[key] += _clock() - t0
+
+        mod.forward = wrapped
+
+    mods = [(s, "stages") for s in stages] + [(b, "blocks") for s in stages for b in s.blocks()]
+    for mod, key in mods:
+        timed(mod, key)
+    runs = []
+    try:
+        with torch.no_grad():
+            for _ in range(reps):
+                t["blocks"] = t["stages"] = 0.0
+                t0 = _clock()
+                model(x)
+                runs.append((_clock() - t0, t["blocks"], t["stages"] - t["blocks"]))
+    finally:
+        for mod, _ in mods:
+            del mod.forward
+    total, blocks, rest = (statistics.median(r[i] for r in runs) for i in range(3))
+    return {"total_s": round(total, 6), "in_blocks_s": round(blocks, 6), "stages_outside_blocks_s": round(rest, 6)}
+
+
+def _eval_agg_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The least memory traffic of one evaluation's aggregations (bytes): ``K`` reads + 1 write per
+    node with ``K`` inputs, every node alive; feature-map sizes from one forward with hooks."""
+    sizes, hooks = {}, []
+    stages = [m for m in model.modules() if isinstance(m, GraphStage) and not m.edges.is_chain]
+    for st in stages:
+        hooks.append(st.blocks()[0].register_forward_hook(lambda m, i, o, st=st: sizes.__setitem__(st, o.nbytes)))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sum((len(st.edges.predecessors(j)) + 1) * sizes[st] for st in stages for j in range(1, st.num_nodes))
 
 
 def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:
@@ -193,6 +252,11 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
         }
         for f in FORMS
     }
+    split = {v: _eval_split(models[v], x) for v in ev}
+    bw = _bandwidth_gbs()
+    seq_b = statistics.median(ev_t[("sequential", batch)])
+    for f in FORMS:
+        evaluation[f]["agg_traffic_share"] = round(_eval_agg_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
     return {
         "model": name,
         "batch": batch,
@@ -202,6 +266,8 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
         "train": train,
         "eval": evaluation,
         "eval_sequential_s": {f"b{b}": round(statistics.median(ev_t[("sequential", b)]), 6) for b in (batch, 1)},
+        "eval_split": split,
+        "bandwidth_gbs": round(bw, 2),
     }
 
 
