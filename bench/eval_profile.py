@@ -10,6 +10,12 @@ operators: they are the profiled forward's wall time minus the operators' sum (`
     python bench/eval_profile.py                                  # cifar_resnet20 and cifar_resnet56
     python bench/eval_profile.py --models cifar_resnet56 --out /tmp/x.json
 
+``pollution``: the chain's blocks (``sequential``, no profiler) timed per stage with and without
+streaming ``--pollute-mib`` MiB (one ``sum`` over a tensor that does not fit the last-level cache
+with the blocks' data) right before each block, in alternating rounds: the slowdown a block gets
+when other data has passed through the cache since its input was written, as in a graph stage,
+where each node's aggregation reads every earlier output of the stage first.
+
 Writes ``bench/results/eval_profile.json`` (``--out``) and prints the largest differences.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,11 +86,61 @@ def measure(name: str, batch: int, iters: int) -> dict:
     )
 
 
+def pollution(name: str, batch: int, mib: int, rounds: int = 6, iters: int = 4) -> dict:
+    """Per-stage block time of ``sequential`` with and without ``mib`` MiB streamed before each block."""
+    torch.manual_seed(0)
+    model = dynwire.create_model(name, num_classes=10, in_chans=1, wiring="sequential").eval()
+    x = torch.randn(batch, 1, 28, 28)
+    big = torch.randn(mib * 2**20 // 4)
+    on = [False]
+    t: dict[int, float] = {}
+
+    def wrap(block, stage):
+        fwd = block.forward
+
+        def wrapped(*a, **kw):
+            if on[0]:
+                big.sum()
+            t0 = time.perf_counter()
+            out = fwd(*a, **kw)
+            t[stage] = t.get(stage, 0.0) + time.perf_counter() - t0
+            return out
+
+        block.forward = wrapped
+
+    for si, (_, stage) in enumerate(model.graph_stages()):
+        for b in stage.blocks():
+            wrap(b, si)
+    runs: dict[bool, list[dict[int, float]]] = {False: [], True: []}
+    with torch.no_grad():
+        model(x)
+        for r in range(2 * rounds):
+            on[0] = bool(r % 2)
+            t.clear()
+            for _ in range(iters):
+                model(x)
+            runs[on[0]].append({k: v / iters for k, v in t.items()})
+    stages = sorted(runs[False][0])
+    med = {p: {s: statistics.median(r[s] for r in runs[p]) for s in stages} for p in runs}
+    return dict(
+        model=name,
+        batch=batch,
+        pollute_mib=mib,
+        rounds=rounds,
+        blocks_ms={
+            f"stage{s + 1}": dict(clean=round(med[False][s] * 1e3, 3), polluted=round(med[True][s] * 1e3, 3))
+            for s in stages
+        },
+        ratio={f"stage{s + 1}": round(med[True][s] / med[False][s], 3) for s in stages},
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--pollute-mib", type=int, default=24, help="MiB streamed before each block (0: skip)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_profile.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -94,6 +151,7 @@ def main() -> None:
         machine=platform.machine(),
         threads=1,
         results=[measure(m, args.batch, args.iters) for m in args.models],
+        pollution=[pollution(m, args.batch, args.pollute_mib) for m in args.models] if args.pollute_mib else [],
     )
     for r in out["results"]:
         print(
@@ -104,6 +162,8 @@ def main() -> None:
         print(f"convolutions: {conv_s:.2f} ms (sequential) {conv_d:.2f} ms (dynamic), {conv_d / conv_s:.3f}x")
         for row in r["ops"][:10]:
             print(f"  {row['op'][:40]:40s} {row['sequential_ms']:9.3f} {row['dynamic_ms']:9.3f}")
+    for r in out["pollution"]:
+        print(f"{r['model']}: the chain's blocks with {r['pollute_mib']} MiB streamed before each: {r['ratio']}")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

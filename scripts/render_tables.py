@@ -727,6 +727,7 @@ def node_overhead(key: str = "results") -> str:
                     f"{t['rest_s'] / r['sequential_step_s']:+.1%}",
                     f"{t['ops']} / {r['sequential_ops']}",
                     ratio(r["eval"][form]["b64_ratio"]),
+                    *_eval_split_cells(r, form),
                     ratio(r["eval"][form]["b1_ratio"]),
                 ]
             )
@@ -742,11 +743,28 @@ def node_overhead(key: str = "results") -> str:
             "rest",
             "aten ops / chain",
             "eval b64",
+            "b64: blocks",
+            "b64: stage outside blocks",
+            "b64: aggregation traffic",
             "eval b1",
         ],
         rows,
-        "llrrrrrrrrr",
+        "llrrrrrrrrrrrr",
     )
+
+
+def _eval_split_cells(r: dict, form: str) -> list[str]:
+    """Batch-64 evaluation by part, as shares of the chain's evaluation (bench/node_overhead.py's
+    ``eval_split``; the chain's blocks include its shortcut adds); empty for files without it."""
+    split = r.get("eval_split")
+    if not split:
+        return ["", "", ""]
+    chain, v = split["sequential"]["total_s"], split[form]
+    return [
+        f"{v['in_blocks_s'] / chain:.1%} ({split['sequential']['in_blocks_s'] / chain:.1%})",
+        f"{v['stages_outside_blocks_s'] / chain:.1%}",
+        f"{r['eval'][form]['agg_traffic_share']:.1%}",
+    ]
 
 
 def frontier() -> str:

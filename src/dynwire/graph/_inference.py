@@ -16,7 +16,12 @@ node that does not grow with the number of its inputs, apart from the aggregatio
   (``BranchNode.relu_input``; also the stage's output activation) gets it applied in the
   aggregation's own pass, so the node input is written once and never copied by the activation;
 * at batch 1 on the CPU a node is its block and one C call (``SampleKernels.run``): its router and
-  gate, the removal of the nodes after it and the next node's input, in C arrays, not tensors.
+  gate, the removal of the nodes after it and the next node's input, in C arrays, not tensors;
+* at a larger batch on the CPU (a complete DAG of plain routers) a node is its block and one C call
+  too (``SampleKernels.run_batch``): the previous node's router and gate into the edge matrices,
+  this node's per-sample weights and alive flags, and its input for the live samples only, packed
+  (sample by sample on one thread, so the sum reads the previous output while it is in cache).
+  ``_forward_batch`` is that call's tensor-op reference.
 """
 
 from __future__ import annotations
