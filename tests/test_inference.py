@@ -259,3 +259,26 @@ def _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch):
         assert (fast - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
         live = len(x) * s.num_blocks - int(rec.removed[name][:, 1:-1].sum()) if pruned else len(x) * s.num_blocks
         assert sum(fast_calls) == live, "blocks ran on exactly the live samples (all of them when not pruned)"
+
+
+def test_batch_stage_kernels_decline_channels_last_and_the_tensor_ops_take_over(monkeypatch):
+    # a channels-last block output does not fit the C call (its router reads (B, C, HW) maps): the
+    # stage goes on from block 0's output with the tensor ops, with the general loop's result
+    from dynwire.layers._fused_glue import SampleKernels
+
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node="branch").eval()
+    x = torch.randn(5, 3, 24, 24)
+    set_thresholds_at_quantile(model, x, 0.5)
+    model = model.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last)
+    ran = []
+    real = SampleKernels.run_batch
+    monkeypatch.setattr(SampleKernels, "run_batch", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    with torch.no_grad():
+        fast = model(x)
+        with dynwire.record_adjacency(model) as rec:
+            ref = model(x)
+    assert ran and all(r is None for r in ran), "the C call declined every stage"
+    assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0
+    assert (fast - ref).abs().max() <= 1e-4
