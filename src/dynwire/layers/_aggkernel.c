@@ -376,7 +376,8 @@ DEFINE_SAMPLE(f64, double)
         const int64_t N = plan[0] + 1, CHW = plan[1] * plan[2];                                                  \
         const int relu = (int)plan[6 + 2 * plan[0] + j];                                                         \
         int64_t count = 0;                                                                                       \
-        if (nthreads <= 1) {                                                                                     \
+        uint8_t *lives = nthreads > 1 ? (uint8_t *)malloc((size_t)B) : NULL;                                     \
+        if (!lives) { /* one thread (or no memory for the flags): sample by sample */                            \
             for (int64_t b = 0; b < B; b++) {                                                                    \
                 const int live = NAME##_batch_weights(plan, i, y ? y + b * CHW : NULL, value + b * N * N,        \
                                                       open ? open + b * N * N : NULL, alpha_out + b * N,         \
@@ -388,7 +389,6 @@ DEFINE_SAMPLE(f64, double)
             }                                                                                                    \
             return count;                                                                                        \
         }                                                                                                        \
-        uint8_t *lives = (uint8_t *)malloc((size_t)B);                                                           \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)      \
             lives[b] = (uint8_t)NAME##_batch_weights(plan, i, y ? y + b * CHW : NULL, value + b * N * N,         \
                                                      open ? open + b * N * N : NULL, alpha_out + b * N,          \

@@ -250,9 +250,10 @@ class SampleKernels:
         """The stage on a batch from ``y``, block 0's output ``(B, C, ...)``, with the stage's fresh
         (zeroed) :class:`~dynwire.graph.edges.EdgeMatrices` ``mats`` and ``alive`` ``(B, N)`` (all
         True; None without removal, then ``mats.open`` is None too). ``pruned``: a node runs on its
-        live samples only (gathered), otherwise on all with removed samples zeroed, as
-        ``graph._inference._run``. None, before anything ran, where ``y`` or the matrices do not fit
-        the C call; then the caller goes on from ``y``."""
+        live samples only (their inputs written packed by the call, the outputs scattered back),
+        otherwise on all with removed samples zeroed, as ``graph._inference._run``. None, before
+        anything ran, where ``y`` or the matrices do not fit the C call; then the caller goes on
+        from ``y``."""
         n = len(blocks)
         C = self._channels
         B = y.shape[0]
@@ -270,7 +271,15 @@ class SampleKernels:
             or mats.alpha_out.dtype != dt
             or not all(t.is_contiguous() for t in (mats.value, mats.alpha_out))
             or mats.value.shape != (B, N, N)
-            or (removal and not (mats.open.is_contiguous() and alive.is_contiguous() and alive.shape == (B, N)))
+            or (
+                removal
+                and not (
+                    mats.open.dtype == alive.dtype == torch.bool
+                    and mats.open.is_contiguous()
+                    and alive.is_contiguous()
+                    and alive.shape == (B, N)
+                )
+            )
         ):
             return None
         shape = y.shape
