@@ -56,7 +56,7 @@ from dynwire.graph.stage import GraphStage
 from dynwire.layers import aggregation as agg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_overhead import _bandwidth_gbs  # noqa: E402  (the same bandwidth probe as the training floor)
+from train_overhead import _bandwidth_gbs, _stage_map_bytes  # noqa: E402  (the training floor's probe and sizes)
 
 FORMS = ("block", "branch")
 ABLATIONS = ("norecompute", "notaps", "norouters")
@@ -166,15 +166,12 @@ def _eval_split(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict:
 def _eval_agg_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     """The least memory traffic of one evaluation's aggregations (bytes): ``K`` reads + 1 write per
     node with ``K`` inputs, every node alive; feature-map sizes from one forward with hooks."""
-    sizes, hooks = {}, []
-    stages = [m for m in model.modules() if isinstance(m, GraphStage) and not m.edges.is_chain]
-    for st in stages:
-        hooks.append(st.blocks()[0].register_forward_hook(lambda m, i, o, st=st: sizes.__setitem__(st, o.nbytes)))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return sum((len(st.edges.predecessors(j)) + 1) * sizes[st] for st in stages for j in range(1, st.num_nodes))
+    sizes = _stage_map_bytes(model, x)
+    return sum(
+        (len(st.edges.predecessors(j)) + 1) * size * x.shape[0]
+        for st, size in sizes.items()
+        for j in range(1, st.num_nodes)
+    )
 
 
 def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:

@@ -238,13 +238,9 @@ class _Variant:
         return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2, **timer.t}
 
 
-def _agg_min_bytes(model, x) -> int:
-    """The least memory traffic of one training step's aggregations (bytes), from the model's graph.
-
-    Per node ``j`` with ``K`` inputs: forward ``K`` reads + 1 write; the recomputation in backward
-    the same again (block inputs only, where the variant recomputes); backward ``2K + 2`` (the dot
-    products read ``g`` and each input once, and each input edge's ``w * g`` is read once by the tap
-    that sums it, which writes once). Feature-map sizes come from one forward with hooks."""
+def _stage_map_bytes(model, x) -> dict:
+    """Bytes of one feature map of each graph stage that is not a chain, per sample of ``x``
+    (block 0's output, from one evaluation forward with hooks; the model is left in eval mode)."""
     import torch
 
     from dynwire.graph.stage import GraphStage
@@ -252,14 +248,27 @@ def _agg_min_bytes(model, x) -> int:
     sizes, hooks = {}, []
     stages = [m for m in model.modules() if isinstance(m, GraphStage) and not m.edges.is_chain]
     for st in stages:
-        hooks.append(st.blocks()[0].register_forward_hook(lambda m, i, o, st=st: sizes.__setitem__(st, o.nbytes)))
+        hooks.append(
+            st.blocks()[0].register_forward_hook(lambda m, i, o, st=st: sizes.__setitem__(st, o.nbytes // o.shape[0]))
+        )
     with torch.no_grad():
-        model.eval()(x[:1])
-    model.train()
+        model.eval()(x)
     for h in hooks:
         h.remove()
+    return sizes
+
+
+def _agg_min_bytes(model, x) -> int:
+    """The least memory traffic of one training step's aggregations (bytes), from the model's graph.
+
+    Per node ``j`` with ``K`` inputs: forward ``K`` reads + 1 write; the recomputation in backward
+    the same again (block inputs only, where the variant recomputes); backward ``2K + 2`` (the dot
+    products read ``g`` and each input once, and each input edge's ``w * g`` is read once by the tap
+    that sums it, which writes once). Feature-map sizes come from one forward with hooks."""
+    sizes = _stage_map_bytes(model, x[:1])
+    model.train()
     total = 0
-    for st in stages:
+    for st in sizes:
         limit = st.wiring.recompute_max_inputs
         for j in range(1, st.num_nodes):
             k = len(st.edges.predecessors(j))
