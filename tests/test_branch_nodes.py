@@ -241,26 +241,3 @@ def test_own_blocks_with_or_without_the_act_argument(takes_act):
     stage.train()
     stage(x).square().sum().backward()
     assert all(p.grad is not None for p in stage.parameters() if p.requires_grad)
-
-
-@pytest.mark.parametrize(
-    "name,node,recipes",
-    [("cifar_resnet20", "branch", False), ("cifar_resnet20", "block", True), ("mobilenet_v2", "branch", True)],
-)
-def test_recomputation_is_on_only_where_a_sum_is_saved_as_computed(name, node, recipes, monkeypatch):
-    # branch nodes of a ResNet apply their ReLU to every sum in place, so no sum is ever saved as
-    # computed: the recomputation hooks stay off. Block nodes (and MobileNetV2's branches, which
-    # start with a convolution) save their sums and recompute them in backward.
-    import dynwire.layers.aggregation as agg
-
-    used = []
-    pack = agg._pack
-    monkeypatch.setattr(agg, "_pack", lambda t: used.append(isinstance(pack(t), agg._Recipe)) or pack(t))
-    torch.manual_seed(0)
-    model = dynwire.create_model(name, num_classes=5, wiring="dynamic", node=node).train()
-    x = torch.randn(2, *small_size(name))
-    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
-    assert model._recompute_enabled() == recipes
-    assert any(used) == recipes and (len(used) > 0) == recipes
-    with dynwire.record_adjacency(model):  # recording keeps the sums unactivated: recipes apply
-        assert model._recompute_enabled()

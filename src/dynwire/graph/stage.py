@@ -110,25 +110,7 @@ class GraphStage(nn.Module):
         self.edges.eval_gate = mode
 
     def _recompute(self) -> bool:
-        return (
-            self.training
-            and torch.is_grad_enabled()
-            and self.wiring.recompute
-            and not _tracing()
-            and not self._sums_activated_in_place()
-        )
-
-    def _sums_activated_in_place(self) -> bool:
-        """Whether ``_forward_graph`` applies a ReLU in place to every sum it computes (each branch
-        node's input, the stage output): then no sum is saved for backward as it was computed, a
-        recomputation recipe can never apply, and recording them (and the saved-tensor hooks that
-        look them up) would be work for nothing."""
-        return (
-            not self.record_adjacency
-            and not torch.onnx.is_in_onnx_export()
-            and type(self.output_act) is nn.ReLU
-            and all(getattr(b, "relu_input", False) for b in self._nodes[1:])
-        )
+        return self.training and torch.is_grad_enabled() and self.wiring.recompute and not _tracing()
 
     def forward(self, x: Tensor) -> Tensor:
         blocks = self.blocks()

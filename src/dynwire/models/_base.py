@@ -109,8 +109,6 @@ class GraphNet(nn.Module):
             and self.wiring.kind != "sequential"
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
-            # branch nodes: every sum is activated in place, so no recipe could apply
-            and not all(stage._sums_activated_in_place() for _, stage in self.graph_stages())
         )
 
     def _counted(self, fn, x: Tensor) -> Tensor:
