@@ -151,7 +151,7 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
     routers = tau = first = None
     if isinstance(g, RoutedEdges) and type(g).output_gates is RoutedEdges.output_gates:
         routers = g.routers
-        kern = SampleKernels.for_stage(routers, g.tau, x) if g.complete_dag() else None
+        kern = _stage_kernels(g, x)
         if kern is not None:
             first = blocks[0](x)
             out = kern.run(blocks, first, relu, g.eval_gate, removal)

@@ -194,6 +194,22 @@ class SampleKernels:
             params.append(p)
         return SampleKernels(backend, dt, params, tau, channels) if n else None
 
+    def _plan(self, n: int, hw: int, eval_gate: str, removal: bool, relu: list[bool]):
+        """The stage's plan as the C calls read it: ``n, C, HW, gate mode, removal, tau, routers'
+        (W, b), relu flags``."""
+        plan = [n, self._channels, hw, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
+        return (ctypes.c_int64 * len(plan))(*plan)
+
+    def _checked(self, j: int, y: Tensor, shape: torch.Size, any_batch: bool = False) -> Tensor:
+        """Block ``j``'s output, dense; a ValueError where its shape (batch aside when ``any_batch``:
+        a block run on the live samples only) or dtype is not block 0's."""
+        if (y.shape[1:] != shape[1:] if any_batch else y.shape != shape) or y.dtype != self._dtype:
+            raise ValueError(
+                f"block {j} of a graph stage returned {tuple(y.shape)} {y.dtype}, block 0 {tuple(shape)} "
+                f"{self._dtype}: the blocks of a stage must return outputs of one shape and dtype"
+            )
+        return y.contiguous()  # same values: the sum and the router read them densely
+
     def run(self, blocks, y: Tensor, relu: list[bool], eval_gate: str, removal: bool) -> Tensor | None:
         """The stage on one sample from ``y``, block 0's output ``(1, C, ...)``: blocks ``j >= 1`` get
         ``act=False`` where ``relu[j]`` says that their input aggregation applies the activation
@@ -211,9 +227,8 @@ class SampleKernels:
         ):
             return None
         shape = y.shape
-        plan = [n, C, y.numel() // C, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
         N = n + 1
-        plan_arr = (ctypes.c_int64 * len(plan))(*plan)
+        plan_arr = self._plan(n, y.numel() // C, eval_gate, removal, relu)
         open_at = N * 8 + (N * N + 2 * N) * y.element_size()  # the scratch layout the C call reads
         scratch = (ctypes.c_char * (open_at + N * N + N))()
         if not removal:  # every edge open
@@ -227,13 +242,7 @@ class SampleKernels:
             j = step(plan_arr, scratch, i, y.data_ptr(), out.data_ptr())
             if j == n:
                 return out
-            y = blocks[j](out, act=False) if relu[j] else blocks[j](out)
-            if y.shape != shape or y.dtype != self._dtype:
-                raise ValueError(
-                    f"block {j} of a graph stage returned {tuple(y.shape)} {y.dtype}, block 0 {tuple(shape)} "
-                    f"{self._dtype}: the blocks of a stage must return outputs of one shape and dtype"
-                )
-            y = y.contiguous()  # same values: the sum and the router read them densely
+            y = self._checked(j, blocks[j](out, act=False) if relu[j] else blocks[j](out), shape)
             outs.append(y)
             i = j
 
@@ -283,8 +292,7 @@ class SampleKernels:
         ):
             return None
         shape = y.shape
-        plan = [n, C, y.numel() // (B * C), _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
-        plan_arr = (ctypes.c_int64 * len(plan))(*plan)
+        plan_arr = self._plan(n, y.numel() // (B * C), eval_gate, removal, relu)
         xs = (ctypes.c_void_p * N)()
         w = y.new_empty(B, N)
         idx = torch.empty(B, dtype=torch.int64)
@@ -312,18 +320,12 @@ class SampleKernels:
                 continue
             if compact and count < B:
                 out = out[:count]
-            y = blocks[j](out, act=False) if relu[j] else blocks[j](out)
-            if y.shape[1:] != shape[1:] or y.dtype != dt:
-                raise ValueError(
-                    f"block {j} of a graph stage returned {tuple(y.shape)} {y.dtype}, block 0 {tuple(shape)} "
-                    f"{dt}: the blocks of a stage must return outputs of one shape and dtype"
-                )
+            y = self._checked(j, blocks[j](out, act=False) if relu[j] else blocks[j](out), shape, any_batch=True)
             if count < B:
                 if pruned:
                     y = y.new_zeros(shape).index_copy_(0, idx[:count], y)
                 else:
                     y = y * alive[:, j].view(-1, *([1] * (y.ndim - 1))).to(dt)
-            y = y.contiguous()  # same values: the sum and the router read them densely
             outs.append(y)
             xs[j] = i_ptr = y.data_ptr()
         raise AssertionError("unreachable")
