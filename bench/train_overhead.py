@@ -141,7 +141,7 @@ def _push_backward():
 
     from dynwire.layers import aggregation as agg
 
-    def push(weights, grad, xs, slots, need_w):
+    def push(weights, grad, xs, slots, need_w, cols=None):
         backend = agg._fused_backend([grad, *xs])
         if backend is None or len({id(s) for s in slots}) != len(slots):
             return False
@@ -262,9 +262,11 @@ def _agg_min_bytes(model, x) -> int:
     """The least memory traffic of one training step's aggregations (bytes), from the model's graph.
 
     Per node ``j`` with ``K`` inputs: forward ``K`` reads + 1 write; the recomputation in backward
-    the same again (block inputs only, where the variant recomputes); backward ``2K + 2`` (the dot
-    products read ``g`` and each input once, and each input edge's ``w * g`` is read once by the tap
-    that sums it, which writes once). Feature-map sizes come from one forward with hooks."""
+    the same again (block inputs only, where the variant recomputes); backward ``K + 2``: each input
+    edge's ``g`` is read once, by the tap of the node it comes from, which sums its consumers'
+    ``w * g`` and computes their edge weights' dot products with its output in the same pass (one
+    read of the output, one write of its gradient; ``2K + 2`` before the dot products moved to the
+    taps). Feature-map sizes come from one forward with hooks."""
     sizes = _stage_map_bytes(model, x[:1])
     model.train()
     total = 0
@@ -273,7 +275,7 @@ def _agg_min_bytes(model, x) -> int:
         for j in range(1, st.num_nodes):
             k = len(st.edges.predecessors(j))
             recompute = st.wiring.recompute and j < st.num_blocks and (limit is None or k <= limit)
-            total += ((k + 1) * (2 if recompute else 1) + 2 * k + 2) * sizes[st] * x.shape[0]
+            total += ((k + 1) * (2 if recompute else 1) + k + 2) * sizes[st] * x.shape[0]
     return total
 
 
@@ -449,7 +451,8 @@ def run_steps(args) -> dict:
         "one instrumented step after the timed rounds (first timing process): forward, backward, optimizer wall "
         "time, and the aggregation's forward sum, recomputation in backward and backward (dot products, slot "
         "updates, the taps' sums; wall and process CPU time). bound: the aggregation's least memory traffic per "
-        "step (forward K reads + 1 write per node, the same again where recomputed, backward 2K + 2) at the "
+        "step (forward K reads + 1 write per node, the same again where recomputed, backward K + 2: the taps read each "
+        "edge's g once and their node's output once, for the sums and the edge weights' dot products) at the "
         "bandwidth of torch.add(a, b, out=c) over 3 x 256 MiB measured in the timing process; time_ratio_floor = "
         "(median sequential step + that time) / median sequential step. The floor counts what the operation needs "
         "under the variant's recomputation policy, whatever its kernels move.",

@@ -249,10 +249,10 @@ def test_fused_slot_semantics():
     taps = [tap(x) for x in xs]
     slots = [s for _, s in taps]
     with fused_aggregation("always"):
-        out = _AggregateTapped.apply(w, tuple(slots), *[t for t, _ in taps])
+        out = _AggregateTapped.apply(w, tuple(slots), (-1, -1), *[t for t, _ in taps])
         stale = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
         slots[1].grad, slots[1].task = stale, -5  # left behind by another backward pass
-        slots[1].pending = [(torch.ones(2, dtype=torch.float64), torch.ones_like(stale))]
+        slots[1].pending = [(torch.ones(2, dtype=torch.float64), torch.ones_like(stale), -1)]
         seen = {}
 
         def hook(grad):  # runs inside this backward pass, before the aggregation's backward
@@ -575,3 +575,88 @@ def test_batch_one_stage_step_names_a_block_of_another_shape():
     node.forward = lambda x, act=True: x[:, :, :-1]  # a block whose output is smaller than block 0's
     with torch.no_grad(), pytest.raises(ValueError, match="block 2 of a graph stage returned"):
         model(torch.randn(1, 1, 20, 20))
+
+
+# --------------------------------------------------------------------------- edge weights' gradients at the taps
+
+
+def _edge_tapped(v0, v1, x0, x1):
+    """x0 feeds a (edge 0) and b (edge 1), x1 feeds b (edge 0): their weights' gradients come from
+    the taps (``cols``); a reaches b through a plain tap with a constant weight, and x1 is also
+    read outside any aggregation (the tap adds that gradient in its pass)."""
+    t0, s0 = tap(x0, v0)
+    t1, s1 = tap(x1, v1)
+    a = aggregate(v0[:, :1].detach(), [t0], [s0], [0])
+    ta, sa = tap(a)
+    w_b = torch.stack([v0[:, 1], v1[:, 0], torch.full_like(v1[:, 0], 0.5)], 1).detach()
+    b = aggregate(w_b, [t0, t1, ta], [s0, s1, sa], [1, 0, -1])
+    return b * t1 + a.sin()
+
+
+def _edge_reference(v0, v1, x0, x1):
+    a = aggregate_reference(v0[:, :1], [x0])
+    b = aggregate_reference(torch.stack([v0[:, 1], v1[:, 0], torch.full_like(v1[:, 0], 0.5)], 1), [x0, x1, a])
+    return b * x1 + a.sin()
+
+
+def _edge_inputs():
+    torch.manual_seed(0)
+    v0, v1 = torch.rand(2, 2, dtype=torch.float64), torch.rand(2, 1, dtype=torch.float64)
+    x0, x1 = (torch.randn(2, 3, 4, 12, dtype=torch.float64) for _ in range(2))
+    return [t.requires_grad_() for t in (v0, v1, x0, x1)]
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["off", pytest.param("always", marks=pytest.mark.skipif(not fused_available(), reason="C kernels not built"))],
+)
+def test_edge_tap_gradients_equal_plain_autograd(mode, monkeypatch):
+    """Off: consumers add their dot products to the slot (plain kernels); always: the tap's C pass
+    computes them from the deferred gradients. Both against autograd through the weights, and gradcheck."""
+    from dynwire.layers import _fused
+
+    monkeypatch.setattr(_fused, "FUSED_CHUNK", 50)  # several tasks per sample: partial dots summed
+    inputs = _edge_inputs()
+    g = torch.randn(2, 3, 4, 12, dtype=torch.float64)
+    with fused_aggregation(mode):
+        got = torch.autograd.grad(_edge_tapped(*inputs), inputs, g)
+        assert torch.autograd.gradcheck(_edge_tapped, inputs)
+    want = torch.autograd.grad(_edge_reference(*inputs), inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tap_kernel_sums_and_dots(dtype, monkeypatch):
+    """The C tap: the weighted sum of all K inputs and the first Kd inputs' dot products with x."""
+    from dynwire.layers import _fused
+
+    monkeypatch.setattr(_fused, "FUSED_CHUNK", 1500)  # ragged chunks, blocks of 1024 inside one
+    torch.manual_seed(0)
+    gs = [torch.randn(3, 4000).to(dtype) for _ in range(7)]
+    x = torch.randn(3, 4000).to(dtype)
+    w = torch.rand(3, 7, dtype=torch.float64)
+    w[0, 2] = 0.0  # a closed edge still has its dot product (straight-through gates need it)
+    out = torch.empty(3, 4000, dtype=dtype)
+    dots = _fused._BACKENDS["cpu"].tap(w, gs, x, out, 5)
+    g64 = [t.double() for t in gs]
+    ref = sum(w[:, k : k + 1].to(dtype).double() * g64[k] for k in range(7))
+    ref_dots = torch.stack([(t * x.double()).sum(1) for t in g64[:5]], 1)
+    tol = dict(rtol=1e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(dots, ref_dots, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="dot products"):
+        _fused._BACKENDS["cpu"].tap(w, gs, x, out, 8)
+
+
+def test_edge_tap_errors_name_the_fix():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    v = torch.rand(2, 2, requires_grad=True)
+    t, s = tap(x, v)
+    with pytest.raises(ValueError, match="detached"):
+        aggregate(v[:, :1], [t], [s], [0])
+    with pytest.raises(ValueError, match="slot per input"):
+        aggregate(v[:, :1].detach(), [t], None, [0])
+    with pytest.raises(ValueError, match=r"\(batch, edges\)"):
+        tap(x, torch.rand(3, 2))

@@ -215,3 +215,56 @@ def test_recompute_respects_inplace_edits_of_the_node_input(recompute):
     stage(x).sum().backward()
     for n, p in stage.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("node", ["block", "branch"])
+@pytest.mark.parametrize("train_gate", ["soft", "hard"])
+def test_gates_per_sender_equal_gates_per_receiver(train_gate, node, kernels, monkeypatch):
+    """Training gates each node's output edges once and takes their gradients at its tap
+    (``stage._SenderWeights``); the same loss and every gradient as gating per receiver with the
+    weights' gradients from the aggregations. Hard gates with some edges closed, the compute
+    budget's term in the loss, removed nodes on the pruned executor."""
+    from dynwire.graph import stage as stage_mod
+    from dynwire.graph.budget import ComputeBudget
+    from dynwire.layers import aggregation as agg
+
+    model = _small("resnet", "dynamic", dtype=torch.float64, train_gate=train_gate, node=node).train()
+    for _, s in model.graph_stages():
+        with torch.no_grad():  # thresholds inside the routers' range: edges close, some nodes are removed
+            s.edges.tau.fill_(0.95)
+            for r in s.edges.routers:
+                r.fc.weight.normal_(0, 1.0)
+    budget = ComputeBudget(model, target=0.5, weight=1.0)
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    monkeypatch.setattr(agg.GradSlot, "take_edges", _counting(agg.GradSlot.take_edges, calls))
+
+    def run():
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        with fused_aggregation(kernels):
+            out = model(x)
+            loss = out.square().mean() + budget.loss((3, 16, 16))[0]
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    assert calls, "the per-sender path did not run"
+    monkeypatch.setattr(stage_mod, "_gates_per_sender", lambda g: False)
+    calls.clear()
+    ref_loss, ref = run()
+    assert not calls
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref.keys()  # a router of a node removed for the whole batch: zeros, not None
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _counting(fn, calls):
+    def wrapped(*a, **kw):
+        calls.append(1)
+        return fn(*a, **kw)
+
+    return wrapped

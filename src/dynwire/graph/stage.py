@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..layers.aggregation import GradSlot, aggregate, aggregate_reference, recompute_aggregations, tap
 from ..layers.router import EVAL_GATES
 from ._inference import forward_inference
-from .edges import EdgeWeights, build_edges
+from .edges import EdgeWeights, RoutedEdges, build_edges
 from .wiring import WiringConfig
 
 __all__ = ["GraphStage", "BranchNode"]
@@ -170,14 +170,19 @@ class GraphStage(nn.Module):
             count = self.block_macs is None
             self.block_macs = [] if count else self.block_macs
             p_open: list[Tensor] = [x.new_empty(0)]
+        # per sender (training with taps, routed complete DAG): node i's router and gate run once for all
+        # of its output edges, and the weights' gradients <g_j, x_i> are computed at i's tap, in the
+        # pass that sums its consumers' gradients (Eq. 9-10): no aggregation reads its inputs again
+        senders = _SenderWeights(g, x, removal) if use_taps and _gates_per_sender(g) else None
         h = x
         for j in range(self.num_nodes):
             node_alive = None
             if j:
                 preds = g.predecessors(j)
-                alpha, value, open_ = g.node_weights(state, j)
+                alpha, value, open_ = g.node_weights(state, j) if senders is None else senders.node_weights(j)
                 if cost:
-                    p_open.append(torch.sigmoid((alpha - g.tau[j - 1]) / self.cost_temperature))
+                    a = alpha if senders is None else senders.alpha_with_grad(j)
+                    p_open.append(torch.sigmoid((a - g.tau[j - 1]) / self.cost_temperature))
                 if removal:
                     open_, node_alive = _close_removed(alpha, open_, [alive[i] for i in preds], output=j == n)
                     closed = value * (~open_).to(value.dtype)
@@ -202,6 +207,8 @@ class GraphStage(nn.Module):
                         # with the gate (compiled cifar_resnet56 training step: 1.14x the compiled
                         # chain's, 1.36x with the opaque custom op; bench/results/compile_cpu.json)
                         h = aggregate_reference(w, ins)
+                    elif senders is not None:
+                        h = aggregate(w, ins, [slots[preds[c]] for c in cols], [j - preds[c] - 1 for c in cols])
                     else:
                         h = aggregate(w, ins, [slots[preds[c]] for c in cols] if use_taps else None)
                     if record:
@@ -227,15 +234,25 @@ class GraphStage(nn.Module):
                 alive.append(node_alive)
             if j == 0 and removal:
                 alive.append(torch.ones(batch, dtype=torch.bool, device=x.device))
-            if use_taps and y.requires_grad:
+            if senders is not None:
+                values = senders.observe(j, y)  # the router reads the block's output before its tap
+                y, slot = tap(y, values) if y.requires_grad else (y, GradSlot())
+                if not y.requires_grad and values.requires_grad:
+                    senders.unread.append(values)  # a node removed for the whole batch
+            elif use_taps and y.requires_grad:
                 y, slot = tap(y)
             else:
                 slot = GradSlot()
             slots.append(slot)
             xs.append(y)
-            g.observe(state, j, y)
+            if senders is None:
+                g.observe(state, j, y)
             if record and hasattr(g, "routers"):
                 macs.add_all(g.routers[j].fc.in_features * g.routers[j].fc.out_features)
+        if senders is not None and senders.unread and h.requires_grad:
+            # what the per-receiver gates give the routers of nodes removed for the whole batch: zero
+            # gradients, not none (an optimizer's weight decay and momentum still step them)
+            h = h + 0 * torch.stack([v.sum() for v in senders.unread]).sum()
         if cost:
             p_alive = alive_probabilities(p_open, [g.predecessors(j) for j in range(self.num_nodes)], batch)
             self.expected_block_macs = sum(p_alive[j] * self.block_macs[j] for j in range(1, n)) if n > 1 else 0.0
@@ -283,6 +300,60 @@ class BranchNode(nn.Module):
 
     def forward(self, x: Tensor, act: bool = True) -> Tensor:
         return self.block.forward_branch(x) if act else self.block.forward_branch(x, act=False)
+
+
+def _gates_per_sender(g: EdgeWeights) -> bool:
+    """Whether ``g`` is a routed complete DAG whose gates can run per sender (``RoutedEdges`` as
+    shipped: nothing of its per-forward interface overridden by a subclass or on the instance)."""
+    if not (isinstance(g, RoutedEdges) and g.data_dependent and g.complete_dag()):
+        return False
+    return all(
+        name not in vars(g) and getattr(type(g), name) is getattr(RoutedEdges, name)
+        for name in ("observe", "node_weights", "output_gates")
+    )
+
+
+class _SenderWeights:
+    """A training forward's edge weights gated per sender (``RoutedEdges.output_gates``).
+
+    Node ``i``'s output edges are gated once, right after its block: their values (with autograd)
+    go to ``i``'s tap, which returns their gradients, and detached copies go into ``(B, N, N)``
+    matrices (row = receiver) from which each receiver reads its inputs' weights. Same values
+    and gradients as ``node_weights`` per receiver, without a stack and a gate per node.
+    """
+
+    def __init__(self, g: RoutedEdges, x: Tensor, removal: bool) -> None:
+        n = g.num_nodes
+        batch = x.shape[0]
+        self.g = g
+        self.alpha: Tensor | None = None
+        self.alphas: list[Tensor] = []  # with autograd, for the compute budget
+        self.unread: list[Tensor] = []  # output-edge values of nodes without a tap
+        self.value: Tensor | None = None
+        self.open: Tensor | None = torch.zeros(batch, n, n, dtype=torch.bool, device=x.device) if removal else None
+        self._shape = (batch, n, n)
+
+    def observe(self, i: int, y: Tensor) -> Tensor:
+        """Gate node ``i``'s output edges from its output ``y``; returns their values, with autograd."""
+        alpha, value, open_ = self.g.output_gates(i, y)
+        if self.value is None:
+            self.value = value.new_zeros(self._shape)
+            self.alpha = value.new_zeros(self._shape)
+        with torch.no_grad():
+            self.value[:, i + 1 :, i] = value
+            self.alpha[:, i + 1 :, i] = alpha
+            if self.open is not None:
+                self.open[:, i + 1 :, i] = open_
+        self.alphas.append(alpha)
+        return value
+
+    def node_weights(self, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(alpha, value, open)`` of node ``j``'s input edges (detached), as ``node_weights``; the
+        values a copy (the aggregation saves them, and later senders write the matrix)."""
+        return self.alpha[:, j, :j], self.value[:, j, :j].clone(), None if self.open is None else self.open[:, j, :j]
+
+    def alpha_with_grad(self, j: int) -> Tensor:
+        return torch.stack([self.alphas[i][:, j - i - 1] for i in range(j)], 1)
 
 
 def alive_probabilities(p_open: list[Tensor], preds: list[list[int]], batch: int) -> list[Tensor]:

@@ -8,6 +8,7 @@
  *   forward:  out[b, :] = sum_k w[b, k] * xs[k][b, :]
  *   backward: slots[k][b, :] (+)= w[b, k] * g[b, :]   ("=" where fresh[k]; skipped when slots is NULL)
  *             dots[t, k] = <g[b, c0:c1], xs[k][b, c0:c1]> for task t = (b, chunk [c0, c1))
+ *   tap:      out[b, :] = sum_k w[b, k] * gs[k][b, :],  dots[t, k] = <gs[k][b, c0:c1], x[b, c0:c1]> (k < Kd)
  *
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded). Inside a task the
@@ -180,6 +181,68 @@ static inline uint16_t bf16_store(float f) {
                     for (int64_t i = 0; i < n; i++) sl[i] = ST(LD(sl[i]) + wk * gb[i]);                          \
                 }                                                                                                \
             }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    /* a node output's tap (backward): out = sum_k w[k] * gs[k] and, for the first Kd inputs (its consumers'   \
+     * gradients), dots[k] = <gs[k], x> with x the node output (the gradients of its output edges' weights) */   \
+    MULTIVERSION static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
+                                             T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {          \
+        A acc[BLK], xb[BLK];                                                                                     \
+        for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
+            const int64_t n = MIN(BLK, c1 - s);                                                                  \
+            for (int64_t i = 0; i < n; i++) {                                                                    \
+                xb[i] = LD(x[off + s + i]);                                                                      \
+                acc[i] = 0;                                                                                      \
+            }                                                                                                    \
+            int64_t k = 0;                                                                                       \
+            for (; k + 4 <= Kd; k += 4) {                                                                        \
+                const T *g0 = gs[k] + off + s, *g1 = gs[k + 1] + off + s;                                        \
+                const T *g2 = gs[k + 2] + off + s, *g3 = gs[k + 3] + off + s;                                    \
+                const A v0 = w[k], v1 = w[k + 1], v2 = w[k + 2], v3 = w[k + 3];                                  \
+                A a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                                \
+                _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t i = 0; i < n; i++) {              \
+                    const A e0 = LD(g0[i]), e1 = LD(g1[i]), e2 = LD(g2[i]), e3 = LD(g3[i]);                      \
+                    acc[i] += v0 * e0 + v1 * e1 + v2 * e2 + v3 * e3;                                             \
+                    a0 += e0 * xb[i];                                                                            \
+                    a1 += e1 * xb[i];                                                                            \
+                    a2 += e2 * xb[i];                                                                            \
+                    a3 += e3 * xb[i];                                                                            \
+                }                                                                                                \
+                dots[k] += (double)a0;                                                                           \
+                dots[k + 1] += (double)a1;                                                                       \
+                dots[k + 2] += (double)a2;                                                                       \
+                dots[k + 3] += (double)a3;                                                                       \
+            }                                                                                                    \
+            for (; k < Kd; k++) {                                                                                \
+                const T *g0 = gs[k] + off + s;                                                                   \
+                const A v0 = w[k];                                                                               \
+                A a0 = 0;                                                                                        \
+                _Pragma("omp simd reduction(+ : a0)") for (int64_t i = 0; i < n; i++) {                          \
+                    const A e0 = LD(g0[i]);                                                                      \
+                    acc[i] += v0 * e0;                                                                           \
+                    a0 += e0 * xb[i];                                                                            \
+                }                                                                                                \
+                dots[k] += (double)a0;                                                                           \
+            }                                                                                                    \
+            for (; k < K; k++) { /* further terms without a dot (other gradients of the output, weight 1) */     \
+                const T *g0 = gs[k] + off + s;                                                                   \
+                const A v0 = w[k];                                                                               \
+                for (int64_t i = 0; i < n; i++) acc[i] += v0 * LD(g0[i]);                                        \
+            }                                                                                                    \
+            T *o = out + off + s;                                                                                \
+            for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                                   \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    void dynwire_agg_tap_##NAME(int64_t B, int64_t N, int64_t K, int64_t Kd, const T *const *gs, const A *w,     \
+                                const T *x, T *out, double *dots, int64_t chunk, int nthreads) {                 \
+        const int64_t nch = (N + chunk - 1) / chunk;                                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
+                                                                                t++) {                           \
+            const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
+            NAME##_tap_task(K, Kd, gs, w + b * K, x, out, dots + t * Kd, b * N, c0, MIN(c0 + chunk, N));         \
         }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
@@ -409,8 +472,9 @@ DEFINE_BATCH(f64, double)
 
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
  * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node
- * weights; 4: the batch-1 stage step; 5: the batch stage step, fwd_task's output offset). */
-int dynwire_agg_abi(void) { return 5; }
+ * weights; 4: the batch-1 stage step; 5: the batch stage step, fwd_task's output offset;
+ * 6: the tap with its output edges' dot products). */
+int dynwire_agg_abi(void) { return 6; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

@@ -55,6 +55,11 @@ class _FusedBackend:
         returns ``grad_w[b, k] = <fg[b], fx[k][b]>`` (float64) when ``need_w``."""
         raise NotImplementedError
 
+    def tap(self, weights: Tensor, fgs: list[Tensor], fx: Tensor, fo: Tensor, kd: int) -> Tensor:
+        """``fo[b] = sum_k weights[b, k] * fgs[k][b]``; returns ``dots[b, k] = <fgs[k][b], fx[b]>`` (float64)
+        for ``k < kd``, in the same pass."""
+        raise NotImplementedError
+
 
 #: Elements of one sample per OpenMP task of the CPU kernels (load balance and partial dot products).
 FUSED_CHUNK = 16384
@@ -72,14 +77,16 @@ class _CpuKernels(_FusedBackend):
 
     def __init__(self, lib) -> None:
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._fwd, self._bwd = {}, {}
+        self._fwd, self._bwd, self._tap = {}, {}, {}
         self._router, self._node_weights, self._sample_step, self._batch_step = {}, {}, {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
             f.argtypes, f.restype = [i64, i64, i64, p, p, p, i64, cint, cint], None
             b = getattr(lib, f"dynwire_agg_backward_{name}")
             b.argtypes, b.restype = [i64, i64, i64, p, p, p, p, p, p, i64, cint], None
-            self._fwd[dtype], self._bwd[dtype] = f, b
+            t = getattr(lib, f"dynwire_agg_tap_{name}")
+            t.argtypes, t.restype = [i64, i64, i64, i64, p, p, p, p, p, i64, cint], None
+            self._fwd[dtype], self._bwd[dtype], self._tap[dtype] = f, b, t
             if dtype != torch.bfloat16:
                 r = getattr(lib, f"dynwire_router_gate_{name}")
                 r.argtypes = [i64, i64, i64, p, p, p, i64, p, cint, p, i64, i64, p, i64, i64, p, i64, cint]
@@ -103,7 +110,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 5:
+            if lib.dynwire_agg_abi() != 6:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):
@@ -194,6 +201,21 @@ class _CpuKernels(_FusedBackend):
         if dots is None:
             return None
         return dots.view(B, chunks, K).sum(1)
+
+    def tap(self, weights: Tensor, fgs: list[Tensor], fx: Tensor, fo: Tensor, kd: int) -> Tensor:
+        B, N = fo.shape
+        K = len(fgs)
+        if not 0 < kd <= K:
+            raise ValueError(f"tap(): {kd} dot products asked of {K} inputs")
+        w = self._weights(weights, fo.dtype, B, K)
+        chunks = -(-N // FUSED_CHUNK)
+        dots = torch.empty(B * chunks, kd, dtype=torch.float64)
+        gs = (ctypes.c_void_p * K)(*[f.data_ptr() for f in fgs])
+        self._tap[fo.dtype](
+            B, N, K, kd, gs, w.data_ptr(), fx.data_ptr(), fo.data_ptr(), dots.data_ptr(), FUSED_CHUNK,
+            self._threads(fo.numel()),
+        )  # fmt: skip
+        return dots.view(B, chunks, kd).sum(1)
 
 
 class _LazyBackends(dict):

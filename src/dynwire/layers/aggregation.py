@@ -172,23 +172,31 @@ class GradSlot:
     terms in one fused pass when the node's own backward runs (``take``). Deferring reads each
     consumer's ``g`` once, where accumulating reads and writes the slot once per consumer.
 
+    A slot made with ``edges > 0`` (:func:`tap` with the node's output-edge weights) also
+    computes those weights' gradients, ``<g_j, x>`` for each consumer ``j`` (Eq. 9): from the
+    pending ``g_j`` in the tap's pass, which already reads them (``take_edges``), or added by a
+    consumer on the plain kernels (``add_dot``). Consumers then do not read their inputs again for
+    their weights' gradients.
+
     The state belongs to one backward pass (autograd graph task). A pass that runs an
     aggregation's backward but not the tap (``torch.autograd.grad`` with respect to a threshold
     only, say) leaves a partial sum behind; it is tagged with that pass's id and discarded by the
     next pass instead of being added to its gradient.
     """
 
-    __slots__ = ("grad", "pending", "task")
+    __slots__ = ("grad", "pending", "task", "edges", "dots")
 
-    def __init__(self) -> None:
+    def __init__(self, edges: int = 0) -> None:
         self.grad: Tensor | None = None
-        self.pending: list[tuple[Tensor, Tensor]] = []
+        self.pending: list[tuple[Tensor, Tensor, int]] = []
         self.task: int = -1
+        self.edges = edges  # output edges whose weights' gradients this slot computes (0: none)
+        self.dots: Tensor | None = None  # (B, edges) float64, from consumers on the plain kernels
 
     def _claim(self) -> None:
         task = torch._C._current_graph_task_id()
         if self.task != task:
-            self.grad, self.pending, self.task = None, [], task
+            self.grad, self.pending, self.dots, self.task = None, [], None, task
 
     def accumulate(self, g: Tensor, w: Tensor) -> None:
         """``grad += w * g`` now (``w`` broadcasts per sample)."""
@@ -198,31 +206,73 @@ class GradSlot:
         else:
             self.grad.addcmul_(g, w)
 
-    def defer(self, g: Tensor, w: Tensor) -> None:
-        """Remember ``w * g`` (``w``: ``(B,)``) for ``take`` to sum; ``g`` is kept alive until then."""
+    def defer(self, g: Tensor, w: Tensor, col: int = -1) -> None:
+        """Remember ``w * g`` (``w``: ``(B,)``) for ``take`` to sum; ``g`` is kept alive until then.
+        ``col``: the output edge it came through (a slot with ``edges``: its weight's gradient)."""
         self._claim()
-        self.pending.append((w, g))
+        self.pending.append((w, g, col))
+
+    def add_dot(self, col: int, dot: Tensor) -> None:
+        """Add ``dot`` (``(B,)``) to the gradient of output edge ``col``'s weight."""
+        self._claim()
+        if self.dots is None:
+            self.dots = dot.new_zeros(dot.shape[0], self.edges, dtype=torch.float64)
+        self.dots[:, col] += dot
+
+    def _reset(self) -> tuple[Tensor | None, list, Tensor | None]:
+        acc, pending, dots, task = self.grad, self.pending, self.dots, self.task
+        self.grad, self.pending, self.dots, self.task = None, [], None, -1
+        if task != torch._C._current_graph_task_id():
+            return None, [], None
+        return acc, pending, dots
 
     def take(self, grad: Tensor | None = None) -> Tensor | None:
         """This backward pass's gradient plus ``grad`` (the node output's other consumers); empties
         the slot. None when there is neither."""
-        acc, pending, task = self.grad, self.pending, self.task
-        self.grad, self.pending, self.task = None, [], -1
-        if task != torch._C._current_graph_task_id():
-            acc, pending = None, []
-        terms = [t for t in (acc, grad) if t is not None]
-        if not pending:
-            if len(terms) == 2:
-                return acc.add_(grad)
-            return terms[0] if terms else None
-        ws, gs = [w for w, _ in pending], [g for _, g in pending]
-        with torch.no_grad():
-            if terms and _fused_backend(gs + terms) is not None:  # the other terms in the same pass
-                return _aggregate_impl(torch.stack(ws + [torch.ones_like(ws[0])] * len(terms), 1), gs + terms)
-            out = _aggregate_impl(torch.stack(ws, 1), gs)
-            for t in terms:
-                out.add_(t)
-            return out
+        acc, pending, _ = self._reset()
+        return _sum_terms(acc, pending, grad)
+
+    def take_edges(self, grad: Tensor | None, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """:meth:`take`, and the gradient ``(B, edges)`` of the output edges' weights (``x``: the
+        node output; None when no consumer ran). The sum and the pending edges' dot products
+        in one pass where the fused kernels apply."""
+        acc, pending, dots = self._reset()
+        if pending:
+            cols = [c for _, _, c in pending]
+            if min(cols) < 0 or len(set(cols)) != len(cols):
+                raise ValueError(f"GradSlot.take_edges(): output edges {cols} must be distinct and given")
+            ws, gs = [w for w, _, _ in pending], [g for _, g, _ in pending]
+            terms = [t for t in (acc, grad) if t is not None]
+            backend = _fused_backend(gs + terms + [x])
+            with torch.no_grad():
+                if backend is not None:
+                    out = torch.empty_like(x)
+                    w = torch.stack(ws + [torch.ones_like(ws[0])] * len(terms), 1)
+                    d = backend.tap(w, [_flat(t) for t in gs + terms], _flat(x), _flat(out), len(gs))
+                else:
+                    out = _sum_terms(acc, pending, grad)
+                    d = torch.stack([_batched_dot(g, x).to(torch.float64) for g in gs], 1)
+            dots = x.new_zeros(x.shape[0], self.edges, dtype=torch.float64) if dots is None else dots
+            dots[:, cols] += d
+            return out, dots
+        return _sum_terms(acc, [], grad), dots
+
+
+def _sum_terms(acc: Tensor | None, pending: list, grad: Tensor | None) -> Tensor | None:
+    """``acc + grad + sum of w * g`` over ``pending`` (any of them missing); None when all are."""
+    terms = [t for t in (acc, grad) if t is not None]
+    if not pending:
+        if len(terms) == 2:
+            return acc.add_(grad)
+        return terms[0] if terms else None
+    ws, gs = [p[0] for p in pending], [p[1] for p in pending]
+    with torch.no_grad():
+        if terms and _fused_backend(gs + terms) is not None:  # the other terms in the same pass
+            return _aggregate_impl(torch.stack(ws + [torch.ones_like(ws[0])] * len(terms), 1), gs + terms)
+        out = _aggregate_impl(torch.stack(ws, 1), gs)
+        for t in terms:
+            out.add_(t)
+        return out
 
 
 class _Tap(torch.autograd.Function):
@@ -239,36 +289,77 @@ class _Tap(torch.autograd.Function):
         return ctx.slot.take(grad), None
 
 
-def tap(x: Tensor) -> tuple[Tensor, GradSlot]:
+class _EdgeTap(torch.autograd.Function):
+    """:class:`_Tap` that also returns the gradient of the node's output-edge weights ``values``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, slot: GradSlot) -> Tensor:
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)
+        ctx.values_dtype = values.dtype
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        (x,) = ctx.saved_tensors
+        gx, dots = ctx.slot.take_edges(grad, x)
+        return gx, None if dots is None else dots.to(ctx.values_dtype), None
+
+
+def tap(x: Tensor, edge_values: Tensor | None = None) -> tuple[Tensor, GradSlot]:
     """Route the gradients that aggregations send to ``x`` through one in-place accumulator.
 
     Autograd would give every consumer edge its own ``w * g`` tensor and then add them up (an
     allocation and two extra passes per edge); with a tap each aggregation backward adds
     ``w * g`` into the slot in place and the tap hands the sum on once.
+
+    ``edge_values``: the ``(B, E)`` weights of ``x``'s output edges, with autograd. Consumers then
+    aggregate with their weights detached and name their edge (``aggregate(..., cols=...)``): the
+    weights' gradients ``<g_j, x>`` are computed here, in the pass that sums the ``g_j``
+    (Eq. 9-10), and enter autograd through ``edge_values``.
     """
-    slot = GradSlot()
-    return _Tap.apply(x, slot), slot
+    if edge_values is None:
+        slot = GradSlot()
+        return _Tap.apply(x, slot), slot
+    if edge_values.ndim != 2 or edge_values.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"tap(): edge_values must be (batch, edges) for a batch of {x.shape[0]}, got {tuple(edge_values.shape)}"
+        )
+    slot = GradSlot(edge_values.shape[1])
+    return _EdgeTap.apply(x, edge_values, slot), slot
 
 
 def _fused_backward_tapped(
-    weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
+    weights: Tensor,
+    grad: Tensor,
+    xs: Sequence[Tensor],
+    slots: Sequence[GradSlot],
+    need_w: bool,
+    cols: Sequence[int] | None = None,
 ):
     """Fused backward into gradient slots: ``grad_w`` in one pass that reads ``grad`` once and every
     input once, and ``(w_k, grad)`` deferred to each slot, which its tap sums with its other
-    consumers' terms in one pass (``GradSlot.take``). Returns ``grad_w`` (None if not needed), or
-    False when the fused kernel does not apply (then nothing has been touched)."""
+    consumers' terms in one pass (``GradSlot.take``; a slot with edges computes edge ``cols[k]``'s
+    weight gradient there). Returns ``grad_w`` (None if not needed), or False when the fused
+    kernel does not apply (then nothing has been touched)."""
     backend = _fused_backend([grad, *xs])
     if backend is None:
         return False
     w = weights.detach()
     grad_w = backend.backward(w, _flat(grad), [_flat(x) for x in xs], None, None, need_w)
     for k, s in enumerate(slots):
-        s.defer(grad, w[:, k])
+        s.defer(grad, w[:, k], -1 if cols is None else cols[k])
     return None if grad_w is None else grad_w.to(weights.dtype)
 
 
 def _plain_backward_tapped(
-    weights: Tensor, grad: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot], need_w: bool
+    weights: Tensor,
+    grad: Tensor,
+    xs: Sequence[Tensor],
+    slots: Sequence[GradSlot],
+    need_w: bool,
+    cols: Sequence[int] | None = None,
 ) -> Tensor | None:
     """The reference backward into gradient slots: whole-tensor passes, one edge at a time."""
     grad_w = None
@@ -277,26 +368,34 @@ def _plain_backward_tapped(
     wc = _columns(weights, grad.dtype, grad.ndim)
     for k, slot in enumerate(slots):
         slot.accumulate(grad, wc[k])
+        if slot.edges and cols is not None and cols[k] >= 0:
+            slot.add_dot(cols[k], _batched_dot(grad, xs[k]).to(torch.float64))
     return grad_w
 
 
 class _AggregateTapped(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weights: Tensor, slots: tuple, *xs: Tensor) -> Tensor:
+    def forward(ctx, weights: Tensor, slots: tuple, cols: tuple, *xs: Tensor) -> Tensor:
         ctx.save_for_backward(weights, *xs)
-        ctx.slots = slots
+        ctx.slots, ctx.cols = slots, cols
         return _aggregate_impl(weights, xs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *xs = ctx.saved_tensors
-        grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
+        need_w = ctx.needs_input_grad[0]
+        grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, need_w, ctx.cols)
         if grad_w is False:
-            grad_w = _plain_backward_tapped(weights, grad, xs, ctx.slots, ctx.needs_input_grad[0])
-        return (grad_w, None) + (None,) * len(xs)
+            grad_w = _plain_backward_tapped(weights, grad, xs, ctx.slots, need_w, ctx.cols)
+        return (grad_w, None, None) + (None,) * len(xs)
 
 
-def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] | None = None) -> Tensor:
+def aggregate(
+    weights: Tensor,
+    xs: Sequence[Tensor],
+    slots: Sequence[GradSlot] | None = None,
+    cols: Sequence[int] | None = None,
+) -> Tensor:
     """Per-sample weighted sum of same-shaped tensors (Eq. 3).
 
     Args:
@@ -304,6 +403,9 @@ def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] |
         xs: ``K`` tensors of identical shape ``(B, ...)``.
         slots: optional :class:`GradSlot` of each input (from :func:`tap`); their gradients are
             then accumulated in place instead of being returned to autograd.
+        cols: with ``slots`` from :func:`tap` with ``edge_values``: the output edge of each input
+            that this sum reads (its column in that input's ``edge_values``). The weights'
+            gradients are then computed by the taps, and ``weights`` must be detached.
     """
     _check_inputs(weights, xs)
     xs = list(xs)
@@ -311,10 +413,21 @@ def aggregate(weights: Tensor, xs: Sequence[Tensor], slots: Sequence[GradSlot] |
         # inference: the same sum without the custom op's dispatch (tens of microseconds per call);
         # under a dispatch mode (the FLOP counter) the op stays visible
         return _aggregate_impl(weights, xs)
+    if cols is not None:
+        if slots is None or len(cols) != len(xs):
+            raise ValueError(
+                f"aggregate(): cols needs a gradient slot per input, got {len(cols)} cols for {len(xs)} inputs"
+            )
+        if weights.requires_grad:
+            raise ValueError(
+                "aggregate(): with cols the edge weights' gradients come from the taps' edge_values; "
+                "pass the weights detached (weights.detach())"
+            )
     if slots is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         if len(slots) != len(xs):
             raise ValueError(f"aggregate(): got {len(slots)} gradient slots for {len(xs)} inputs")
-        out = _AggregateTapped.apply(weights, tuple(slots), *xs)
+        cols = tuple(cols) if cols is not None else (-1,) * len(xs)
+        out = _AggregateTapped.apply(weights, tuple(slots), cols, *xs)
     else:
         out = _aggregate_op(weights, xs)
     live = _STATE.live
