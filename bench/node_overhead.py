@@ -8,6 +8,10 @@ plus ablations of DG-Net that each switch one part of its machinery off:
 * ``notaps``: no gradient taps (``GraphStage.fused_grad = False``: autograd sums the edges' gradients);
 * ``norouters``: the routers are not run (every edge weight a constant, no router forward or backward).
 
+and the design before this one, timed in the same rounds (``ratio_receivers``, not a part of the
+overhead): ``receivers`` gates each node's input edges per receiver, and the aggregations' backward
+computes their weights' gradients (where the shipped stage gates per sender and its taps compute them).
+
 Times are this thread's CPU time (one torch thread). Every variant runs one training step per round, the order rotated each round (after a warm-up
 step each); each round's time is divided by the ``sequential`` step of the same round, the median
 over rounds reported. A part's cost is the median over rounds of ``dynamic - ablation`` (seconds,
@@ -60,6 +64,10 @@ from train_overhead import _bandwidth_gbs, _stage_map_bytes  # noqa: E402  (the 
 
 FORMS = ("block", "branch")
 ABLATIONS = ("norecompute", "notaps", "norouters")
+#: earlier designs, timed in the same rounds (not parts of the overhead): ``receivers`` gates each
+#: node's input edges per receiver and computes their weights' gradients in the aggregations'
+#: backward (the design before the taps computed them, ``stage._gates_per_sender`` off)
+DESIGNS = ("receivers",)
 
 
 def _clock() -> float:
@@ -84,6 +92,10 @@ def _build(name: str, variant: str) -> torch.nn.Module:
 
 
 def _context(variant: str):
+    if variant.endswith("receivers"):
+        from dynwire.graph import stage
+
+        return mock.patch.object(stage, "_gates_per_sender", lambda g: False)
     if not variant.endswith("norouters"):
         return contextlib.nullcontext()
 
@@ -181,7 +193,7 @@ def _eval_agg_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:
-    variants = ["sequential"] + [f"{f}{'-' + a if a else ''}" for f in FORMS for a in ("", *ABLATIONS)]
+    variants = ["sequential"] + [f"{f}{'-' + a if a else ''}" for f in FORMS for a in ("", *ABLATIONS, *DESIGNS)]
     models = {v: _build(name, v).train() for v in variants}
     opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
     g = torch.Generator().manual_seed(0)
@@ -225,7 +237,7 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
             "rest_s": round(rest, 5),
             "ops": ops[f],
         }
-        for a in ABLATIONS:
+        for a in ABLATIONS + DESIGNS:
             train[f][f"ratio_{a}"] = round(statistics.median([p / q for p, q in zip(wall[f"{f}-{a}"], seq)]), 3)
 
     # evaluation, batch 64 and batch 1
@@ -277,8 +289,8 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
 def table(doc: dict) -> str:
     lines = [
         "| model | form | train step | of which: recompute | taps | routers | aggregation kernels | rest "
-        "| aten ops (chain) | eval b64 | eval b1 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| aten ops (chain) | gates per receiver | eval b64 | eval b1 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in doc["results"]:
         for f, t in r["train"].items():
@@ -287,7 +299,8 @@ def table(doc: dict) -> str:
             lines.append(
                 f"| {r['model']} | {f} | {t['ratio']:.2f}x | {sh['norecompute']:+.1%} | {sh['notaps']:+.1%} "
                 f"| {sh['norouters']:+.1%} | {sh['aggregation kernels']:+.1%} | {rest:+.1%} "
-                f"| {t['ops']} ({r['sequential_ops']}) | {r['eval'][f]['b64_ratio']:.2f}x | {r['eval'][f]['b1_ratio']:.2f}x |"
+                f"| {t['ops']} ({r['sequential_ops']}) | {t['ratio_receivers']:.2f}x "
+                f"| {r['eval'][f]['b64_ratio']:.2f}x | {r['eval'][f]['b1_ratio']:.2f}x |"
             )
     return "\n".join(lines)
 

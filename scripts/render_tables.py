@@ -720,6 +720,7 @@ def node_overhead(key: str = "results") -> str:
                     f"`{r['model']}`",
                     form,
                     ratio(t["ratio"]),
+                    ratio(t["ratio_receivers"]) if "ratio_receivers" in t else "",
                     f"{sh['norecompute']:+.1%}",
                     f"{sh['notaps']:+.1%}",
                     f"{sh['norouters']:+.1%}",
@@ -736,6 +737,7 @@ def node_overhead(key: str = "results") -> str:
             "model",
             "node",
             "train step",
+            "train step, gates per receiver",
             "recompute",
             "taps",
             "routers",
@@ -749,7 +751,7 @@ def node_overhead(key: str = "results") -> str:
             "eval b1",
         ],
         rows,
-        "llrrrrrrrrrrrr",
+        "llrrrrrrrrrrrrr",
     )
 
 
