@@ -141,7 +141,7 @@ def _push_backward():
 
     from dynwire.layers import aggregation as agg
 
-    def push(weights, grad, xs, slots, need_w, cols=None):
+    def push(weights, grad, xs, slots, need_w, cols=None, xs_checked=False):
         backend = agg._fused_backend([grad, *xs])
         if backend is None or len({id(s) for s in slots}) != len(slots):
             return False

@@ -36,7 +36,9 @@ __all__ = ["fused_aggregation", "fused_available"]
 
 
 class _FusedBackend:
-    """A device's fused kernels. Arguments are ``(B, N)`` row-major views of tensors of one dtype."""
+    """A device's fused kernels. ``fo`` and ``fg`` are ``(B, N)`` row-major views; the other
+    tensors (``fx``, ``fgs``, ``fslots``) are of one dtype with the same memory layout, a dense
+    ``(B, N)`` block (checked by :func:`_fused_backend`): only their data pointers are read."""
 
     def forward(self, weights: Tensor, fx: list[Tensor], fo: Tensor, relu: bool = False) -> None:
         """``fo[b] = sum_k weights[b, k] * fx[k][b]`` (``max(., 0)`` of it when ``relu``)."""
@@ -200,7 +202,7 @@ class _CpuKernels(_FusedBackend):
         )
         if dots is None:
             return None
-        return dots.view(B, chunks, K).sum(1)
+        return dots if chunks == 1 else dots.view(B, chunks, K).sum(1)
 
     def tap(self, weights: Tensor, fgs: list[Tensor], fx: Tensor, fo: Tensor, kd: int) -> Tensor:
         B, N = fo.shape
@@ -215,7 +217,7 @@ class _CpuKernels(_FusedBackend):
             B, N, K, kd, gs, w.data_ptr(), fx.data_ptr(), fo.data_ptr(), dots.data_ptr(), FUSED_CHUNK,
             self._threads(fo.numel()),
         )  # fmt: skip
-        return dots.view(B, chunks, kd).sum(1)
+        return dots if chunks == 1 else dots.view(B, chunks, kd).sum(1)
 
 
 class _LazyBackends(dict):

@@ -55,15 +55,20 @@ def _aggregate_plain(weights: Tensor, xs: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor], relu: bool = False) -> Tensor:
+_CHECK = object()
+
+
+def _aggregate_impl(weights: Tensor, xs: Sequence[Tensor], relu: bool = False, backend=_CHECK) -> Tensor:
     """The forward sum (a new tensor); ``relu``: ``max(sum, 0)`` in the same pass (inference of a
-    branch node whose branch starts with a ReLU)."""
-    backend = _fused_backend(xs)
+    branch node whose branch starts with a ReLU). ``backend``: ``_fused_backend(xs)`` when the
+    caller has it already."""
+    if backend is _CHECK:
+        backend = _fused_backend(xs)
     if backend is None:
         out = _aggregate_plain(weights, xs)
         return out.relu_() if relu else out
     out = torch.empty_like(xs[0])
-    backend.forward(weights.detach(), [_flat(x) for x in xs], _flat(out), relu)
+    backend.forward(weights.detach(), xs, _flat(out), relu)  # xs checked dense: their pointers suffice
     return out
 
 
@@ -238,20 +243,25 @@ class GradSlot:
         in one pass where the fused kernels apply."""
         acc, pending, dots = self._reset()
         if pending:
+            pending.sort(key=lambda p: p[2])
             cols = [c for _, _, c in pending]
-            if min(cols) < 0 or len(set(cols)) != len(cols):
-                raise ValueError(f"GradSlot.take_edges(): output edges {cols} must be distinct and given")
+            if cols[0] < 0 or cols[-1] >= self.edges or any(a == b for a, b in zip(cols, cols[1:])):
+                raise ValueError(f"GradSlot.take_edges(): output edges {cols} must be distinct, of 0..{self.edges - 1}")
             ws, gs = [w for w, _, _ in pending], [g for _, g, _ in pending]
             terms = [t for t in (acc, grad) if t is not None]
-            backend = _fused_backend(gs + terms + [x])
+            # deferred terms come from consumers whose fused backward checked them against this
+            # node's (tapped) output: only other terms need the check
+            backend = _fused_backend(gs + terms + [x]) if terms else _fused_backend([gs[0], x])
             with torch.no_grad():
                 if backend is not None:
                     out = torch.empty_like(x)
                     w = torch.stack(ws + [torch.ones_like(ws[0])] * len(terms), 1)
-                    d = backend.tap(w, [_flat(t) for t in gs + terms], _flat(x), _flat(out), len(gs))
+                    d = backend.tap(w, gs + terms, x, _flat(out), len(gs))
                 else:
                     out = _sum_terms(acc, pending, grad)
                     d = torch.stack([_batched_dot(g, x).to(torch.float64) for g in gs], 1)
+            if dots is None and len(cols) == self.edges:  # every output edge, in order
+                return out, d
             dots = x.new_zeros(x.shape[0], self.edges, dtype=torch.float64) if dots is None else dots
             dots[:, cols] += d
             return out, dots
@@ -337,17 +347,19 @@ def _fused_backward_tapped(
     slots: Sequence[GradSlot],
     need_w: bool,
     cols: Sequence[int] | None = None,
+    xs_checked: bool = False,
 ):
     """Fused backward into gradient slots: ``grad_w`` in one pass that reads ``grad`` once and every
     input once, and ``(w_k, grad)`` deferred to each slot, which its tap sums with its other
     consumers' terms in one pass (``GradSlot.take``; a slot with edges computes edge ``cols[k]``'s
     weight gradient there). Returns ``grad_w`` (None if not needed), or False when the fused
-    kernel does not apply (then nothing has been touched)."""
-    backend = _fused_backend([grad, *xs])
+    kernel does not apply (then nothing has been touched). ``xs_checked``: the forward found ``xs``
+    fit for the fused kernels (one layout), so ``grad`` is checked against the first only."""
+    backend = _fused_backend([grad, xs[0]] if xs_checked else [grad, *xs])
     if backend is None:
         return False
     w = weights.detach()
-    grad_w = backend.backward(w, _flat(grad), [_flat(x) for x in xs], None, None, need_w)
+    grad_w = backend.backward(w, _flat(grad), xs, None, None, True) if need_w else None
     for k, s in enumerate(slots):
         s.defer(grad, w[:, k], -1 if cols is None else cols[k])
     return None if grad_w is None else grad_w.to(weights.dtype)
@@ -378,13 +390,15 @@ class _AggregateTapped(torch.autograd.Function):
     def forward(ctx, weights: Tensor, slots: tuple, cols: tuple, *xs: Tensor) -> Tensor:
         ctx.save_for_backward(weights, *xs)
         ctx.slots, ctx.cols = slots, cols
-        return _aggregate_impl(weights, xs)
+        backend = _fused_backend(xs)
+        ctx.xs_checked = backend is not None
+        return _aggregate_impl(weights, xs, backend=backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weights, *xs = ctx.saved_tensors
         need_w = ctx.needs_input_grad[0]
-        grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, need_w, ctx.cols)
+        grad_w = _fused_backward_tapped(weights, grad, xs, ctx.slots, need_w, ctx.cols, ctx.xs_checked)
         if grad_w is False:
             grad_w = _plain_backward_tapped(weights, grad, xs, ctx.slots, need_w, ctx.cols)
         return (grad_w, None, None) + (None,) * len(xs)
