@@ -660,3 +660,23 @@ def test_edge_tap_errors_name_the_fix():
         aggregate(v[:, :1].detach(), [t], None, [0])
     with pytest.raises(ValueError, match=r"\(batch, edges\)"):
         tap(x, torch.rand(3, 2))
+
+
+@pytest.mark.parametrize("node", ["block", "branch"])
+def test_sums_activated_in_place_keep_no_recipe(node, monkeypatch):
+    """A branch node's input and the stage output are ReLU'd in place, so they could never be
+    recomputed: no recipe is kept for them; block-form node inputs keep theirs."""
+    from dynwire.layers import aggregation as agg
+
+    made = []
+
+    class Counting(agg._Recipe):
+        def __init__(self, *a):
+            made.append(1)
+            super().__init__(*a)
+
+    monkeypatch.setattr(agg, "_Recipe", Counting)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node=node, recompute=True).train()
+    m(torch.randn(2, 3, 16, 16)).sum().backward()
+    # block form: the inputs of blocks 1 and 2 and the output node of each of the 3 stages
+    assert len(made) == (9 if node == "block" else 0)

@@ -202,15 +202,21 @@ class GraphStage(nn.Module):
                 if cols:
                     w = weights if len(cols) == len(preds) else weights[:, cols]
                     ins = [xs[preds[c]] for c in cols]
+                    # a sum activated in place below can never be recomputed: keep no recipe for it
+                    fresh_act = relu_in_place and (
+                        type(output_act) is nn.ReLU if j == n else getattr(blocks[j], "relu_input", False)
+                    )
                     if onnx or _tracing():
                         # standard ops in an exported graph; under compile the compiler fuses them
                         # with the gate (compiled cifar_resnet56 training step: 1.14x the compiled
                         # chain's, 1.36x with the opaque custom op; bench/results/compile_cpu.json)
                         h = aggregate_reference(w, ins)
                     elif senders is not None:
-                        h = aggregate(w, ins, [slots[preds[c]] for c in cols], [j - preds[c] - 1 for c in cols])
+                        sl = [slots[preds[c]] for c in cols]
+                        h = aggregate(w, ins, sl, [j - preds[c] - 1 for c in cols], recompute=not fresh_act)
                     else:
-                        h = aggregate(w, ins, [slots[preds[c]] for c in cols] if use_taps else None)
+                        sl = [slots[preds[c]] for c in cols] if use_taps else None
+                        h = aggregate(w, ins, sl, recompute=not fresh_act)
                     if record:
                         macs.add_all(len(cols) * ins[0][0].numel())
             if j == n:

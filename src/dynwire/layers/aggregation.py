@@ -409,6 +409,7 @@ def aggregate(
     xs: Sequence[Tensor],
     slots: Sequence[GradSlot] | None = None,
     cols: Sequence[int] | None = None,
+    recompute: bool = True,
 ) -> Tensor:
     """Per-sample weighted sum of same-shaped tensors (Eq. 3).
 
@@ -420,6 +421,8 @@ def aggregate(
         cols: with ``slots`` from :func:`tap` with ``edge_values``: the output edge of each input
             that this sum reads (its column in that input's ``edge_values``). The weights'
             gradients are then computed by the taps, and ``weights`` must be detached.
+        recompute: False when the caller modifies the sum in place (an activation): it could not be
+            recomputed then, so no recipe is kept for it (under :func:`recompute_aggregations`).
     """
     _check_inputs(weights, xs)
     xs = list(xs)
@@ -445,7 +448,12 @@ def aggregate(
     else:
         out = _aggregate_op(weights, xs)
     live = _STATE.live
-    if live is not None and out.requires_grad and (_STATE.max_inputs is None or len(xs) <= _STATE.max_inputs):
+    if (
+        recompute
+        and live is not None
+        and out.requires_grad
+        and (_STATE.max_inputs is None or len(xs) <= _STATE.max_inputs)
+    ):
         live[out.data_ptr()] = (weakref.ref(out), _Recipe(weights.detach(), [x.detach() for x in xs], out._version))
     return out
 
