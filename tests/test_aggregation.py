@@ -680,3 +680,32 @@ def test_sums_activated_in_place_keep_no_recipe(node, monkeypatch):
     m(torch.randn(2, 3, 16, 16)).sum().backward()
     # block form: the inputs of blocks 1 and 2 and the output node of each of the 3 stages
     assert len(made) == (9 if node == "block" else 0)
+
+
+@needs_fused
+def test_router_gradient_is_added_in_place_of_the_taps_sum(monkeypatch):
+    """The router reads its node's output before the tap, so autograd adds the router's (broadcast)
+    gradient to the tap's sum: in place, into the tensor the tap wrote, not into a new map."""
+    from dynwire.layers import aggregation as agg
+
+    written, received = [], []
+    take_edges = agg.GradSlot.take_edges
+
+    def recording(self, grad, x):
+        gx, dots = take_edges(self, grad, x)
+        written.append(gx.data_ptr())
+        return gx, dots
+
+    monkeypatch.setattr(agg.GradSlot, "take_edges", recording)
+    torch.manual_seed(0)
+    m = dynwire.create_model("cifar_resnet20", num_classes=10, in_chans=1, wiring="dynamic").train()
+
+    def hook(mod, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: received.append(g.data_ptr()))
+
+    for _, stage in m.graph_stages():
+        for b in stage.blocks():
+            b.register_forward_hook(hook)
+    m(torch.randn(8, 1, 28, 28)).sum().backward()
+    assert len(written) == 9 and received == written
