@@ -250,7 +250,7 @@ class GradSlot:
             ws, gs = [w for w, _, _ in pending], [g for _, g, _ in pending]
             terms = [t for t in (acc, grad) if t is not None]
             # deferred terms come from consumers whose fused backward checked them against this
-            # node's (tapped) output: only other terms need the check
+            # node's (tapped) output: the first stands for all of them, other terms are checked
             backend = _fused_backend(gs + terms + [x]) if terms else _fused_backend([gs[0], x])
             with torch.no_grad():
                 if backend is not None:
