@@ -173,7 +173,7 @@ class GraphStage(nn.Module):
         # per sender (training with taps, routed complete DAG): node i's router and gate run once for all
         # of its output edges, and the weights' gradients <g_j, x_i> are computed at i's tap, in the
         # pass that sums its consumers' gradients (Eq. 9-10): no aggregation reads its inputs again
-        senders = _SenderWeights(g, x, removal) if use_taps and _gates_per_sender(g) else None
+        senders = _SenderWeights(g, x, removal, record, cost) if use_taps and _gates_per_sender(g) else None
         h = x
         for j in range(self.num_nodes):
             node_alive = None
@@ -328,10 +328,12 @@ class _SenderWeights:
     and gradients as ``node_weights`` per receiver, without a stack and a gate per node.
     """
 
-    def __init__(self, g: RoutedEdges, x: Tensor, removal: bool) -> None:
+    def __init__(self, g: RoutedEdges, x: Tensor, removal: bool, record: bool, cost: bool) -> None:
         n = g.num_nodes
         batch = x.shape[0]
         self.g = g
+        self._keep_alpha = removal or record  # raw weights: the output node's fallback, the record
+        self._cost = cost
         self.alpha: Tensor | None = None
         self.alphas: list[Tensor] = []  # with autograd, for the compute budget
         self.unread: list[Tensor] = []  # output-edge values of nodes without a tap
@@ -344,19 +346,23 @@ class _SenderWeights:
         alpha, value, open_ = self.g.output_gates(i, y)
         if self.value is None:
             self.value = value.new_zeros(self._shape)
-            self.alpha = value.new_zeros(self._shape)
+            self.alpha = value.new_zeros(self._shape) if self._keep_alpha else None
         with torch.no_grad():
             self.value[:, i + 1 :, i] = value
-            self.alpha[:, i + 1 :, i] = alpha
+            if self.alpha is not None:
+                self.alpha[:, i + 1 :, i] = alpha
             if self.open is not None:
                 self.open[:, i + 1 :, i] = open_
-        self.alphas.append(alpha)
+        if self._cost:
+            self.alphas.append(alpha)
         return value
 
-    def node_weights(self, j: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    def node_weights(self, j: int) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """``(alpha, value, open)`` of node ``j``'s input edges (detached), as ``node_weights``; the
-        values a copy (the aggregation saves them, and later senders write the matrix)."""
-        return self.alpha[:, j, :j], self.value[:, j, :j].clone(), None if self.open is None else self.open[:, j, :j]
+        values a copy (the aggregation saves them, and later senders write the matrix). ``alpha``
+        is None unless nodes can be removed or the forward is recorded (nothing else reads it)."""
+        alpha = None if self.alpha is None else self.alpha[:, j, :j]
+        return alpha, self.value[:, j, :j].clone(), None if self.open is None else self.open[:, j, :j]
 
     def alpha_with_grad(self, j: int) -> Tensor:
         return torch.stack([self.alphas[i][:, j - i - 1] for i in range(j)], 1)
