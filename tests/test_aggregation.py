@@ -205,11 +205,12 @@ def test_fused_equals_plain(k, channels_last, chunk, monkeypatch):
 
 
 @needs_fused
-def test_fused_equals_plain_float32_large():
-    """Blocks of 1024 elements, several tasks per sample, two threads: float32 rounding only."""
+@pytest.mark.parametrize("k", [6, 9])  # blocks of 1024 elements (k < 8) and of 8192 (k >= 8)
+def test_fused_equals_plain_float32_large(k):
+    """Several blocks and tasks per sample, two threads: float32 rounding only."""
     torch.manual_seed(0)
-    w = torch.rand(4, 6)
-    xs = [torch.randn(4, 64, 28, 28) for _ in range(6)]
+    w = torch.rand(4, k)
+    xs = [torch.randn(4, 64, 28, 28) for _ in range(k)]
     g = torch.randn_like(xs[0])
     fused, plain = _run_both(lambda: _op_and_tapped(w, xs, g))
     for f, p in zip(fused, plain):
@@ -628,26 +629,30 @@ def test_edge_tap_gradients_equal_plain_autograd(mode, monkeypatch):
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_tap_kernel_sums_and_dots(dtype, monkeypatch):
+# (K, Kd): the dotted inputs four at a time, then a remainder of 1-3, then undotted terms; K >= 8
+# walks blocks of 8192 elements, K < 8 of 1024
+@pytest.mark.parametrize("k, kd", [(7, 5), (3, 3), (2, 1), (4, 2), (10, 10), (11, 7)])
+def test_tap_kernel_sums_and_dots(dtype, k, kd, monkeypatch):
     """The C tap: the weighted sum of all K inputs and the first Kd inputs' dot products with x."""
     from dynwire.layers import _fused
 
-    monkeypatch.setattr(_fused, "FUSED_CHUNK", 1500)  # ragged chunks, blocks of 1024 inside one
-    torch.manual_seed(0)
-    gs = [torch.randn(3, 4000).to(dtype) for _ in range(7)]
-    x = torch.randn(3, 4000).to(dtype)
-    w = torch.rand(3, 7, dtype=torch.float64)
-    w[0, 2] = 0.0  # a closed edge still has its dot product (straight-through gates need it)
-    out = torch.empty(3, 4000, dtype=dtype)
-    dots = _fused._BACKENDS["cpu"].tap(w, gs, x, out, 5)
+    n = 20000
+    monkeypatch.setattr(_fused, "FUSED_CHUNK", 17000)  # ragged chunks, several blocks inside one
+    torch.manual_seed(k)
+    gs = [torch.randn(3, n).to(dtype) for _ in range(k)]
+    x = torch.randn(3, n).to(dtype)
+    w = torch.rand(3, k, dtype=torch.float64)
+    w[0, kd - 1] = 0.0  # a closed edge still has its dot product (straight-through gates need it)
+    out = torch.empty(3, n, dtype=dtype)
+    dots = _fused._BACKENDS["cpu"].tap(w, gs, x, out, kd)
     g64 = [t.double() for t in gs]
-    ref = sum(w[:, k : k + 1].to(dtype).double() * g64[k] for k in range(7))
-    ref_dots = torch.stack([(t * x.double()).sum(1) for t in g64[:5]], 1)
+    ref = sum(w[:, i : i + 1].to(dtype).double() * g64[i] for i in range(k))
+    ref_dots = torch.stack([(t * x.double()).sum(1) for t in g64[:kd]], 1)
     tol = dict(rtol=1e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.double(), ref, **tol)
-    torch.testing.assert_close(dots, ref_dots, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(dots, ref_dots, rtol=1e-5, atol=1e-2)
     with pytest.raises(ValueError, match="dot products"):
-        _fused._BACKENDS["cpu"].tap(w, gs, x, out, 8)
+        _fused._BACKENDS["cpu"].tap(w, gs, x, out, k + 1)
 
 
 def test_edge_tap_errors_name_the_fix():

@@ -12,11 +12,17 @@
  *
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded). Inside a task the
- * data is walked in blocks of BLK elements: forward keeps the block's running sum in L1 while
+ * data is walked in blocks of BLK elements: forward keeps the block's running sum in cache while
  * it reads the K inputs, four at a time (one core keeps more memory traffic in flight with four
  * read streams than with one: 1.7-1.9x faster than one at a time on the machine of the
- * benchmark), backward keeps the block of g in L1 while it reads each x_k and updates each slot. Every input is read from memory once, the sum written once; in backward g is read
- * once and every slot read and written once. A weight of exactly 0 (a closed edge of that
+ * benchmark), backward keeps the block of g in cache while it reads each x_k and updates each
+ * slot. With BLK_MIN_K streams or more a block is BLK = 8192 elements (32 KiB of float), not
+ * one L1's worth: every block starts a fresh run in each of its input streams, and the hardware
+ * prefetchers, which stop at 4 KiB pages, only reach full speed some way into a run. With fewer
+ * streams the block's own buffers are walked about as often as the inputs, and a block that
+ * stays in L1 (BLK_SMALL) is faster. bench/kernel_blocks.py measures both choices.
+ * Every input is read from memory once, the sum written once; in backward g is read once and
+ * every slot read and written once. A weight of exactly 0 (a closed edge of that
  * sample) skips its input in forward and its slot update in backward (0 * x adds nothing for
  * finite x); the dot product is still computed (straight-through gates need it).
  * Accumulation: float (double for float64) within a block, double across blocks for the dots.
@@ -29,7 +35,13 @@
 #include <string.h>
 
 #ifndef BLK
-#define BLK 1024
+#define BLK 8192 /* the largest block (elements) */
+#endif
+#ifndef BLK_SMALL
+#define BLK_SMALL 1024 /* the block of a call with fewer than BLK_MIN_K streams */
+#endif
+#ifndef BLK_MIN_K
+#define BLK_MIN_K 8
 #endif
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
@@ -59,74 +71,76 @@ static inline uint16_t bf16_store(float f) {
 
 /* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
 #define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
-    MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,         \
-                                             int64_t ooff, int64_t c0, int64_t c1, int relu) {                       \
-        A acc[BLK];                                                                                                  \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                     \
-            const int64_t n = MIN(BLK, c1 - s);                                                                      \
-            int first = 1;                                                                                           \
-            int64_t k = 0;                                                                                           \
-            for (;;) { /* the next (up to) 4 inputs with a non-zero weight: 4 read streams at once */                \
-                const T *p[4];                                                                                       \
-                A v[4];                                                                                              \
-                int c = 0;                                                                                           \
-                for (; k < K && c < 4; k++) {                                                                        \
-                    if (w[k] == 0) continue;                                                                         \
-                    p[c] = xs[k] + off + s;                                                                          \
-                    v[c] = w[k];                                                                                     \
-                    c++;                                                                                             \
-                }                                                                                                    \
-                if (c == 0) break;                                                                                   \
-                switch (c) {                                                                                         \
-                case 4:                                                                                              \
-                    if (first)                                                                                       \
-                        for (int64_t i = 0; i < n; i++)                                                              \
+    MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,     \
+                                             int64_t ooff, int64_t c0, int64_t c1, int relu) {                   \
+        A acc[BLK];                                                                                              \
+        const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
+        for (int64_t s = c0; s < c1; s += bs) {                                                                  \
+            const int64_t n = MIN(bs, c1 - s);                                                                   \
+            int first = 1;                                                                                       \
+            int64_t k = 0;                                                                                       \
+            for (;;) { /* the next (up to) 4 inputs with a non-zero weight: 4 read streams at once */            \
+                const T *p[4];                                                                                   \
+                A v[4];                                                                                          \
+                int c = 0;                                                                                       \
+                for (; k < K && c < 4; k++) {                                                                    \
+                    if (w[k] == 0) continue;                                                                     \
+                    p[c] = xs[k] + off + s;                                                                      \
+                    v[c] = w[k];                                                                                 \
+                    c++;                                                                                         \
+                }                                                                                                \
+                if (c == 0) break;                                                                               \
+                switch (c) {                                                                                     \
+                case 4:                                                                                          \
+                    if (first)                                                                                   \
+                        for (int64_t i = 0; i < n; i++)                                                          \
                             acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]) + v[3] * LD(p[3][i]); \
-                    else                                                                                             \
-                        for (int64_t i = 0; i < n; i++)                                                              \
+                    else                                                                                         \
+                        for (int64_t i = 0; i < n; i++)                                                          \
                             acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]) + v[3] * LD(p[3][i]); \
-                    break;                                                                                           \
-                case 3:                                                                                              \
-                    if (first)                                                                                       \
-                        for (int64_t i = 0; i < n; i++)                                                              \
-                            acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);                   \
-                    else                                                                                             \
-                        for (int64_t i = 0; i < n; i++)                                                              \
-                            acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);                  \
-                    break;                                                                                           \
-                case 2:                                                                                              \
-                    if (first)                                                                                       \
-                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);            \
-                    else                                                                                             \
-                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);           \
-                    break;                                                                                           \
-                default:                                                                                             \
-                    if (first)                                                                                       \
-                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]);                                 \
-                    else                                                                                             \
-                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]);                                \
-                }                                                                                                    \
-                first = 0;                                                                                           \
-            }                                                                                                        \
-            T *o = out + ooff + s;                                                                                   \
-            if (first) {                                                                                             \
-                for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                     \
-            } else if (relu) { /* max(sum, 0); NaN stays NaN as in torch.relu */                                     \
-                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i] < 0 ? (A)0 : acc[i]);                               \
-            } else {                                                                                                 \
-                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                                   \
-            }                                                                                                        \
-        }                                                                                                            \
-    }                                                                                                                \
-                                                                                                                     \
+                    break;                                                                                       \
+                case 3:                                                                                          \
+                    if (first)                                                                                   \
+                        for (int64_t i = 0; i < n; i++)                                                          \
+                            acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);               \
+                    else                                                                                         \
+                        for (int64_t i = 0; i < n; i++)                                                          \
+                            acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]) + v[2] * LD(p[2][i]);              \
+                    break;                                                                                       \
+                case 2:                                                                                          \
+                    if (first)                                                                                   \
+                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);        \
+                    else                                                                                         \
+                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]) + v[1] * LD(p[1][i]);       \
+                    break;                                                                                       \
+                default:                                                                                         \
+                    if (first)                                                                                   \
+                        for (int64_t i = 0; i < n; i++) acc[i] = v[0] * LD(p[0][i]);                             \
+                    else                                                                                         \
+                        for (int64_t i = 0; i < n; i++) acc[i] += v[0] * LD(p[0][i]);                            \
+                }                                                                                                \
+                first = 0;                                                                                       \
+            }                                                                                                    \
+            T *o = out + ooff + s;                                                                               \
+            if (first) {                                                                                         \
+                for (int64_t i = 0; i < n; i++) o[i] = ST((A)0);                                                 \
+            } else if (relu) { /* max(sum, 0); NaN stays NaN as in torch.relu */                                 \
+                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i] < 0 ? (A)0 : acc[i]);                           \
+            } else {                                                                                             \
+                for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                               \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
     MULTIVERSION static void NAME##_bwd_task(int64_t K, const T *g, const T *const *xs, T *const *slots,          \
                                              const A *w, const uint8_t *fresh, double *dots, int64_t off,        \
                                              int64_t c0, int64_t c1) {                                           \
         A gb[BLK];                                                                                               \
+        const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
         if (dots)                                                                                                \
             for (int64_t k = 0; k < K; k++) dots[k] = 0.0;                                                       \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s);                                                                  \
+        for (int64_t s = c0; s < c1; s += bs) {                                                                  \
+            const int64_t n = MIN(bs, c1 - s);                                                                   \
             for (int64_t i = 0; i < n; i++) gb[i] = LD(g[off + s + i]);                                          \
             if (!slots) { /* dots only (the slots are summed later, by the consumer: pull), 4 inputs at a time */ \
                 int64_t k = 0;                                                                                   \
@@ -189,9 +203,10 @@ static inline uint16_t bf16_store(float f) {
     MULTIVERSION static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {          \
         A acc[BLK], xb[BLK];                                                                                     \
+        const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
         for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s);                                                                  \
+        for (int64_t s = c0; s < c1; s += bs) {                                                                  \
+            const int64_t n = MIN(bs, c1 - s);                                                                   \
             for (int64_t i = 0; i < n; i++) {                                                                    \
                 xb[i] = LD(x[off + s + i]);                                                                      \
                 acc[i] = 0;                                                                                      \
@@ -215,7 +230,35 @@ static inline uint16_t bf16_store(float f) {
                 dots[k + 2] += (double)a2;                                                                       \
                 dots[k + 3] += (double)a3;                                                                       \
             }                                                                                                    \
-            for (; k < Kd; k++) {                                                                                \
+            /* the last 1-3 dotted inputs in one pass, so acc and xb are walked once more, not up to 3 times */  \
+            const int64_t r = Kd - k;                                                                            \
+            if (r == 3) {                                                                                        \
+                const T *g0 = gs[k] + off + s, *g1 = gs[k + 1] + off + s, *g2 = gs[k + 2] + off + s;             \
+                const A v0 = w[k], v1 = w[k + 1], v2 = w[k + 2];                                                 \
+                A a0 = 0, a1 = 0, a2 = 0;                                                                        \
+                _Pragma("omp simd reduction(+ : a0, a1, a2)") for (int64_t i = 0; i < n; i++) {                  \
+                    const A e0 = LD(g0[i]), e1 = LD(g1[i]), e2 = LD(g2[i]);                                      \
+                    acc[i] += v0 * e0 + v1 * e1 + v2 * e2;                                                       \
+                    a0 += e0 * xb[i];                                                                            \
+                    a1 += e1 * xb[i];                                                                            \
+                    a2 += e2 * xb[i];                                                                            \
+                }                                                                                                \
+                dots[k] += (double)a0;                                                                           \
+                dots[k + 1] += (double)a1;                                                                       \
+                dots[k + 2] += (double)a2;                                                                       \
+            } else if (r == 2) {                                                                                 \
+                const T *g0 = gs[k] + off + s, *g1 = gs[k + 1] + off + s;                                        \
+                const A v0 = w[k], v1 = w[k + 1];                                                                \
+                A a0 = 0, a1 = 0;                                                                                \
+                _Pragma("omp simd reduction(+ : a0, a1)") for (int64_t i = 0; i < n; i++) {                      \
+                    const A e0 = LD(g0[i]), e1 = LD(g1[i]);                                                      \
+                    acc[i] += v0 * e0 + v1 * e1;                                                                 \
+                    a0 += e0 * xb[i];                                                                            \
+                    a1 += e1 * xb[i];                                                                            \
+                }                                                                                                \
+                dots[k] += (double)a0;                                                                           \
+                dots[k + 1] += (double)a1;                                                                       \
+            } else if (r == 1) {                                                                                 \
                 const T *g0 = gs[k] + off + s;                                                                   \
                 const A v0 = w[k];                                                                               \
                 A a0 = 0;                                                                                        \
@@ -226,6 +269,7 @@ static inline uint16_t bf16_store(float f) {
                 }                                                                                                \
                 dots[k] += (double)a0;                                                                           \
             }                                                                                                    \
+            k = Kd;                                                                                              \
             for (; k < K; k++) { /* further terms without a dot (other gradients of the output, weight 1) */     \
                 const T *g0 = gs[k] + off + s;                                                                   \
                 const A v0 = w[k];                                                                               \

@@ -1,0 +1,151 @@
+"""Block size of the fused aggregation kernels: bandwidth of one node's sum and tap per block choice.
+
+``src/dynwire/layers/_aggkernel.c`` walks each (sample, chunk) task in blocks and reads its ``K``
+inputs four at a time within a block: ``BLK`` elements when ``K >= BLK_MIN_K``, else ``BLK_SMALL``.
+This script compiles the same C file once per variant (``-D...``, the flags of ``setup.py``):
+``shipped`` (the file's defaults) and one fixed block size each (``--blocks``, for every ``K``),
+loads each build with ctypes and, in interleaved rounds, times on one thread:
+
+* ``forward``: ``out = sum_k w_k * x_k`` (``K`` reads + 1 write of a map);
+* ``tap``: a node output's tap in backward, ``out = sum_k w_k * g_k`` and ``<g_k, x>`` for each
+  ``k`` (``K + 1`` reads + 1 write);
+* ``torch.add(a, b, out=c)`` over 3 x 256 MiB, the reference of the same round.
+
+Each call's inputs are out of cache (a 256 MiB copy runs before it). ``gb_s``: the least traffic
+divided by the time, median over rounds; ``of_add``: that over ``torch.add``'s of the same rounds.
+Shapes: a node of ResNet-101's layer3 at batch 4 (``K = 20``), and stage-1 nodes of
+``cifar_resnet56`` / ``cifar_resnet20`` at batch 64 (28 x 28 inputs).
+
+    python bench/kernel_blocks.py                     # writes bench/results/kernel_blocks.json
+    python bench/kernel_blocks.py --blocks 1024 8192 --rounds 3 --out /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "dynwire" / "layers" / "_aggkernel.c"
+# (label, shape, K)
+CASES = [
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), 20),
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), 8),
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), 6),
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), 4),
+    ("cifar_resnet56.stage1 b64", (64, 16, 28, 28), 9),
+    ("cifar_resnet56.stage1 b64", (64, 16, 28, 28), 5),
+    ("cifar_resnet20.stage1 b64", (64, 16, 28, 28), 3),
+    ("cifar_resnet20.stage1 b64", (64, 16, 28, 28), 2),
+]
+CHUNK = 16384  # dynwire.layers._fused.FUSED_CHUNK
+
+
+def build(name: str, defines: list[str], where: Path) -> ctypes.CDLL:
+    out = where / f"agg_{name}.so"
+    inc = sysconfig.get_paths()["include"]
+    cmd = ["gcc", "-O3", "-fopenmp", "-std=c11", "-shared", "-fPIC", f"-I{inc}", *defines, str(SOURCE)]
+    subprocess.run([*cmd, "-o", str(out), "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dynwire_agg_forward_f32.argtypes = [i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int]
+    lib.dynwire_agg_tap_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    return lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernel_blocks.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {"shipped": []} | {str(b): [f"-DBLK={b}", "-DBLK_MIN_K=0"] for b in args.blocks}
+        libs = {name: build(name, d, Path(tmp)) for name, d in variants.items()}
+        big = [torch.randn(64 * 2**20) for _ in range(3)]  # 3 x 256 MiB
+
+        def flush() -> None:
+            big[2].copy_(big[0])
+
+        def add_gbs() -> float:
+            t = time.perf_counter()
+            torch.add(big[0], big[1], out=big[2])
+            return 3 * big[0].numel() * 4 / (time.perf_counter() - t) / 1e9
+
+        rows = []
+        for label, shape, k in CASES:
+            b, n = shape[0], shape[1] * shape[2] * shape[3]
+            xs = [torch.randn(shape) for _ in range(k)]
+            ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in xs])
+            w, x, out = torch.rand(b, k), torch.randn(shape), torch.empty(shape)
+            dots = torch.empty(b * -(-n // CHUNK), k, dtype=torch.float64)
+            gbs: dict[str, list[float]] = {"add": []}
+            for r in range(args.rounds):
+                gbs["add"].append(add_gbs())
+                order = list(libs.items())
+                order = order[r % len(order) :] + order[: r % len(order)]
+                for blk, lib in order:
+                    flush()
+                    t = time.perf_counter()
+                    lib.dynwire_agg_forward_f32(b, n, k, ptrs, w.data_ptr(), out.data_ptr(), CHUNK, 1, 0)
+                    gbs.setdefault(f"forward {blk}", []).append((k + 1) * b * n * 4 / (time.perf_counter() - t) / 1e9)
+                    flush()
+                    t = time.perf_counter()
+                    lib.dynwire_agg_tap_f32(
+                        b, n, k, k, ptrs, w.data_ptr(), x.data_ptr(), out.data_ptr(), dots.data_ptr(), CHUNK, 1
+                    )
+                    gbs.setdefault(f"tap {blk}", []).append((k + 2) * b * n * 4 / (time.perf_counter() - t) / 1e9)
+            add = statistics.median(gbs["add"])
+            for blk in libs:
+                for phase in ("forward", "tap"):
+                    v = gbs[f"{phase} {blk}"]
+                    of_add = statistics.median(a / c for a, c in zip(v, gbs["add"]))
+                    rows.append(
+                        {
+                            "node": label,
+                            "shape": list(shape),
+                            "k": k,
+                            "phase": phase,
+                            "variant": blk,
+                            "gb_s": round(statistics.median(v), 2),
+                            "add_gb_s": round(add, 2),
+                            "of_add": round(of_add, 3),
+                        }
+                    )
+                    print(
+                        f"{label:28s} K={k:<3d} {phase:8s} {blk:>8s} {rows[-1]['gb_s']:6.1f} GB/s  "
+                        f"{rows[-1]['of_add']:.2f} of torch.add ({add:.1f})",
+                        flush=True,
+                    )
+    result = {
+        "command": " ".join(["python", "bench/kernel_blocks.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start_end": [list(load), list(os.getloadavg())],
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "notes": "one thread; float32; each call after a 256 MiB copy (inputs out of cache); gb_s = least "
+        "traffic / time (forward K reads + 1 write, tap K + 1 reads + 1 write), median over rounds; of_add = "
+        "median over rounds of gb_s / torch.add(a, b, out=c) of the same round (3 x 256 MiB).",
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
