@@ -1,10 +1,17 @@
-"""Block size of the fused aggregation kernels: bandwidth of one node's sum and tap per block choice.
+"""Read order of the fused aggregation kernels: bandwidth of one node's sum and tap per variant.
 
-``src/dynwire/layers/_aggkernel.c`` walks each (sample, chunk) task in blocks and reads its ``K``
-inputs four at a time within a block: ``BLK`` elements when ``K >= BLK_MIN_K``, else ``BLK_SMALL``.
-This script compiles the same C file once per variant (``-D...``, the flags of ``setup.py``):
-``shipped`` (the file's defaults) and one fixed block size each (``--blocks``, for every ``K``),
-loads each build with ctypes and, in interleaved rounds, times on one thread:
+``src/dynwire/layers/_aggkernel.c`` reads up to ``LINES_MAX_K`` inputs of a node together, line
+by line, with the sum in registers; more inputs are walked in blocks of ``BLK`` elements, four at
+a time, with the block's sum in cache. This script compiles the same C file once per variant
+(``-D...``, the flags of ``setup.py``), loads each build with ctypes and, in interleaved rounds,
+times on one thread:
+
+* ``shipped``: the file's defaults;
+* ``blocks``: every node in blocks of 8192 (``-DLINES_MAX_K=0``);
+* ``blocks1024``: every node in blocks of 1024 (``-DLINES_MAX_K=0 -DBLK=1024``: the kernels
+  before the line-by-line path and the larger blocks);
+
+for
 
 * ``forward``: ``out = sum_k w_k * x_k`` (``K`` reads + 1 write of a map);
 * ``tap``: a node output's tap in backward, ``out = sum_k w_k * g_k`` and ``<g_k, x>`` for each
@@ -13,11 +20,11 @@ loads each build with ctypes and, in interleaved rounds, times on one thread:
 
 Each call's inputs are out of cache (a 256 MiB copy runs before it). ``gb_s``: the least traffic
 divided by the time, median over rounds; ``of_add``: that over ``torch.add``'s of the same rounds.
-Shapes: a node of ResNet-101's layer3 at batch 4 (``K = 20``), and stage-1 nodes of
+Shapes: nodes of ResNet-101's layer3 at batch 4 (``K`` from 4 to 20), and stage-1 nodes of
 ``cifar_resnet56`` / ``cifar_resnet20`` at batch 64 (28 x 28 inputs).
 
     python bench/kernel_blocks.py                     # writes bench/results/kernel_blocks.json
-    python bench/kernel_blocks.py --blocks 1024 8192 --rounds 3 --out /tmp/x.json
+    python bench/kernel_blocks.py --rounds 3 --out /tmp/x.json
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ SOURCE = ROOT / "src" / "dynwire" / "layers" / "_aggkernel.c"
 # (label, shape, K)
 CASES = [
     ("resnet101.layer3 b4", (4, 1024, 14, 14), 20),
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), 16),
+    ("resnet101.layer3 b4", (4, 1024, 14, 14), 12),
     ("resnet101.layer3 b4", (4, 1024, 14, 14), 8),
     ("resnet101.layer3 b4", (4, 1024, 14, 14), 6),
     ("resnet101.layer3 b4", (4, 1024, 14, 14), 4),
@@ -51,6 +60,11 @@ CASES = [
     ("cifar_resnet20.stage1 b64", (64, 16, 28, 28), 2),
 ]
 CHUNK = 16384  # dynwire.layers._fused.FUSED_CHUNK
+VARIANTS = {
+    "shipped": [],
+    "blocks": ["-DLINES_MAX_K=0"],
+    "blocks1024": ["-DLINES_MAX_K=0", "-DBLK=1024"],
+}
 
 
 def build(name: str, defines: list[str], where: Path) -> ctypes.CDLL:
@@ -67,14 +81,14 @@ def build(name: str, defines: list[str], where: Path) -> ctypes.CDLL:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernel_blocks.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"shipped": []} | {str(b): [f"-DBLK={b}", "-DBLK_MIN_K=0"] for b in args.blocks}
+        variants = {name: VARIANTS[name] for name in args.variants}
         libs = {name: build(name, d, Path(tmp)) for name, d in variants.items()}
         big = [torch.randn(64 * 2**20) for _ in range(3)]  # 3 x 256 MiB
 

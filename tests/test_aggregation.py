@@ -205,7 +205,7 @@ def test_fused_equals_plain(k, channels_last, chunk, monkeypatch):
 
 
 @needs_fused
-@pytest.mark.parametrize("k", [6, 9])  # blocks of 1024 elements (k < 8) and of 8192 (k >= 8)
+@pytest.mark.parametrize("k", [6, 14])  # read line by line (k <= 12) and in blocks
 def test_fused_equals_plain_float32_large(k):
     """Several blocks and tasks per sample, two threads: float32 rounding only."""
     torch.manual_seed(0)
@@ -629,9 +629,37 @@ def test_edge_tap_gradients_equal_plain_autograd(mode, monkeypatch):
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-# (K, Kd): the dotted inputs four at a time, then a remainder of 1-3, then undotted terms; K >= 8
-# walks blocks of 8192 elements, K < 8 of 1024
-@pytest.mark.parametrize("k, kd", [(7, 5), (3, 3), (2, 1), (4, 2), (10, 10), (11, 7)])
+@pytest.mark.parametrize("relu", [False, True])
+# nonzero inputs: up to 12 are read line by line, more in blocks (four at a time, then the rest)
+@pytest.mark.parametrize("k, closed", [(3, 0), (14, 2), (14, 1), (17, 0), (5, 5)])
+def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
+    """The C forward: the weighted sum of the inputs with a non-zero weight (ReLU'd in the same pass)."""
+    from dynwire.layers import _fused
+
+    n = 20000
+    monkeypatch.setattr(_fused, "FUSED_CHUNK", 17000)  # ragged chunks, several blocks inside one
+    torch.manual_seed(k + closed)
+    xs = [torch.randn(3, n).to(dtype) for _ in range(k)]
+    xs[0][0, 5] = float("nan")  # a closed edge's input is not read: no NaN gets through its 0 weight
+    w = torch.rand(3, k, dtype=torch.float64)
+    w[1, :closed] = 0.0
+    w[0, 0] = 0.0
+    out = torch.full((3, n), 7.0).to(dtype)
+    _fused._BACKENDS["cpu"].forward(w, xs, out, relu=relu)
+    x64 = [t.double() for t in xs]
+    ref = sum(w[:, i : i + 1].to(dtype).double() * torch.nan_to_num(x64[i]) for i in range(k))
+    if k == closed:
+        ref[1] = 0.0  # every input of a sample closed: its sum is 0
+    ref = ref.relu() if relu else ref
+    tol = dict(rtol=1e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref, **tol)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+# (K, Kd): up to 12 inputs are read line by line; more in blocks: the dotted inputs four at a
+# time, then a remainder of 1-3, then undotted terms
+@pytest.mark.parametrize("k, kd", [(7, 5), (3, 3), (2, 1), (4, 2), (10, 10), (11, 7), (14, 14), (15, 10), (17, 13)])
 def test_tap_kernel_sums_and_dots(dtype, k, kd, monkeypatch):
     """The C tap: the weighted sum of all K inputs and the first Kd inputs' dot products with x."""
     from dynwire.layers import _fused

@@ -11,21 +11,26 @@
  *   tap:      out[b, :] = sum_k w[b, k] * gs[k][b, :],  dots[t, k] = <gs[k][b, c0:c1], x[b, c0:c1]> (k < Kd)
  *
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
- * runtime (the library links libgomp.so.1, which torch has already loaded). Inside a task the
- * data is walked in blocks of BLK elements: forward keeps the block's running sum in cache while
- * it reads the K inputs, four at a time (one core keeps more memory traffic in flight with four
- * read streams than with one: 1.7-1.9x faster than one at a time on the machine of the
- * benchmark), backward keeps the block of g in cache while it reads each x_k and updates each
- * slot. With BLK_MIN_K streams or more a block is BLK = 8192 elements (32 KiB of float), not
- * one L1's worth: every block starts a fresh run in each of its input streams, and the hardware
- * prefetchers, which stop at 4 KiB pages, only reach full speed some way into a run. With fewer
- * streams the block's own buffers are walked about as often as the inputs, and a block that
- * stays in L1 (BLK_SMALL) is faster. bench/kernel_blocks.py measures both choices.
+ * runtime (the library links libgomp.so.1, which torch has already loaded).
+ *
+ * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (LW
+ * elements): the sum stays in registers (the tap's dot products in per-lane partial sums in L1)
+ * and every input is one sequential read stream, all of them in flight at once. With more inputs
+ * than that, the streams outrun the hardware prefetchers, and the data is walked in blocks of BLK
+ * elements instead: the block's running sum stays in cache while the inputs are read four at a
+ * time. A block is 8192 elements (32 KiB of float), not one L1's worth: every block starts a
+ * fresh run in each input stream, and the prefetchers, which stop at 4 KiB pages, reach full
+ * speed only some way into a run. The backward kernel (dot products and slot updates: the path
+ * of gates per receiver) keeps a block of g in cache while it reads each x_k and updates each
+ * slot, in blocks of BLK_SMALL below BLK_MIN_K streams. bench/kernel_blocks.py measures these
+ * choices against torch.add.
+ *
  * Every input is read from memory once, the sum written once; in backward g is read once and
- * every slot read and written once. A weight of exactly 0 (a closed edge of that
- * sample) skips its input in forward and its slot update in backward (0 * x adds nothing for
- * finite x); the dot product is still computed (straight-through gates need it).
- * Accumulation: float (double for float64) within a block, double across blocks for the dots.
+ * every slot read and written once. A weight of exactly 0 (a closed edge of that sample) skips
+ * its input in forward and its slot update in backward (0 * x adds nothing for finite x); the dot
+ * product is still computed (straight-through gates need it).
+ * Accumulation: float (double for float64) within a block or a lane, double across blocks and
+ * lanes for the dots.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,11 +39,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef LINES_MAX_K
+#define LINES_MAX_K 12 /* forward and tap: up to this many inputs read together, line by line */
+#endif
+#define LINES_CAP (LINES_MAX_K > 0 ? LINES_MAX_K : 1) /* array sizes (LINES_MAX_K=0: blocks only) */
+#ifndef LW
+#define LW 16 /* elements per line of the register accumulators */
+#endif
 #ifndef BLK
-#define BLK 8192 /* the largest block (elements) */
+#define BLK 8192 /* more inputs: blocks of this many elements */
 #endif
 #ifndef BLK_SMALL
-#define BLK_SMALL 1024 /* the block of a call with fewer than BLK_MIN_K streams */
+#define BLK_SMALL 1024 /* the backward kernel's block below BLK_MIN_K streams */
 #endif
 #ifndef BLK_MIN_K
 #define BLK_MIN_K 8
@@ -71,10 +83,10 @@ static inline uint16_t bf16_store(float f) {
 
 /* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
 #define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
-    MULTIVERSION static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,     \
+    MULTIVERSION static void NAME##_fwd_blocked(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,     \
                                              int64_t ooff, int64_t c0, int64_t c1, int relu) {                   \
         A acc[BLK];                                                                                              \
-        const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
+        const int64_t bs = BLK; /* called with more than LINES_MAX_K inputs */                                   \
         for (int64_t s = c0; s < c1; s += bs) {                                                                  \
             const int64_t n = MIN(bs, c1 - s);                                                                   \
             int first = 1;                                                                                       \
@@ -130,6 +142,49 @@ static inline uint16_t bf16_store(float f) {
                 for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                               \
             }                                                                                                    \
         }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    /* all inputs with a non-zero weight read together, line by line, the sum in registers */                    \
+    MULTIVERSION static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off,         \
+                                              int64_t ooff, int64_t c0, int64_t c1, int relu) {                  \
+        T *o = out + ooff;                                                                                       \
+        int64_t i = c0;                                                                                          \
+        for (; i + LW <= c1; i += LW) {                                                                          \
+            A r[LW];                                                                                             \
+            for (int l = 0; l < LW; l++) r[l] = 0;                                                               \
+            for (int q = 0; q < c; q++) {                                                                        \
+                const T *pq = p[q] + off + i;                                                                    \
+                const A vq = v[q];                                                                               \
+                for (int l = 0; l < LW; l++) r[l] += vq * LD(pq[l]);                                             \
+            }                                                                                                    \
+            if (relu) /* max(sum, 0); NaN stays NaN as in torch.relu */                                          \
+                for (int l = 0; l < LW; l++) o[i + l] = ST(r[l] < 0 ? (A)0 : r[l]);                              \
+            else                                                                                                 \
+                for (int l = 0; l < LW; l++) o[i + l] = ST(r[l]);                                                \
+        }                                                                                                        \
+        for (; i < c1; i++) {                                                                                    \
+            A r = 0;                                                                                             \
+            for (int q = 0; q < c; q++) r += v[q] * LD(p[q][off + i]);                                           \
+            o[i] = ST(relu && r < 0 ? (A)0 : r);                                                                 \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    static void NAME##_fwd_task(int64_t K, const T *const *xs, const A *w, T *out, int64_t off, int64_t ooff,    \
+                                int64_t c0, int64_t c1, int relu) {                                              \
+        const T *p[LINES_CAP];                                                                                   \
+        A v[LINES_CAP];                                                                                          \
+        int c = 0;                                                                                               \
+        for (int64_t k = 0; k < K; k++) {                                                                        \
+            if (w[k] == 0) continue;                                                                             \
+            if (c == LINES_MAX_K) {                                                                              \
+                NAME##_fwd_blocked(K, xs, w, out, off, ooff, c0, c1, relu);                                      \
+                return;                                                                                          \
+            }                                                                                                    \
+            p[c] = xs[k];                                                                                        \
+            v[c] = w[k];                                                                                         \
+            c++;                                                                                                 \
+        }                                                                                                        \
+        NAME##_fwd_lines(c, p, v, out, off, ooff, c0, c1, relu);                                                 \
     }                                                                                                            \
                                                                                                                  \
     MULTIVERSION static void NAME##_bwd_task(int64_t K, const T *g, const T *const *xs, T *const *slots,          \
@@ -200,10 +255,10 @@ static inline uint16_t bf16_store(float f) {
                                                                                                                  \
     /* a node output's tap (backward): out = sum_k w[k] * gs[k] and, for the first Kd inputs (its consumers'   \
      * gradients), dots[k] = <gs[k], x> with x the node output (the gradients of its output edges' weights) */   \
-    MULTIVERSION static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
+    MULTIVERSION static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {          \
         A acc[BLK], xb[BLK];                                                                                     \
-        const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
+        const int64_t bs = BLK; /* called with more than LINES_MAX_K inputs */                                   \
         for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
         for (int64_t s = c0; s < c1; s += bs) {                                                                  \
             const int64_t n = MIN(bs, c1 - s);                                                                   \
@@ -278,6 +333,63 @@ static inline uint16_t bf16_store(float f) {
             T *o = out + off + s;                                                                                \
             for (int64_t i = 0; i < n; i++) o[i] = ST(acc[i]);                                                   \
         }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    /* the tap with every input read together, line by line: the sum in registers, the dot products'             \
+     * partial sums per lane in L1 */                                                                            \
+    MULTIVERSION static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
+                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
+        A d[LINES_CAP][LW];                                                                                  \
+        for (int64_t q = 0; q < Kd; q++)                                                                         \
+            for (int l = 0; l < LW; l++) d[q][l] = 0;                                                            \
+        const T *xo = x + off;                                                                                   \
+        T *o = out + off;                                                                                        \
+        int64_t i = c0;                                                                                          \
+        for (; i + LW <= c1; i += LW) {                                                                          \
+            A r[LW], xl[LW];                                                                                     \
+            for (int l = 0; l < LW; l++) {                                                                       \
+                r[l] = 0;                                                                                        \
+                xl[l] = LD(xo[i + l]);                                                                           \
+            }                                                                                                    \
+            for (int64_t q = 0; q < Kd; q++) {                                                                   \
+                const T *gq = gs[q] + off + i;                                                                   \
+                const A vq = w[q];                                                                               \
+                for (int l = 0; l < LW; l++) {                                                                   \
+                    const A e = LD(gq[l]);                                                                       \
+                    r[l] += vq * e;                                                                              \
+                    d[q][l] += e * xl[l];                                                                        \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int64_t q = Kd; q < K; q++) { /* further terms without a dot */                                 \
+                const T *gq = gs[q] + off + i;                                                                   \
+                const A vq = w[q];                                                                               \
+                for (int l = 0; l < LW; l++) r[l] += vq * LD(gq[l]);                                             \
+            }                                                                                                    \
+            for (int l = 0; l < LW; l++) o[i + l] = ST(r[l]);                                                    \
+        }                                                                                                        \
+        for (int64_t q = 0; q < Kd; q++) {                                                                       \
+            double t = 0;                                                                                        \
+            for (int l = 0; l < LW; l++) t += (double)d[q][l];                                                   \
+            dots[q] = t;                                                                                         \
+        }                                                                                                        \
+        for (; i < c1; i++) {                                                                                    \
+            const A xi = LD(xo[i]);                                                                              \
+            A r = 0;                                                                                             \
+            for (int64_t q = 0; q < K; q++) {                                                                    \
+                const A e = LD(gs[q][off + i]);                                                                  \
+                r += w[q] * e;                                                                                   \
+                if (q < Kd) dots[q] += (double)(e * xi);                                                         \
+            }                                                                                                    \
+            o[i] = ST(r);                                                                                        \
+        }                                                                                                        \
+    }                                                                                                            \
+                                                                                                                 \
+    static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,       \
+                                double *dots, int64_t off, int64_t c0, int64_t c1) {                             \
+        if (K <= LINES_MAX_K)                                                                                \
+            NAME##_tap_lines(K, Kd, gs, w, x, out, dots, off, c0, c1);                                           \
+        else                                                                                                     \
+            NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                         \
     }                                                                                                            \
                                                                                                                  \
     void dynwire_agg_tap_##NAME(int64_t B, int64_t N, int64_t K, int64_t Kd, const T *const *gs, const A *w,     \
