@@ -1,13 +1,14 @@
 """Read order of the fused aggregation kernels: bandwidth of one node's sum and tap per variant.
 
-``src/dynwire/layers/_aggkernel.c`` reads up to ``LINES_MAX_K`` inputs of a node together, line
-by line, with the sum in registers; more inputs are walked in blocks of ``BLK`` elements, four at
-a time, with the block's sum in cache. This script compiles the same C file once per variant
+``src/dynwire/layers/_aggkernel.c`` reads up to ``LINES_MAX_K`` (12) inputs of a node together,
+line by line, with the sum in registers; more inputs are walked in blocks of ``BLK`` elements
+whose running sum stays in cache, the inputs read 12 at a time, line by line. This script compiles the same C file once per variant
 (``-D...``, the flags of ``setup.py``), loads each build with ctypes and, in interleaved rounds,
 times on one thread:
 
 * ``shipped``: the file's defaults;
-* ``blocks``: every node in blocks of 8192 (``-DLINES_MAX_K=0``);
+* ``nogroups``: more than 12 inputs read four at a time per block (``-DLINES_GROUPS=0``);
+* ``blocks``: every node so, in blocks of 8192 (``-DLINES_MAX_K=0``);
 * ``blocks1024``: every node in blocks of 1024 (``-DLINES_MAX_K=0 -DBLK=1024``: the kernels
   before the line-by-line path and the larger blocks);
 
@@ -18,7 +19,9 @@ for
   ``k`` (``K + 1`` reads + 1 write);
 * ``torch.add(a, b, out=c)`` over 3 x 256 MiB, the reference of the same round.
 
-Each call's inputs are out of cache (a 256 MiB copy runs before it). ``gb_s``: the least traffic
+Each call's inputs are out of cache (a 256 MiB copy runs before it); a second part repeats
+calls whose data stays in cache (one sample's sum, as inference runs it, and stage 3's small maps)
+and compares the time per call with ``blocks1024``'s. ``gb_s``: the least traffic
 divided by the time, median over rounds; ``of_add``: that over ``torch.add``'s of the same rounds.
 Shapes: nodes of ResNet-101's layer3 at batch 4 (``K`` from 4 to 20), and stage-1 nodes of
 ``cifar_resnet56`` / ``cifar_resnet20`` at batch 64 (28 x 28 inputs).
@@ -59,9 +62,16 @@ CASES = [
     ("cifar_resnet20.stage1 b64", (64, 16, 28, 28), 3),
     ("cifar_resnet20.stage1 b64", (64, 16, 28, 28), 2),
 ]
+# in cache (the same call repeated): one sample's sum as inference runs it, and a batch of small maps
+HOT_CASES = [
+    ("cifar_resnet56.stage1 sample", (1, 16, 28, 28), 3),
+    ("cifar_resnet56.stage1 sample", (1, 16, 28, 28), 9),
+    ("cifar_resnet56.stage3 b64", (64, 64, 7, 7), 9),
+]
 CHUNK = 16384  # dynwire.layers._fused.FUSED_CHUNK
 VARIANTS = {
     "shipped": [],
+    "nogroups": ["-DLINES_GROUPS=0"],
     "blocks": ["-DLINES_MAX_K=0"],
     "blocks1024": ["-DLINES_MAX_K=0", "-DBLK=1024"],
 }
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                             "k": k,
                             "phase": phase,
                             "variant": blk,
+                            "cache": "cold",
                             "gb_s": round(statistics.median(v), 2),
                             "add_gb_s": round(add, 2),
                             "of_add": round(of_add, 3),
@@ -145,14 +156,61 @@ def main(argv: list[str] | None = None) -> int:
                         f"{rows[-1]['of_add']:.2f} of torch.add ({add:.1f})",
                         flush=True,
                     )
+        for label, shape, k in HOT_CASES:
+            b, n = shape[0], shape[1] * shape[2] * shape[3]
+            xs = [torch.randn(shape) for _ in range(k)]
+            ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in xs])
+            w, x, out = torch.rand(b, k), torch.randn(shape), torch.empty(shape)
+            dots = torch.empty(b * -(-n // CHUNK), k, dtype=torch.float64)
+            reps = max(20, 2_000_000 // (b * n * k))
+            us: dict[str, list[float]] = {}
+            for r in range(args.rounds):
+                order = list(libs.items())
+                order = order[r % len(order) :] + order[: r % len(order)]
+                for name, lib in order:
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        lib.dynwire_agg_forward_f32(b, n, k, ptrs, w.data_ptr(), out.data_ptr(), CHUNK, 1, 1)
+                    us.setdefault(f"forward {name}", []).append((time.perf_counter() - t) / reps * 1e6)
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        lib.dynwire_agg_tap_f32(
+                            b, n, k, k, ptrs, w.data_ptr(), x.data_ptr(), out.data_ptr(), dots.data_ptr(), CHUNK, 1
+                        )
+                    us.setdefault(f"tap {name}", []).append((time.perf_counter() - t) / reps * 1e6)
+            for name in libs:
+                for phase in ("forward", "tap"):
+                    ref = us.get(f"{phase} blocks1024")
+                    v = us[f"{phase} {name}"]
+                    rows.append(
+                        {
+                            "node": label,
+                            "shape": list(shape),
+                            "k": k,
+                            "phase": phase,
+                            "variant": name,
+                            "cache": "hot",
+                            "us": round(statistics.median(v), 2),
+                            "vs_blocks1024": round(statistics.median(a / c for a, c in zip(v, ref)), 3)
+                            if ref
+                            else None,
+                        }
+                    )
+                    print(
+                        f"{label:28s} K={k:<3d} {phase:8s} {name:>10s} {rows[-1]['us']:8.2f} us in cache  "
+                        f"{rows[-1]['vs_blocks1024']}x blocks1024",
+                        flush=True,
+                    )
     result = {
         "command": " ".join(["python", "bench/kernel_blocks.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_start_end": [list(load), list(os.getloadavg())],
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
-        "notes": "one thread; float32; each call after a 256 MiB copy (inputs out of cache); gb_s = least "
-        "traffic / time (forward K reads + 1 write, tap K + 1 reads + 1 write), median over rounds; of_add = "
-        "median over rounds of gb_s / torch.add(a, b, out=c) of the same round (3 x 256 MiB).",
+        "notes": "one thread; float32. cache cold: each call after a 256 MiB copy (inputs out of cache); gb_s = "
+        "least traffic / time (forward K reads + 1 write, tap K + 1 reads + 1 write), median over rounds; of_add = "
+        "median over rounds of gb_s / torch.add(a, b, out=c) of the same round (3 x 256 MiB). cache hot: the same "
+        "call repeated (forward with its ReLU); us per call, median over rounds; vs_blocks1024 = median over "
+        "rounds of that time / the blocks1024 variant's (the kernels before the line-by-line path).",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
