@@ -349,6 +349,28 @@ def stage_backward() -> str:
     return head + table(["threads", "plain", "`push` (first fused version)", "`pull` (shipped)"], rows)
 
 
+def kernel_blocks() -> str:
+    """One node's sum and tap per read order (bench/kernel_blocks.py): out of cache, as a share of
+    torch.add's bandwidth; in cache, time against the old kernels'."""
+    r = _bench("kernel_blocks.json")
+    variants = list(dict.fromkeys(row["variant"] for row in r["rows"]))
+    cold: dict[tuple, dict[str, float]] = {}
+    hot: dict[tuple, dict[str, float]] = {}
+    for row in r["rows"]:
+        key = (row["node"], row["k"], row["phase"])
+        if row["cache"] == "cold":
+            cold.setdefault(key, {})[row["variant"]] = row["of_add"]
+        else:
+            hot.setdefault(key, {})[row["variant"]] = row["vs_blocks1024"]
+    names = [f"`{v}`" for v in variants]
+    rows = [[n, k, ph, *(f"{v[x]:.2f}" for x in variants)] for (n, k, ph), v in cold.items()]
+    out = f"`{r['command']}`, one thread, float32.\n\nOut of cache, share of `torch.add`'s bandwidth (same rounds):\n\n"
+    out += table(["node", "K", "pass", *names], rows, "lrl" + "r" * len(variants))
+    rows = [[n, k, ph, *(f"{v[x]:.2f}x" for x in variants)] for (n, k, ph), v in hot.items()]
+    out += "\n\nIn cache (the same call repeated), time per call against `blocks1024`'s:\n\n"
+    return out + table(["node", "K", "pass", *names], rows, "lrl" + "r" * len(variants))
+
+
 def inference_dense() -> str:
     part = _bench("inference.json")["parts"]["dense"]
     rows = []
@@ -794,6 +816,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "train_steps_t1_s28.md": lambda: train_steps("steps_t1_s28"),
     "train_steps_t1_s28_default_heap.md": lambda: train_steps("steps_t1_s28", "train_overhead_default_heap.json"),
     "stage_backward.md": stage_backward,
+    "kernel_blocks.md": kernel_blocks,
     "inference_dense.md": inference_dense,
     "inference_removal.md": inference_removal,
     "inference_trained.md": inference_trained,
