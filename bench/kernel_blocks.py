@@ -43,6 +43,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,6 +90,29 @@ def build(name: str, defines: list[str], where: Path) -> ctypes.CDLL:
     return lib
 
 
+class _Node:
+    """One node's tensors (``K`` inputs of ``shape``) and its kernel calls, per build."""
+
+    def __init__(self, shape: tuple[int, ...], k: int) -> None:
+        self.b, self.n, self.k = shape[0], shape[1] * shape[2] * shape[3], k
+        self.xs = [torch.randn(shape) for _ in range(k)]
+        self.ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in self.xs])
+        self.w, self.x, self.out = torch.rand(self.b, k), torch.randn(shape), torch.empty(shape)
+        self.dots = torch.empty(self.b * -(-self.n // CHUNK), k, dtype=torch.float64)
+
+    def calls(self, lib: ctypes.CDLL, relu: int) -> dict[str, tuple[Callable[[], None], int]]:
+        """``phase -> (call, least bytes moved)``."""
+        b, n, k, w, o = self.b, self.n, self.k, self.w.data_ptr(), self.out.data_ptr()
+
+        def forward() -> None:
+            lib.dynwire_agg_forward_f32(b, n, k, self.ptrs, w, o, CHUNK, 1, relu)
+
+        def tap() -> None:
+            lib.dynwire_agg_tap_f32(b, n, k, k, self.ptrs, w, self.x.data_ptr(), o, self.dots.data_ptr(), CHUNK, 1)
+
+        return {"forward": (forward, (k + 1) * b * n * 4), "tap": (tap, (k + 2) * b * n * 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -112,27 +136,18 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = []
         for label, shape, k in CASES:
-            b, n = shape[0], shape[1] * shape[2] * shape[3]
-            xs = [torch.randn(shape) for _ in range(k)]
-            ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in xs])
-            w, x, out = torch.rand(b, k), torch.randn(shape), torch.empty(shape)
-            dots = torch.empty(b * -(-n // CHUNK), k, dtype=torch.float64)
+            node = _Node(shape, k)
             gbs: dict[str, list[float]] = {"add": []}
             for r in range(args.rounds):
                 gbs["add"].append(add_gbs())
                 order = list(libs.items())
                 order = order[r % len(order) :] + order[: r % len(order)]
                 for blk, lib in order:
-                    flush()
-                    t = time.perf_counter()
-                    lib.dynwire_agg_forward_f32(b, n, k, ptrs, w.data_ptr(), out.data_ptr(), CHUNK, 1, 0)
-                    gbs.setdefault(f"forward {blk}", []).append((k + 1) * b * n * 4 / (time.perf_counter() - t) / 1e9)
-                    flush()
-                    t = time.perf_counter()
-                    lib.dynwire_agg_tap_f32(
-                        b, n, k, k, ptrs, w.data_ptr(), x.data_ptr(), out.data_ptr(), dots.data_ptr(), CHUNK, 1
-                    )
-                    gbs.setdefault(f"tap {blk}", []).append((k + 2) * b * n * 4 / (time.perf_counter() - t) / 1e9)
+                    for phase, (call, nbytes) in node.calls(lib, relu=0).items():
+                        flush()
+                        t = time.perf_counter()
+                        call()
+                        gbs.setdefault(f"{phase} {blk}", []).append(nbytes / (time.perf_counter() - t) / 1e9)
             add = statistics.median(gbs["add"])
             for blk in libs:
                 for phase in ("forward", "tap"):
@@ -157,27 +172,18 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
         for label, shape, k in HOT_CASES:
-            b, n = shape[0], shape[1] * shape[2] * shape[3]
-            xs = [torch.randn(shape) for _ in range(k)]
-            ptrs = (ctypes.c_void_p * k)(*[x.data_ptr() for x in xs])
-            w, x, out = torch.rand(b, k), torch.randn(shape), torch.empty(shape)
-            dots = torch.empty(b * -(-n // CHUNK), k, dtype=torch.float64)
-            reps = max(20, 2_000_000 // (b * n * k))
+            node = _Node(shape, k)
+            reps = max(20, 2_000_000 // (node.b * node.n * k))
             us: dict[str, list[float]] = {}
             for r in range(args.rounds):
                 order = list(libs.items())
                 order = order[r % len(order) :] + order[: r % len(order)]
                 for name, lib in order:
-                    t = time.perf_counter()
-                    for _ in range(reps):
-                        lib.dynwire_agg_forward_f32(b, n, k, ptrs, w.data_ptr(), out.data_ptr(), CHUNK, 1, 1)
-                    us.setdefault(f"forward {name}", []).append((time.perf_counter() - t) / reps * 1e6)
-                    t = time.perf_counter()
-                    for _ in range(reps):
-                        lib.dynwire_agg_tap_f32(
-                            b, n, k, k, ptrs, w.data_ptr(), x.data_ptr(), out.data_ptr(), dots.data_ptr(), CHUNK, 1
-                        )
-                    us.setdefault(f"tap {name}", []).append((time.perf_counter() - t) / reps * 1e6)
+                    for phase, (call, _) in node.calls(lib, relu=1).items():
+                        t = time.perf_counter()
+                        for _ in range(reps):
+                            call()
+                        us.setdefault(f"{phase} {name}", []).append((time.perf_counter() - t) / reps * 1e6)
             for name in libs:
                 for phase in ("forward", "tap"):
                     ref = us.get(f"{phase} blocks1024")

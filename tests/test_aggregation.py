@@ -657,8 +657,8 @@ def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-# (K, Kd): up to 12 inputs are read line by line; more in blocks: the dotted inputs four at a
-# time, then a remainder of 1-3, then undotted terms
+# (K, Kd): the dotted inputs four at a time, then a remainder of 1-3, then undotted terms; blocks
+# of 1024 elements below 8 inputs, of 8192 from 8
 @pytest.mark.parametrize("k, kd", [(7, 5), (3, 3), (2, 1), (4, 2), (10, 10), (11, 7), (14, 14), (15, 10), (17, 13)])
 def test_tap_kernel_sums_and_dots(dtype, k, kd, monkeypatch):
     """The C tap: the weighted sum of all K inputs and the first Kd inputs' dot products with x."""

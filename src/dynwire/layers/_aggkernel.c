@@ -13,18 +13,20 @@
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded).
  *
- * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (LW
- * elements, one vector of GCC's vector extensions): the sum stays in registers (the tap's dot
- * products in per-lane partial sums in L1) and every input is one sequential read stream, all of
- * them in flight at once. With more inputs than that the streams outrun the hardware prefetchers,
- * so the data is walked in blocks of BLK elements whose running sum stays in cache, and the
- * inputs are read LINES_MAX_K at a time, line by line. A block is 8192 elements (32 KiB of
- * float), not one L1's worth: every block starts a fresh run in each input stream, and the
- * prefetchers, which stop at 4 KiB pages, reach full speed only some way into a run. Other
- * compilers take the *_blocked kernels (inputs four at a time per block) for every node. The
- * backward kernel (dot products and slot updates: the path of gates per receiver) keeps a block
- * of g in cache while it reads each x_k and updates each slot, in blocks of BLK_SMALL below
- * BLK_MIN_K streams. bench/kernel_blocks.py measures these choices against torch.add.
+ * Inside a task, forward reads up to LINES_MAX_K inputs together, line by line (LW elements, one
+ * vector of GCC's vector extensions): the sum stays in registers and every input is one
+ * sequential read stream, all of them in flight at once. With more inputs than that the streams
+ * outrun the hardware prefetchers, so the data is walked in blocks of BLK elements whose running
+ * sum stays in cache, and the inputs are read LINES_MAX_K at a time, line by line. A block is 8192
+ * elements (32 KiB of float), not one L1's worth: every block starts a fresh run in each input
+ * stream, and the prefetchers, which stop at 4 KiB pages, reach full speed only some way into a
+ * run. Other compilers take fwd_blocked (inputs four at a time per block) for every node. The tap
+ * reads its inputs four at a time per block, and the backward kernel (dot products and slot
+ * updates: the path of gates per receiver) keeps a block of g in cache while it reads each x_k
+ * and updates each slot; both use blocks of BLK_SMALL below BLK_MIN_K streams. (A tap read line by
+ * line was 1.5x faster, but two-process DDP training then no longer matched one process to 1e-4
+ * after 8 steps, against 1e-7 with this one, for a reason not found: tests/test_ddp.py.)
+ * bench/kernel_blocks.py measures these choices against torch.add.
  *
  * Every input is read from memory once, the sum written once; in backward g is read once and
  * every slot read and written once. A weight of exactly 0 (a closed edge of that sample) skips
@@ -82,11 +84,23 @@ static inline uint16_t bf16_store(float f) {
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
+/* The forward's elements after the last full line of a task (on other compilers, every element) */
+#define DEFINE_TAILS(NAME, T, A, LD, ST)                                                                         \
+    static void NAME##_fwd_tail(int c, const T *const *p, const A *v, T *out, int64_t off, int64_t ooff,         \
+                                int64_t i0, int64_t c1, int relu) {                                              \
+        for (int64_t i = i0; i < c1; i++) {                                                                      \
+            A r = 0;                                                                                             \
+            for (int q = 0; q < c; q++) r += v[q] * LD(p[q][off + i]);                                           \
+            out[ooff + i] = ST(relu && r < 0 ? (A)0 : r);                                                        \
+        }                                                                                                        \
+    }                                                                                                            \
+
 /* Line-by-line kernels (LINES_MAX_K inputs or fewer): a line of LW elements is one vector of GCC's
  * vector extensions, so every input's line is one or two loads and the sum stays in registers
  * (plain loops over arrays of LW are left half vectorized by GCC, 2-5x slower on cached data). */
 #if defined(__GNUC__)
 #define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
+    DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
     typedef A NAME##_line __attribute__((vector_size(LW * sizeof(A))));                                          \
     /* a line from / to storage (pointers: no vector arguments, whose ABI depends on the ISA) */                 \
     static inline void NAME##_ldline(NAME##_line *a, const T *p) {                                               \
@@ -120,50 +134,7 @@ static inline uint16_t bf16_store(float f) {
             }                                                                                                    \
             NAME##_stline(o + i, &r);                                                                            \
         }                                                                                                        \
-        for (; i < c1; i++) {                                                                                    \
-            A r = 0;                                                                                             \
-            for (int q = 0; q < c; q++) r += v[q] * LD(p[q][off + i]);                                           \
-            o[i] = ST(relu && r < 0 ? (A)0 : r);                                                                 \
-        }                                                                                                        \
-    }                                                                                                            \
-    /* the tap over [c0, c1): out = sum_k w[k] * gs[k], dots[k] = <gs[k], x> (k < Kd), per-lane                  \
-     * partial dot products in L1 */                                                                             \
-    MULTIVERSION static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
-                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
-        const NAME##_line zero = {0};                                                                            \
-        NAME##_line d[LINES_CAP];                                                                                \
-        for (int64_t q = 0; q < Kd; q++) d[q] = zero;                                                            \
-        int64_t i = c0;                                                                                          \
-        for (; i + LW <= c1; i += LW) {                                                                          \
-            NAME##_line xl, e;                                                                                   \
-            NAME##_ldline(&xl, x + off + i);                                                                     \
-            NAME##_line r = zero;                                                                                \
-            for (int64_t q = 0; q < Kd; q++) {                                                                   \
-                NAME##_ldline(&e, gs[q] + off + i);                                                              \
-                r += w[q] * e;                                                                                   \
-                d[q] += e * xl;                                                                                  \
-            }                                                                                                    \
-            for (int64_t q = Kd; q < K; q++) { /* further terms without a dot */                                 \
-                NAME##_ldline(&e, gs[q] + off + i);                                                              \
-                r += w[q] * e;                                                                                   \
-            }                                                                                                    \
-            NAME##_stline(out + off + i, &r);                                                                    \
-        }                                                                                                        \
-        for (int64_t q = 0; q < Kd; q++) {                                                                       \
-            double t = 0;                                                                                        \
-            for (int l = 0; l < LW; l++) t += (double)d[q][l];                                                   \
-            dots[q] = t;                                                                                         \
-        }                                                                                                        \
-        for (; i < c1; i++) {                                                                                    \
-            const A xi = LD(x[off + i]);                                                                         \
-            A r = 0;                                                                                             \
-            for (int64_t q = 0; q < K; q++) {                                                                    \
-                const A e = LD(gs[q][off + i]);                                                                  \
-                r += w[q] * e;                                                                                   \
-                if (q < Kd) dots[q] += (double)(e * xi);                                                         \
-            }                                                                                                    \
-            out[off + i] = ST(r);                                                                                \
-        }                                                                                                        \
+        NAME##_fwd_tail(c, p, v, out, off, ooff, i, c1, relu);                                                   \
     }                                                                                                            \
                                                                                                                  \
     /* more than LINES_MAX_K inputs: blocks of BLK elements whose running sum stays in cache, the                \
@@ -218,55 +189,6 @@ static inline uint16_t bf16_store(float f) {
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-    }                                                                                                            \
-    /* the tap of more than LINES_MAX_K inputs: blocks of BLK elements, the inputs read LINES_MAX_K at a         \
-     * time, line by line, with x */                                                                             \
-    MULTIVERSION static void NAME##_tap_groups(int64_t K, int64_t Kd, const T *const *gs, const A *w,            \
-                                               const T *x, T *out, double *dots, int64_t off, int64_t c0,        \
-                                               int64_t c1) {                                                     \
-        const NAME##_line zero = {0};                                                                            \
-        NAME##_line acc[BLK / LW], d[LINES_CAP];                                                                 \
-        A tail[LW];                                                                                              \
-        for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s), nl = n / LW, base = off + s;                                     \
-            for (int64_t g0 = 0; g0 < K; g0 += LINES_MAX_K) {                                                    \
-                const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd);                                   \
-                const int first = g0 == 0, last = g1 == K;                                                       \
-                for (int64_t q = g0; q < gd; q++) d[q - g0] = zero;                                              \
-                for (int64_t L = 0; L < nl; L++) {                                                               \
-                    NAME##_line xl, e, r = first ? zero : acc[L];                                                \
-                    NAME##_ldline(&xl, x + base + L * LW);                                                       \
-                    for (int64_t q = g0; q < g1; q++) {                                                          \
-                        NAME##_ldline(&e, gs[q] + base + L * LW);                                                \
-                        r += w[q] * e;                                                                           \
-                        if (q < gd) d[q - g0] += e * xl;                                                         \
-                    }                                                                                            \
-                    if (last)                                                                                    \
-                        NAME##_stline(out + base + L * LW, &r);                                                  \
-                    else                                                                                         \
-                        acc[L] = r;                                                                              \
-                }                                                                                                \
-                for (int64_t q = g0; q < gd; q++) {                                                              \
-                    double t = 0;                                                                                \
-                    for (int l = 0; l < LW; l++) t += (double)d[q - g0][l];                                      \
-                    dots[q] += t;                                                                                \
-                }                                                                                                \
-                for (int64_t i = nl * LW; i < n; i++) {                                                          \
-                    const A xi = LD(x[base + i]);                                                                \
-                    A r = first ? 0 : tail[i - nl * LW];                                                         \
-                    for (int64_t q = g0; q < g1; q++) {                                                          \
-                        const A e = LD(gs[q][base + i]);                                                         \
-                        r += w[q] * e;                                                                           \
-                        if (q < gd) dots[q] += (double)(e * xi);                                                 \
-                    }                                                                                            \
-                    if (last)                                                                                    \
-                        out[base + i] = ST(r);                                                                   \
-                    else                                                                                         \
-                        tail[i - nl * LW] = r;                                                                   \
-                }                                                                                                \
-            }                                                                                                    \
-        }                                                                                                        \
     }
 #ifndef LINES_GROUPS
 #define LINES_GROUPS 1 /* more than LINES_MAX_K inputs: groups of lines (else the *_blocked kernels) */
@@ -277,89 +199,16 @@ static inline uint16_t bf16_store(float f) {
 #undef LINES_GROUPS
 #define LINES_GROUPS 0
 #define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
-    /* all inputs with a non-zero weight read together, line by line, the sum in registers */                    \
-    static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off,         \
-                                              int64_t ooff, int64_t c0, int64_t c1, int relu) {                  \
-        T *o = out + ooff;                                                                                       \
-        int64_t i = c0;                                                                                          \
-        for (; i + LW <= c1; i += LW) {                                                                          \
-            A r[LW];                                                                                             \
-            for (int l = 0; l < LW; l++) r[l] = 0;                                                               \
-            for (int q = 0; q < c; q++) {                                                                        \
-                const T *pq = p[q] + off + i;                                                                    \
-                const A vq = v[q];                                                                               \
-                for (int l = 0; l < LW; l++) r[l] += vq * LD(pq[l]);                                             \
-            }                                                                                                    \
-            if (relu) /* max(sum, 0); NaN stays NaN as in torch.relu */                                          \
-                for (int l = 0; l < LW; l++) o[i + l] = ST(r[l] < 0 ? (A)0 : r[l]);                              \
-            else                                                                                                 \
-                for (int l = 0; l < LW; l++) o[i + l] = ST(r[l]);                                                \
-        }                                                                                                        \
-        for (; i < c1; i++) {                                                                                    \
-            A r = 0;                                                                                             \
-            for (int q = 0; q < c; q++) r += v[q] * LD(p[q][off + i]);                                           \
-            o[i] = ST(relu && r < 0 ? (A)0 : r);                                                                 \
-        }                                                                                                        \
-    }                                                                                                            \
-                                                                                                                 \
-    /* the tap with every input read together, line by line: the sum in registers, the dot products'             \
-     * partial sums per lane in L1 */                                                                            \
-    static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
-                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
-        A d[LINES_CAP][LW];                                                                                  \
-        for (int64_t q = 0; q < Kd; q++)                                                                         \
-            for (int l = 0; l < LW; l++) d[q][l] = 0;                                                            \
-        const T *xo = x + off;                                                                                   \
-        T *o = out + off;                                                                                        \
-        int64_t i = c0;                                                                                          \
-        for (; i + LW <= c1; i += LW) {                                                                          \
-            A r[LW], xl[LW];                                                                                     \
-            for (int l = 0; l < LW; l++) {                                                                       \
-                r[l] = 0;                                                                                        \
-                xl[l] = LD(xo[i + l]);                                                                           \
-            }                                                                                                    \
-            for (int64_t q = 0; q < Kd; q++) {                                                                   \
-                const T *gq = gs[q] + off + i;                                                                   \
-                const A vq = w[q];                                                                               \
-                for (int l = 0; l < LW; l++) {                                                                   \
-                    const A e = LD(gq[l]);                                                                       \
-                    r[l] += vq * e;                                                                              \
-                    d[q][l] += e * xl[l];                                                                        \
-                }                                                                                                \
-            }                                                                                                    \
-            for (int64_t q = Kd; q < K; q++) { /* further terms without a dot */                                 \
-                const T *gq = gs[q] + off + i;                                                                   \
-                const A vq = w[q];                                                                               \
-                for (int l = 0; l < LW; l++) r[l] += vq * LD(gq[l]);                                             \
-            }                                                                                                    \
-            for (int l = 0; l < LW; l++) o[i + l] = ST(r[l]);                                                    \
-        }                                                                                                        \
-        for (int64_t q = 0; q < Kd; q++) {                                                                       \
-            double t = 0;                                                                                        \
-            for (int l = 0; l < LW; l++) t += (double)d[q][l];                                                   \
-            dots[q] = t;                                                                                         \
-        }                                                                                                        \
-        for (; i < c1; i++) {                                                                                    \
-            const A xi = LD(xo[i]);                                                                              \
-            A r = 0;                                                                                             \
-            for (int64_t q = 0; q < K; q++) {                                                                    \
-                const A e = LD(gs[q][off + i]);                                                                  \
-                r += w[q] * e;                                                                                   \
-                if (q < Kd) dots[q] += (double)(e * xi);                                                         \
-            }                                                                                                    \
-            o[i] = ST(r);                                                                                        \
-        }                                                                                                        \
+    DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
+    /* called for no input at all (LINES_MAX_K is 0) */                                                          \
+    static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off, int64_t ooff,        \
+                                 int64_t c0, int64_t c1, int relu) {                                             \
+        NAME##_fwd_tail(c, p, v, out, off, ooff, c0, c1, relu);                                                  \
     }                                                                                                            \
     /* never called (LINES_GROUPS is 0) */                                                                       \
     static void NAME##_fwd_groups(int64_t K, const T *const *xs, const A *w, T *out, int64_t off, int64_t ooff,  \
                                   int64_t c0, int64_t c1, int relu) {                                            \
         NAME##_fwd_blocked(K, xs, w, out, off, ooff, c0, c1, relu);                                              \
-    }                                                                                                            \
-    static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,    \
-                                   double *dots, int64_t off, int64_t c0, int64_t c1);                           \
-    static void NAME##_tap_groups(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,     \
-                                  double *dots, int64_t off, int64_t c0, int64_t c1) {                           \
-        NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                             \
     }
 #endif
 
@@ -517,10 +366,10 @@ static inline uint16_t bf16_store(float f) {
                                                                                                                  \
     /* a node output's tap (backward): out = sum_k w[k] * gs[k] and, for the first Kd inputs (its consumers'   \
      * gradients), dots[k] = <gs[k], x> with x the node output (the gradients of its output edges' weights) */   \
-    MULTIVERSION static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
+    MULTIVERSION static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {          \
         A acc[BLK], xb[BLK];                                                                                     \
-        const int64_t bs = BLK; /* called with more than LINES_MAX_K inputs */                                   \
+        const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
         for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
         for (int64_t s = c0; s < c1; s += bs) {                                                                  \
             const int64_t n = MIN(bs, c1 - s);                                                                   \
@@ -597,15 +446,6 @@ static inline uint16_t bf16_store(float f) {
         }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
-    static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,       \
-                                double *dots, int64_t off, int64_t c0, int64_t c1) {                             \
-        if (K <= LINES_MAX_K)                                                                                    \
-            NAME##_tap_lines(K, Kd, gs, w, x, out, dots, off, c0, c1);                                           \
-        else if (LINES_MAX_K > 0 && LINES_GROUPS)                                                                \
-            NAME##_tap_groups(K, Kd, gs, w, x, out, dots, off, c0, c1);                                          \
-        else                                                                                                     \
-            NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                         \
-    }                                                                                                            \
                                                                                                                  \
     void dynwire_agg_tap_##NAME(int64_t B, int64_t N, int64_t K, int64_t Kd, const T *const *gs, const A *w,     \
                                 const T *x, T *out, double *dots, int64_t chunk, int nthreads) {                 \
