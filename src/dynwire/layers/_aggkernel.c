@@ -115,7 +115,13 @@ static inline uint16_t bf16_store(float f) {
         else                                                                                                     \
             for (int l = 0; l < LW; l++) p[l] = ST((*a)[l]);                                                     \
     }                                                                                                            \
-    /* out = sum_q v[q] * p[q] over [c0, c1), ReLU'd where relu (max(sum, 0); NaN stays NaN) */                  \
+    /* max(r, 0) lane by lane; NaN stays NaN, as in torch.relu */                                                \
+    static inline void NAME##_relu(NAME##_line *r) {                                                             \
+        const NAME##_line zero = {0};                                                                            \
+        const __typeof__(*r < zero) neg = *r < zero;                                                             \
+        *r = (NAME##_line)((__typeof__(neg))*r & ~neg);                                                          \
+    }                                                                                                            \
+    /* out = sum_q v[q] * p[q] over [c0, c1), ReLU'd where relu */                                               \
     MULTIVERSION static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off,         \
                                               int64_t ooff, int64_t c0, int64_t c1, int relu) {                  \
         const NAME##_line zero = {0};                                                                            \
@@ -128,10 +134,7 @@ static inline uint16_t bf16_store(float f) {
                 NAME##_ldline(&a, p[q] + off + i);                                                               \
                 r += v[q] * a;                                                                                   \
             }                                                                                                    \
-            if (relu) {                                                                                          \
-                const __typeof__(r < zero) neg = r < zero;                                                       \
-                r = (NAME##_line)((__typeof__(neg))r & ~neg);                                                    \
-            }                                                                                                    \
+            if (relu) NAME##_relu(&r);                                                                           \
             NAME##_stline(o + i, &r);                                                                            \
         }                                                                                                        \
         NAME##_fwd_tail(c, p, v, out, off, ooff, i, c1, relu);                                                   \
@@ -173,10 +176,7 @@ static inline uint16_t bf16_store(float f) {
                         acc[L] = r;                                                                              \
                         continue;                                                                                \
                     }                                                                                            \
-                    if (relu) {                                                                                  \
-                        const __typeof__(r < zero) neg = r < zero;                                               \
-                        r = (NAME##_line)((__typeof__(neg))r & ~neg);                                            \
-                    }                                                                                            \
+                    if (relu) NAME##_relu(&r);                                                                   \
                     NAME##_stline(o + L * LW, &r);                                                               \
                 }                                                                                                \
                 for (int64_t i = nl * LW; i < n; i++) {                                                          \
@@ -217,7 +217,8 @@ static inline uint16_t bf16_store(float f) {
     MULTIVERSION static void NAME##_fwd_blocked(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,     \
                                              int64_t ooff, int64_t c0, int64_t c1, int relu) {                   \
         A acc[BLK];                                                                                              \
-        const int64_t bs = BLK; /* called with more than LINES_MAX_K inputs */                                   \
+        /* more than LINES_MAX_K inputs (other compilers: every node) */                                         \
+        const int64_t bs = BLK;                                                                                  \
         for (int64_t s = c0; s < c1; s += bs) {                                                                  \
             const int64_t n = MIN(bs, c1 - s);                                                                   \
             int first = 1;                                                                                       \
