@@ -24,8 +24,8 @@
  * reads its inputs four at a time per block, and the backward kernel (dot products and slot
  * updates: the path of gates per receiver) keeps a block of g in cache while it reads each x_k
  * and updates each slot; both use blocks of BLK_SMALL below BLK_MIN_K streams. (A tap read line by
- * line was 1.5x faster, but two-process DDP training then no longer matched one process to 1e-4
- * after 8 steps, against 1e-7 with this one, for a reason not found: tests/test_ddp.py.)
+ * line was 1.5x faster, but two-process DDP training then no longer matched one process within
+ * tests/test_ddp.py's tolerance after 8 steps, for a reason not found.)
  * bench/kernel_blocks.py measures these choices against torch.add.
  *
  * Every input is read from memory once, the sum written once; in backward g is read once and
@@ -97,7 +97,7 @@ static inline uint16_t bf16_store(float f) {
 
 /* Line-by-line kernels (LINES_MAX_K inputs or fewer): a line of LW elements is one vector of GCC's
  * vector extensions, so every input's line is one or two loads and the sum stays in registers
- * (plain loops over arrays of LW are left half vectorized by GCC, 2-5x slower on cached data). */
+ * (plain loops over arrays of LW are left half vectorized by GCC, and slower on cached data). */
 #if defined(__GNUC__)
 #define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
     DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
