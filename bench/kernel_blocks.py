@@ -1,15 +1,16 @@
 """Read order of the fused aggregation kernels: bandwidth of one node's sum and tap per variant.
 
-``src/dynwire/layers/_aggkernel.c``'s forward sum reads up to ``LINES_MAX_K`` (12) inputs of a node
-together, line by line, with the sum in registers; more inputs are walked in blocks of ``BLK``
-elements whose running sum stays in cache, the inputs read 12 at a time, line by line. The taps
-read four inputs at a time per block (8192 elements from 8 inputs, 1024 below). This script
+``src/dynwire/layers/_aggkernel.c``'s forward sum and tap read up to ``LINES_MAX_K`` (12) inputs of
+a node together, line by line, with the sum in registers; more inputs are walked in blocks of
+``BLK`` elements whose running sum stays in cache, the inputs read 12 at a time, line by line. The
+block kernels read four inputs at a time per block. This script
 compiles the same C file once per variant (``-D...``, the flags of ``setup.py``), loads each build
 with ctypes and, in interleaved rounds, times on one thread:
 
 * ``shipped``: the file's defaults;
-* ``nogroups``: a forward of more than 12 inputs read four at a time per block (``-DLINES_GROUPS=0``);
-* ``blocks``: every forward so, in blocks of 8192 (``-DLINES_MAX_K=0``);
+* ``nogroups``: a node of more than 12 inputs read four at a time per block (``-DLINES_GROUPS=0``);
+* ``blocks``: every node so, the forward in blocks of 8192, the tap in blocks of 8192 from 8
+  inputs and 1024 below (``-DLINES_MAX_K=0``);
 * ``blocks1024``: every forward and tap in blocks of 1024 (``-DLINES_MAX_K=0 -DBLK=1024``: the
   kernels before the line-by-line path and the larger blocks);
 

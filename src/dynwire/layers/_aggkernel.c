@@ -13,19 +13,17 @@
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded).
  *
- * Inside a task, forward reads up to LINES_MAX_K inputs together, line by line (LW elements, one
- * vector of GCC's vector extensions): the sum stays in registers and every input is one
- * sequential read stream, all of them in flight at once. With more inputs than that the streams
- * outrun the hardware prefetchers, so the data is walked in blocks of BLK elements whose running
- * sum stays in cache, and the inputs are read LINES_MAX_K at a time, line by line. A block is 8192
- * elements (32 KiB of float), not one L1's worth: every block starts a fresh run in each input
- * stream, and the prefetchers, which stop at 4 KiB pages, reach full speed only some way into a
- * run. Other compilers take fwd_blocked (inputs four at a time per block) for every node. The tap
- * reads its inputs four at a time per block, and the backward kernel (dot products and slot
- * updates: the path of gates per receiver) keeps a block of g in cache while it reads each x_k
- * and updates each slot; both use blocks of BLK_SMALL below BLK_MIN_K streams. (A tap read line by
- * line was 1.5x faster, but two-process DDP training then no longer matched one process within
- * tests/test_ddp.py's tolerance after 8 steps, for a reason not found.)
+ * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (LW
+ * elements, one vector of GCC's vector extensions): the sum stays in registers (the tap's dot
+ * products in per-lane partial sums) and every input is one sequential read stream, all of them in
+ * flight at once. With more inputs than that the streams outrun the hardware prefetchers, so the
+ * data is walked in blocks of BLK elements whose running sum stays in cache, and the inputs are
+ * read LINES_MAX_K at a time, line by line. A block is 8192 elements (32 KiB of float), not one
+ * L1's worth: every block starts a fresh run in each input stream, and the prefetchers, which stop
+ * at 4 KiB pages, reach full speed only some way into a run. Other compilers take the *_blocked
+ * kernels (inputs four at a time per block) for every node. The backward kernel (dot products and
+ * slot updates: the path of gates per receiver) keeps a block of g in cache while it reads each
+ * x_k and updates each slot, in blocks of BLK_SMALL below BLK_MIN_K streams, as the blocked tap.
  * bench/kernel_blocks.py measures these choices against torch.add.
  *
  * Every input is read from memory once, the sum written once; in backward g is read once and
@@ -33,7 +31,7 @@
  * its input in forward and its slot update in backward (0 * x adds nothing for finite x); the dot
  * product is still computed (straight-through gates need it).
  * Accumulation: float (double for float64) within a block or a lane, double across blocks and
- * lanes for the dots.
+ * lanes for the dots (a lane's partial dot product is flushed to double after every block).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -189,6 +187,94 @@ static inline uint16_t bf16_store(float f) {
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
+    }                                                                                                            \
+    /* the lanes of the dot products' partial sums into dots[q0 + q], in double */                               \
+    static inline void NAME##_tap_flush(int64_t nd, const NAME##_line *d, double *dots, int64_t q0) {            \
+        for (int64_t q = 0; q < nd; q++) {                                                                       \
+            double t = 0;                                                                                        \
+            for (int l = 0; l < LW; l++) t += (double)d[q][l];                                                   \
+            dots[q0 + q] += t;                                                                                   \
+        }                                                                                                        \
+    }                                                                                                            \
+    /* the tap's m elements at p after a block's last full line, inputs g0..g1-1 (a running sum in               \
+     * tail between groups unless first / last) */                                                               \
+    static void NAME##_tap_tail(int64_t g0, int64_t g1, int64_t Kd, const T *const *gs, const A *w, const T *x,  \
+                                T *out, double *dots, int64_t p, int64_t m, A *tail, int first, int last) {      \
+        for (int64_t i = 0; i < m; i++) {                                                                        \
+            const A xi = LD(x[p + i]);                                                                           \
+            A r = first ? 0 : tail[i];                                                                           \
+            for (int64_t q = g0; q < g1; q++) {                                                                  \
+                const A e = LD(gs[q][p + i]);                                                                    \
+                r += w[q] * e;                                                                                   \
+                if (q < Kd) dots[q] += (double)(e * xi);                                                         \
+            }                                                                                                    \
+            if (last)                                                                                            \
+                out[p + i] = ST(r);                                                                              \
+            else                                                                                                 \
+                tail[i] = r;                                                                                     \
+        }                                                                                                        \
+    }                                                                                                            \
+    /* the tap over [c0, c1): out = sum_k w[k] * gs[k], dots[k] = <gs[k], x> (k < Kd); every input               \
+     * read together, line by line, the sum in registers and the dot products per lane, in float                 \
+     * within a block of BLK elements and in double across blocks */                                             \
+    MULTIVERSION static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
+                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
+        const NAME##_line zero = {0};                                                                            \
+        NAME##_line d[LINES_CAP];                                                                                \
+        for (int64_t q = 0; q < Kd; q++) dots[q] = 0.0;                                                          \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
+            const int64_t n = MIN(BLK, c1 - s), nl = n / LW, base = off + s;                                     \
+            for (int64_t q = 0; q < Kd; q++) d[q] = zero;                                                        \
+            for (int64_t L = 0; L < nl; L++) {                                                                   \
+                NAME##_line xl, e, r = zero;                                                                     \
+                NAME##_ldline(&xl, x + base + L * LW);                                                           \
+                for (int64_t q = 0; q < Kd; q++) {                                                               \
+                    NAME##_ldline(&e, gs[q] + base + L * LW);                                                    \
+                    r += w[q] * e;                                                                               \
+                    d[q] += e * xl;                                                                              \
+                }                                                                                                \
+                for (int64_t q = Kd; q < K; q++) { /* further terms without a dot */                             \
+                    NAME##_ldline(&e, gs[q] + base + L * LW);                                                    \
+                    r += w[q] * e;                                                                               \
+                }                                                                                                \
+                NAME##_stline(out + base + L * LW, &r);                                                          \
+            }                                                                                                    \
+            NAME##_tap_flush(Kd, d, dots, 0);                                                                    \
+            NAME##_tap_tail(0, K, Kd, gs, w, x, out, dots, base + nl * LW, n - nl * LW, NULL, 1, 1);             \
+        }                                                                                                        \
+    }                                                                                                            \
+    /* the tap of more than LINES_MAX_K inputs: blocks of BLK elements whose running sum stays in                \
+     * cache, the inputs read LINES_MAX_K at a time, line by line, with x */                                     \
+    MULTIVERSION static void NAME##_tap_groups(int64_t K, int64_t Kd, const T *const *gs, const A *w,            \
+                                               const T *x, T *out, double *dots, int64_t off, int64_t c0,        \
+                                               int64_t c1) {                                                     \
+        const NAME##_line zero = {0};                                                                            \
+        NAME##_line acc[BLK / LW], d[LINES_CAP];                                                                 \
+        A tail[LW];                                                                                              \
+        for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
+            const int64_t n = MIN(BLK, c1 - s), nl = n / LW, base = off + s;                                     \
+            for (int64_t g0 = 0; g0 < K; g0 += LINES_MAX_K) {                                                    \
+                const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd);                                   \
+                const int first = g0 == 0, last = g1 == K;                                                       \
+                for (int64_t q = g0; q < gd; q++) d[q - g0] = zero;                                              \
+                for (int64_t L = 0; L < nl; L++) {                                                               \
+                    NAME##_line xl, e, r = first ? zero : acc[L];                                                \
+                    NAME##_ldline(&xl, x + base + L * LW);                                                       \
+                    for (int64_t q = g0; q < g1; q++) {                                                          \
+                        NAME##_ldline(&e, gs[q] + base + L * LW);                                                \
+                        r += w[q] * e;                                                                           \
+                        if (q < gd) d[q - g0] += e * xl;                                                         \
+                    }                                                                                            \
+                    if (last)                                                                                    \
+                        NAME##_stline(out + base + L * LW, &r);                                                  \
+                    else                                                                                         \
+                        acc[L] = r;                                                                              \
+                }                                                                                                \
+                NAME##_tap_flush(gd - g0 > 0 ? gd - g0 : 0, d, dots, g0);                                        \
+                NAME##_tap_tail(g0, g1, Kd, gs, w, x, out, dots, base + nl * LW, n - nl * LW, tail, first, last); \
+            }                                                                                                    \
+        }                                                                                                        \
     }
 #ifndef LINES_GROUPS
 #define LINES_GROUPS 1 /* more than LINES_MAX_K inputs: groups of lines (else the *_blocked kernels) */
@@ -209,6 +295,17 @@ static inline uint16_t bf16_store(float f) {
     static void NAME##_fwd_groups(int64_t K, const T *const *xs, const A *w, T *out, int64_t off, int64_t ooff,  \
                                   int64_t c0, int64_t c1, int relu) {                                            \
         NAME##_fwd_blocked(K, xs, w, out, off, ooff, c0, c1, relu);                                              \
+    }                                                                                                            \
+    static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,    \
+                                   double *dots, int64_t off, int64_t c0, int64_t c1);                           \
+    /* never called (LINES_MAX_K and LINES_GROUPS are 0) */                                                      \
+    static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,      \
+                                 double *dots, int64_t off, int64_t c0, int64_t c1) {                            \
+        NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                             \
+    }                                                                                                            \
+    static void NAME##_tap_groups(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,     \
+                                  double *dots, int64_t off, int64_t c0, int64_t c1) {                           \
+        NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                             \
     }
 #endif
 
@@ -367,7 +464,7 @@ static inline uint16_t bf16_store(float f) {
                                                                                                                  \
     /* a node output's tap (backward): out = sum_k w[k] * gs[k] and, for the first Kd inputs (its consumers'   \
      * gradients), dots[k] = <gs[k], x> with x the node output (the gradients of its output edges' weights) */   \
-    MULTIVERSION static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x,    \
+    MULTIVERSION static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {          \
         A acc[BLK], xb[BLK];                                                                                     \
         const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
@@ -447,7 +544,15 @@ static inline uint16_t bf16_store(float f) {
         }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
-                                                                                                                 \
+    static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,       \
+                                double *dots, int64_t off, int64_t c0, int64_t c1) {                             \
+        if (K <= LINES_MAX_K)                                                                                    \
+            NAME##_tap_lines(K, Kd, gs, w, x, out, dots, off, c0, c1);                                           \
+        else if (LINES_MAX_K > 0 && LINES_GROUPS)                                                                \
+            NAME##_tap_groups(K, Kd, gs, w, x, out, dots, off, c0, c1);                                          \
+        else                                                                                                     \
+            NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                         \
+    }                                                                                                            \
     void dynwire_agg_tap_##NAME(int64_t B, int64_t N, int64_t K, int64_t Kd, const T *const *gs, const A *w,     \
                                 const T *x, T *out, double *dots, int64_t chunk, int nthreads) {                 \
         const int64_t nch = (N + chunk - 1) / chunk;                                                             \
