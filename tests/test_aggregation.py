@@ -657,8 +657,10 @@ def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-# (K, Kd): the dotted inputs four at a time, then a remainder of 1-3, then undotted terms; blocks
-# of 1024 elements below 8 inputs, of 8192 from 8
+# (K, Kd): up to 12 inputs read line by line, dotted and undotted; more in groups of 12 with the
+# dotted inputs ending inside the first group (15, 10), at its end (14, 14) or in the second
+# (17, 13). Built with -DLINES_MAX_K=0 the same cases cover the block kernel: dotted inputs four
+# at a time, a remainder of 1-3, undotted terms, blocks of 1024 elements below 8 inputs, 8192 from 8.
 @pytest.mark.parametrize("k, kd", [(7, 5), (3, 3), (2, 1), (4, 2), (10, 10), (11, 7), (14, 14), (15, 10), (17, 13)])
 def test_tap_kernel_sums_and_dots(dtype, k, kd, monkeypatch):
     """The C tap: the weighted sum of all K inputs and the first Kd inputs' dot products with x."""
