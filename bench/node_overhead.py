@@ -26,7 +26,9 @@ stages' blocks (the chain's blocks include their shortcut add and ReLU; DG-Net's
 and in the stages outside them (DG-Net: the routers, gates, removal and aggregations, one C call
 per node on the CPU). ``agg_traffic_share``: the least memory traffic of DG-Net's aggregations in
 inference (``K`` reads + 1 write per node, every node alive) at the bandwidth of an out-of-cache
-``torch.add(a, b, out=c)`` measured in the same process, as a share of the chain's evaluation.
+``torch.add(a, b, out=c)`` measured in the same process, as a share of the chain's evaluation;
+``chain_add_traffic_share``: the same for the chain's shortcut adds with their ReLU (2 reads + 1
+write per block), which DG-Net's aggregations replace and which the chain's blocks include.
 
 Each model runs in a fresh process per heap policy: ``default`` (glibc's own, which unmaps freed
 maps above its mmap threshold) and ``kept`` (``dynwire.keep_freed_memory()``, opt-in: freed
@@ -192,6 +194,12 @@ def _eval_agg_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     )
 
 
+def _chain_add_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The least memory traffic of the chain's shortcut adds with their ReLU in the stages of
+    ``model`` (bytes): 2 reads + 1 write of a map per block."""
+    return sum(3 * len(st.blocks()) * size * x.shape[0] for st, size in _stage_map_bytes(model, x).items())
+
+
 def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:
     variants = ["sequential"] + [f"{f}{'-' + a if a else ''}" for f in FORMS for a in ("", *ABLATIONS, *DESIGNS)]
     models = {v: _build(name, v).train() for v in variants}
@@ -272,6 +280,7 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
     seq_b = statistics.median(ev_t[("sequential", batch)])
     for f in FORMS:
         evaluation[f]["agg_traffic_share"] = round(_eval_agg_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
+        evaluation[f]["chain_add_traffic_share"] = round(_chain_add_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
     return {
         "model": name,
         "batch": batch,

@@ -769,7 +769,7 @@ def node_overhead(key: str = "results") -> str:
             "eval b64",
             "b64: blocks",
             "b64: stage outside blocks",
-            "b64: aggregation traffic",
+            "b64: aggregation traffic (chain's adds)",
             "eval b1",
         ],
         rows,
@@ -787,7 +787,12 @@ def _eval_split_cells(r: dict, form: str) -> list[str]:
     return [
         f"{v['in_blocks_s'] / chain:.1%} ({split['sequential']['in_blocks_s'] / chain:.1%})",
         f"{v['stages_outside_blocks_s'] / chain:.1%}",
-        f"{r['eval'][form]['agg_traffic_share']:.1%}",
+        f"{r['eval'][form]['agg_traffic_share']:.1%}"
+        + (
+            f" ({r['eval'][form]['chain_add_traffic_share']:.1%})"
+            if "chain_add_traffic_share" in r["eval"][form]
+            else ""
+        ),
     ]
 
 
