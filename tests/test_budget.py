@@ -135,7 +135,7 @@ def test_difficulty_term_is_the_mean_squared_gap_to_the_per_sample_targets():
     fr = budget.expected_fraction((3, 32, 32))
     targets = torch.tensor([2 / 3, 0.0, 1.0, 1 / 3])  # ranks 2, 0, 3, 1 of 3
     assert float(term.detach()) == pytest.approx(3.0 * float(((fr.detach() - targets) ** 2).mean()), rel=1e-5)
-    assert frac == pytest.approx(float(fr.mean()), rel=1e-6)
+    assert frac == pytest.approx(float(fr.detach().mean()), rel=1e-6)
     with pytest.raises(ValueError, match="per-sample loss"):
         budget.loss((3, 32, 32))
     # at equal expected fractions the gradient asks the easiest sample to spend less, the hardest more
