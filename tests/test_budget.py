@@ -162,17 +162,17 @@ def test_per_stage_term_is_the_weighted_gap_of_each_stage_to_the_removable_targe
     want = 2.0 * (r / dense) ** 2 * want
     term, frac = budget.loss(shape)
     assert float(term.detach()) == pytest.approx(float(want), rel=1e-5)
-    assert frac == pytest.approx(float(budget.expected_fraction(shape).mean()), rel=1e-6)
+    assert frac == pytest.approx(float(budget.expected_fraction(shape).detach().mean()), rel=1e-6)
     # one stage emptied to pay for the others: the whole-model term is 0, the per-stage term is not,
     # and its gradient asks the emptied stage to spend more, the overfull ones less
     w0 = removable[0] / r
     x = t_r / (1 - w0)  # stages 2 and 3 spend more so that the whole model meets its target
     leaves = [torch.full((4,), v, requires_grad=True) for v in (0.0, x, x)]
-    mean_share = sum(w / r * float(f[0]) for w, f in zip(removable, leaves))
+    mean_share = sum(w / r * float(f[0].detach()) for w, f in zip(removable, leaves))
     assert mean_share == pytest.approx(t_r)
     budget.stage_fractions = lambda: leaves
     per_stage = budget._per_stage_term(shape, torch.full((4,), 0.5))
-    assert float(per_stage) > 1e-3
+    assert float(per_stage.detach()) > 1e-3
     grads = torch.autograd.grad(per_stage, leaves)
     assert grads[0][0] < 0 < grads[1][0] and grads[2][0] > 0
     with pytest.raises(ValueError, match="per_stage"):
