@@ -106,3 +106,15 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
     # Sharded evaluation counts every image exactly once and agrees with one process.
     assert fd["val"]["images"] == fs["val"]["images"] == 64
     assert fd["val"]["loss"] == pytest.approx(fs["val"]["loss"], rel=1e-3)
+
+
+def test_ddp_agreement_script_runs_this_child_with_either_activation() -> None:
+    """scripts/ddp_agreement.py reads CHILD from this file and swaps its activation: keep them in step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import ddp_agreement
+
+    relu, silu = ddp_agreement._child_source("relu"), ddp_agreement._child_source("silu")
+    assert "act_layer=nn.ReLU" in relu and "act_layer=nn.SiLU" not in relu
+    assert silu == relu.replace("act_layer=nn.ReLU", "act_layer=nn.SiLU")
+    assert '"model.wiring=dynamic"] + sys.argv[2:]' in silu  # the script's per-run overrides
+    compile(silu, "child.py", "exec")
