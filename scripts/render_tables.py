@@ -787,12 +787,7 @@ def _eval_split_cells(r: dict, form: str) -> list[str]:
     return [
         f"{v['in_blocks_s'] / chain:.1%} ({split['sequential']['in_blocks_s'] / chain:.1%})",
         f"{v['stages_outside_blocks_s'] / chain:.1%}",
-        f"{r['eval'][form]['agg_traffic_share']:.1%}"
-        + (
-            f" ({r['eval'][form]['chain_add_traffic_share']:.1%})"
-            if "chain_add_traffic_share" in r["eval"][form]
-            else ""
-        ),
+        f"{r['eval'][form]['agg_traffic_share']:.1%} ({r['eval'][form]['chain_add_traffic_share']:.1%})",
     ]
 
 

@@ -214,40 +214,12 @@ static inline uint16_t bf16_store(float f) {
                 tail[i] = r;                                                                                     \
         }                                                                                                        \
     }                                                                                                            \
-    /* the tap over [c0, c1): out = sum_k w[k] * gs[k], dots[k] = <gs[k], x> (k < Kd); every input               \
-     * read together, line by line, the sum in registers and the dot products per lane, in float                 \
-     * within a block of BLK elements and in double across blocks */                                             \
+    /* the tap over [c0, c1): out = sum_k w[k] * gs[k], dots[k] = <gs[k], x> (k < Kd). Blocks of BLK             \
+     * elements; a block's inputs are read LINES_MAX_K at a time (all of them for most nodes),                   \
+     * line by line, with x, the running sum in registers (in acc between groups) and the dot                    \
+     * products per lane, in float within a block and in double across blocks */                                 \
     MULTIVERSION static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
                                               T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
-        const NAME##_line zero = {0};                                                                            \
-        NAME##_line d[LINES_CAP];                                                                                \
-        for (int64_t q = 0; q < Kd; q++) dots[q] = 0.0;                                                          \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s), nl = n / LW, base = off + s;                                     \
-            for (int64_t q = 0; q < Kd; q++) d[q] = zero;                                                        \
-            for (int64_t L = 0; L < nl; L++) {                                                                   \
-                NAME##_line xl, e, r = zero;                                                                     \
-                NAME##_ldline(&xl, x + base + L * LW);                                                           \
-                for (int64_t q = 0; q < Kd; q++) {                                                               \
-                    NAME##_ldline(&e, gs[q] + base + L * LW);                                                    \
-                    r += w[q] * e;                                                                               \
-                    d[q] += e * xl;                                                                              \
-                }                                                                                                \
-                for (int64_t q = Kd; q < K; q++) { /* further terms without a dot */                             \
-                    NAME##_ldline(&e, gs[q] + base + L * LW);                                                    \
-                    r += w[q] * e;                                                                               \
-                }                                                                                                \
-                NAME##_stline(out + base + L * LW, &r);                                                          \
-            }                                                                                                    \
-            NAME##_tap_flush(Kd, d, dots, 0);                                                                    \
-            NAME##_tap_tail(0, K, Kd, gs, w, x, out, dots, base + nl * LW, n - nl * LW, NULL, 1, 1);             \
-        }                                                                                                        \
-    }                                                                                                            \
-    /* the tap of more than LINES_MAX_K inputs: blocks of BLK elements whose running sum stays in                \
-     * cache, the inputs read LINES_MAX_K at a time, line by line, with x */                                     \
-    MULTIVERSION static void NAME##_tap_groups(int64_t K, int64_t Kd, const T *const *gs, const A *w,            \
-                                               const T *x, T *out, double *dots, int64_t off, int64_t c0,        \
-                                               int64_t c1) {                                                     \
         const NAME##_line zero = {0};                                                                            \
         NAME##_line acc[BLK / LW], d[LINES_CAP];                                                                 \
         A tail[LW];                                                                                              \
@@ -255,23 +227,27 @@ static inline uint16_t bf16_store(float f) {
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
             const int64_t n = MIN(BLK, c1 - s), nl = n / LW, base = off + s;                                     \
             for (int64_t g0 = 0; g0 < K; g0 += LINES_MAX_K) {                                                    \
-                const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd);                                   \
+                const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd > g0 ? Kd : g0);                    \
                 const int first = g0 == 0, last = g1 == K;                                                       \
                 for (int64_t q = g0; q < gd; q++) d[q - g0] = zero;                                              \
                 for (int64_t L = 0; L < nl; L++) {                                                               \
                     NAME##_line xl, e, r = first ? zero : acc[L];                                                \
-                    NAME##_ldline(&xl, x + base + L * LW);                                                       \
-                    for (int64_t q = g0; q < g1; q++) {                                                          \
+                    if (gd > g0) NAME##_ldline(&xl, x + base + L * LW);                                          \
+                    for (int64_t q = g0; q < gd; q++) {                                                          \
                         NAME##_ldline(&e, gs[q] + base + L * LW);                                                \
                         r += w[q] * e;                                                                           \
-                        if (q < gd) d[q - g0] += e * xl;                                                         \
+                        d[q - g0] += e * xl;                                                                     \
+                    }                                                                                            \
+                    for (int64_t q = gd; q < g1; q++) { /* further terms without a dot */                        \
+                        NAME##_ldline(&e, gs[q] + base + L * LW);                                                \
+                        r += w[q] * e;                                                                           \
                     }                                                                                            \
                     if (last)                                                                                    \
                         NAME##_stline(out + base + L * LW, &r);                                                  \
                     else                                                                                         \
                         acc[L] = r;                                                                              \
                 }                                                                                                \
-                NAME##_tap_flush(gd - g0 > 0 ? gd - g0 : 0, d, dots, g0);                                        \
+                NAME##_tap_flush(gd - g0, d, dots, g0);                                                          \
                 NAME##_tap_tail(g0, g1, Kd, gs, w, x, out, dots, base + nl * LW, n - nl * LW, tail, first, last); \
             }                                                                                                    \
         }                                                                                                        \
@@ -298,13 +274,9 @@ static inline uint16_t bf16_store(float f) {
     }                                                                                                            \
     static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,    \
                                    double *dots, int64_t off, int64_t c0, int64_t c1);                           \
-    /* never called (LINES_MAX_K and LINES_GROUPS are 0) */                                                      \
+    /* never called (LINES_MAX_K is 0) */                                                                        \
     static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,      \
                                  double *dots, int64_t off, int64_t c0, int64_t c1) {                            \
-        NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                             \
-    }                                                                                                            \
-    static void NAME##_tap_groups(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,     \
-                                  double *dots, int64_t off, int64_t c0, int64_t c1) {                           \
         NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                             \
     }
 #endif
@@ -546,10 +518,8 @@ static inline uint16_t bf16_store(float f) {
                                                                                                                  \
     static void NAME##_tap_task(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,       \
                                 double *dots, int64_t off, int64_t c0, int64_t c1) {                             \
-        if (K <= LINES_MAX_K)                                                                                    \
+        if (LINES_MAX_K > 0 && (K <= LINES_MAX_K || LINES_GROUPS))                                               \
             NAME##_tap_lines(K, Kd, gs, w, x, out, dots, off, c0, c1);                                           \
-        else if (LINES_MAX_K > 0 && LINES_GROUPS)                                                                \
-            NAME##_tap_groups(K, Kd, gs, w, x, out, dots, off, c0, c1);                                          \
         else                                                                                                     \
             NAME##_tap_blocked(K, Kd, gs, w, x, out, dots, off, c0, c1);                                         \
     }                                                                                                            \
