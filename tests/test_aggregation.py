@@ -149,6 +149,43 @@ def test_edge_weight_gradient_on_large_maps(channels_last):
 needs_fused = pytest.mark.skipif(not fused_available(), reason="the C kernels (_aggkernel) were not built")
 
 
+@pytest.fixture(params=[16, 32, 64])
+def line_bytes(request):
+    """Each line width of the C kernels' line-by-line loops (16, 32, 64 bytes: SSE / NEON, AVX2,
+    AVX-512) that this CPU runs; wider ones are skipped. The widest is restored afterwards. A build
+    without line kernels (other compilers) runs once, on its block kernels."""
+    from dynwire.layers import _fused
+
+    kern = _fused._BACKENDS["cpu"]
+    if not isinstance(kern, _fused._CpuKernels):
+        pytest.skip("the C kernels (_aggkernel) were not built")
+    widest = kern.line_bytes()
+    if widest == 0:  # built without line-by-line kernels: the block kernels, once
+        if request.param != 16:
+            pytest.skip("built without line-by-line kernels")
+        yield 0
+        return
+    if request.param > widest:
+        pytest.skip(f"this CPU runs lines of up to {widest} bytes")
+    assert kern.line_bytes(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        kern.line_bytes(widest)
+
+
+@needs_fused
+def test_line_bytes_names_its_choices():
+    from dynwire.layers import _fused
+
+    kern = _fused._BACKENDS["cpu"]
+    with pytest.raises(ValueError, match="16, 32 or 64"):
+        kern.line_bytes(48)
+    widest = kern.line_bytes()
+    assert widest in (0, 16, 32, 64)
+    assert kern.line_bytes(64) == widest  # never wider than the CPU runs
+
+
 def test_fused_kernels_are_built_where_a_compiler_is():
     """``pip install`` / ``make kernels`` builds them wherever a C compiler exists: a silent fallback
     to the plain kernels would only show as a slower training step."""
@@ -426,7 +463,7 @@ def test_fused_router_gate_declines_what_it_does_not_implement():
 
 @needs_fused
 @pytest.mark.parametrize("mode", ["always", "off"])
-def test_inference_fast_path_with_fused_router_and_relu_equals_reference(mode, monkeypatch):
+def test_inference_fast_path_with_fused_router_and_relu_equals_reference(mode, line_bytes, monkeypatch):
     """Branch nodes: the ReLU applied in the aggregation's pass and the C router (``mode="always"``:
     the batch's one C call per node) or the plain kernels and ``Router`` (``"off"``) give the
     general loop's outputs and decisions."""
@@ -632,8 +669,9 @@ def test_edge_tap_gradients_equal_plain_autograd(mode, monkeypatch):
 @pytest.mark.parametrize("relu", [False, True])
 # nonzero inputs: up to 12 are read line by line, more in blocks (four at a time, then the rest)
 @pytest.mark.parametrize("k, closed", [(3, 0), (14, 2), (14, 1), (17, 0), (5, 5)])
-def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
-    """The C forward: the weighted sum of the inputs with a non-zero weight (ReLU'd in the same pass)."""
+def test_forward_kernel_sums(dtype, relu, k, closed, line_bytes, monkeypatch):
+    """The C forward: the weighted sum of the inputs with a non-zero weight (ReLU'd in the same pass;
+    a NaN of an open input stays NaN, as in ``torch.relu``)."""
     from dynwire.layers import _fused
 
     n = 20000
@@ -641,6 +679,7 @@ def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
     torch.manual_seed(k + closed)
     xs = [torch.randn(3, n).to(dtype) for _ in range(k)]
     xs[0][0, 5] = float("nan")  # a closed edge's input is not read: no NaN gets through its 0 weight
+    xs[-1][2, 37] = -float("nan")  # an open one's NaN is the sum's (negative sign bit: not clipped)
     w = torch.rand(3, k, dtype=torch.float64)
     w[1, :closed] = 0.0
     w[0, 0] = 0.0
@@ -648,11 +687,12 @@ def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
     _fused._BACKENDS["cpu"].forward(w, xs, out, relu=relu)
     x64 = [t.double() for t in xs]
     ref = sum(w[:, i : i + 1].to(dtype).double() * torch.nan_to_num(x64[i]) for i in range(k))
+    ref[2, 37] = float("nan")
     if k == closed:
         ref[1] = 0.0  # every input of a sample closed: its sum is 0
     ref = ref.relu() if relu else ref
     tol = dict(rtol=1e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(out.double(), ref, **tol, equal_nan=True)
 
 
 @needs_fused
@@ -662,7 +702,7 @@ def test_forward_kernel_sums(dtype, relu, k, closed, monkeypatch):
 # (17, 13). Built with -DLINES_MAX_K=0 the same cases cover the block kernel: dotted inputs four
 # at a time, a remainder of 1-3, undotted terms, blocks of 1024 elements below 8 inputs, 8192 from 8.
 @pytest.mark.parametrize("k, kd", [(7, 5), (3, 3), (2, 1), (4, 2), (10, 10), (11, 7), (14, 14), (15, 10), (17, 13)])
-def test_tap_kernel_sums_and_dots(dtype, k, kd, monkeypatch):
+def test_tap_kernel_sums_and_dots(dtype, k, kd, line_bytes, monkeypatch):
     """The C tap: the weighted sum of all K inputs and the first Kd inputs' dot products with x."""
     from dynwire.layers import _fused
 

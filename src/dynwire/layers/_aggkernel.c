@@ -13,8 +13,8 @@
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded).
  *
- * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (LW
- * elements, one vector of GCC's vector extensions): the sum stays in registers (the tap's dot
+ * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (one
+ * vector of GCC's vector extensions, as wide as the CPU's registers): the sum stays in registers (the tap's dot
  * products in per-lane partial sums) and every input is one sequential read stream, all of them in
  * flight at once. With more inputs than that the streams outrun the hardware prefetchers, so the
  * data is walked in blocks of BLK elements whose running sum stays in cache, and the inputs are
@@ -44,9 +44,6 @@
 #define LINES_MAX_K 12 /* forward and tap: up to this many inputs read together, line by line */
 #endif
 #define LINES_CAP (LINES_MAX_K > 0 ? LINES_MAX_K : 1) /* array sizes (LINES_MAX_K=0: blocks only) */
-#ifndef LW
-#define LW 16 /* elements per line of the register accumulators */
-#endif
 #ifndef BLK
 #define BLK 8192 /* more inputs: blocks of this many elements */
 #endif
@@ -93,62 +90,97 @@ static inline uint16_t bf16_store(float f) {
         }                                                                                                        \
     }                                                                                                            \
 
-/* Line-by-line kernels (LINES_MAX_K inputs or fewer): a line of LW elements is one vector of GCC's
- * vector extensions, so every input's line is one or two loads and the sum stays in registers
- * (plain loops over arrays of LW are left half vectorized by GCC, and slower on cached data). */
+/* Line-by-line kernels (LINES_MAX_K inputs or fewer): a line is one vector of the ISA the kernel runs
+ * on (GCC's vector extensions; LWV elements of A), so every input's line is one load and the sum (in
+ * the tap also each input's per-lane dot product) stays in a register. Each kernel is built for three
+ * widths and picked at load time (lines_isa): 64 bytes with AVX-512, 32 with AVX2, 16 otherwise (and on
+ * other architectures). A vector wider than the ISA's registers is not split into registers by GCC: it
+ * lives on the stack, every += a store and a load, and its comparisons become scalar branches (64-byte
+ * lines took 1.3-1.5x the chain's evaluation on an AVX2 machine). Plain loops over arrays of LW are
+ * left half vectorized by GCC, and slower on cached data. */
 #if defined(__GNUC__)
-#define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
-    DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
-    typedef A NAME##_line __attribute__((vector_size(LW * sizeof(A))));                                          \
+#if defined(__x86_64__) && defined(__linux__)
+#define ISA_TARGET_v64 __attribute__((target("avx512f")))
+#define ISA_TARGET_v32 __attribute__((target("avx2")))
+#define ISA_LEVELS 3
+#else
+#define ISA_TARGET_v64
+#define ISA_TARGET_v32
+#define ISA_LEVELS 1
+#endif
+#define ISA_TARGET_v16
+/* 2: 64-byte lines (AVX-512), 1: 32 (AVX2), 0: 16; set once when the library loads */
+static int lines_isa = 0;
+static int lines_isa_supported = 0;
+__attribute__((constructor)) static void lines_isa_init(void) {
+#if ISA_LEVELS == 3
+    __builtin_cpu_init();
+    lines_isa_supported = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+#endif
+#ifdef LINES_ISA /* a build for one width (tests, bench/kernel_blocks.py) */
+    lines_isa_supported = MIN(LINES_ISA, lines_isa_supported);
+#endif
+    lines_isa = lines_isa_supported;
+}
+/* The line width the kernels use: the widest this CPU runs, or `level` (0-2) where that is lower
+ * (tests run every width the machine has); returns the level in use. */
+int dynwire_lines_isa(int level) {
+    if (level >= 0) lines_isa = MIN(level, lines_isa_supported);
+    return lines_isa;
+}
+/* ISA: v64 / v32 / v16; VB: bytes per line; LWV: elements per line; TARGET: the kernels' target */
+#define DEFINE_LINES_ISA(NAME, T, A, LD, ST, ISA, VB, TARGET)                                                    \
+    enum { NAME##_##ISA##_lw = VB / sizeof(A) };                                                                 \
+    typedef A NAME##_##ISA##_line __attribute__((vector_size(VB)));                                              \
     /* a line from / to storage (pointers: no vector arguments, whose ABI depends on the ISA) */                 \
-    static inline void NAME##_ldline(NAME##_line *a, const T *p) {                                               \
+    static inline void NAME##_##ISA##_ldline(NAME##_##ISA##_line *a, const T *p) {                               \
         if (sizeof(T) == sizeof(A))                                                                              \
             memcpy(a, p, sizeof *a);                                                                             \
         else                                                                                                     \
-            for (int l = 0; l < LW; l++) (*a)[l] = LD(p[l]);                                                     \
+            for (int l = 0; l < NAME##_##ISA##_lw; l++) (*a)[l] = LD(p[l]);                                                    \
     }                                                                                                            \
-    static inline void NAME##_stline(T *p, const NAME##_line *a) {                                               \
+    static inline void NAME##_##ISA##_stline(T *p, const NAME##_##ISA##_line *a) {                               \
         if (sizeof(T) == sizeof(A))                                                                              \
             memcpy(p, a, sizeof *a);                                                                             \
         else                                                                                                     \
-            for (int l = 0; l < LW; l++) p[l] = ST((*a)[l]);                                                     \
+            for (int l = 0; l < NAME##_##ISA##_lw; l++) p[l] = ST((*a)[l]);                                                    \
     }                                                                                                            \
     /* max(r, 0) lane by lane; NaN stays NaN, as in torch.relu */                                                \
-    static inline void NAME##_relu(NAME##_line *r) {                                                             \
-        const NAME##_line zero = {0};                                                                            \
+    static inline void NAME##_##ISA##_relu(NAME##_##ISA##_line *r) {                                             \
+        const NAME##_##ISA##_line zero = {0};                                                                    \
         const __typeof__(*r < zero) neg = *r < zero;                                                             \
-        *r = (NAME##_line)((__typeof__(neg))*r & ~neg);                                                          \
+        *r = (NAME##_##ISA##_line)((__typeof__(neg))*r & ~neg);                                                  \
     }                                                                                                            \
     /* out = sum_q v[q] * p[q] over [c0, c1), ReLU'd where relu */                                               \
-    MULTIVERSION static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off,         \
+    TARGET static void NAME##_fwd_lines_##ISA(int c, const T *const *p, const A *v, T *out, int64_t off,         \
                                               int64_t ooff, int64_t c0, int64_t c1, int relu) {                  \
-        const NAME##_line zero = {0};                                                                            \
+        const NAME##_##ISA##_line zero = {0};                                                                    \
         T *o = out + ooff;                                                                                       \
         int64_t i = c0;                                                                                          \
-        for (; i + LW <= c1; i += LW) {                                                                          \
-            NAME##_line r = zero;                                                                                \
+        for (; i + NAME##_##ISA##_lw <= c1; i += NAME##_##ISA##_lw) {                                                                        \
+            NAME##_##ISA##_line r = zero;                                                                        \
             for (int q = 0; q < c; q++) {                                                                        \
-                NAME##_line a;                                                                                   \
-                NAME##_ldline(&a, p[q] + off + i);                                                               \
+                NAME##_##ISA##_line a;                                                                           \
+                NAME##_##ISA##_ldline(&a, p[q] + off + i);                                                       \
                 r += v[q] * a;                                                                                   \
             }                                                                                                    \
-            if (relu) NAME##_relu(&r);                                                                           \
-            NAME##_stline(o + i, &r);                                                                            \
+            if (relu) NAME##_##ISA##_relu(&r);                                                                   \
+            NAME##_##ISA##_stline(o + i, &r);                                                                    \
         }                                                                                                        \
         NAME##_fwd_tail(c, p, v, out, off, ooff, i, c1, relu);                                                   \
     }                                                                                                            \
                                                                                                                  \
     /* more than LINES_MAX_K inputs: blocks of BLK elements whose running sum stays in cache, the                \
      * inputs read LINES_MAX_K at a time, line by line */                                                        \
-    MULTIVERSION static void NAME##_fwd_groups(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,   \
+    TARGET static void NAME##_fwd_groups_##ISA(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,   \
                                                int64_t ooff, int64_t c0, int64_t c1, int relu) {                 \
-        const NAME##_line zero = {0};                                                                            \
-        NAME##_line acc[BLK / LW];                                                                               \
-        A tail[LW];                                                                                              \
+        const NAME##_##ISA##_line zero = {0};                                                                    \
+        NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw];                                                                      \
+        A tail[NAME##_##ISA##_lw];                                                                                             \
         int64_t nz = 0;                                                                                          \
         for (int64_t k = 0; k < K; k++) nz += w[k] != 0;                                                         \
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s), nl = n / LW;                                                     \
+            const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw;                                                    \
             T *o = out + ooff + s;                                                                               \
             int64_t k = 0, used = 0;                                                                             \
             while (used < nz) {                                                                                  \
@@ -165,23 +197,23 @@ static inline uint16_t bf16_store(float f) {
                 used += c;                                                                                       \
                 const int last = used == nz;                                                                     \
                 for (int64_t L = 0; L < nl; L++) {                                                               \
-                    NAME##_line r = first ? zero : acc[L], a;                                                    \
+                    NAME##_##ISA##_line r = first ? zero : acc[L], a;                                            \
                     for (int q = 0; q < c; q++) {                                                                \
-                        NAME##_ldline(&a, p[q] + L * LW);                                                        \
+                        NAME##_##ISA##_ldline(&a, p[q] + L * NAME##_##ISA##_lw);                                               \
                         r += v[q] * a;                                                                           \
                     }                                                                                            \
                     if (!last) {                                                                                 \
                         acc[L] = r;                                                                              \
                         continue;                                                                                \
                     }                                                                                            \
-                    if (relu) NAME##_relu(&r);                                                                   \
-                    NAME##_stline(o + L * LW, &r);                                                               \
+                    if (relu) NAME##_##ISA##_relu(&r);                                                           \
+                    NAME##_##ISA##_stline(o + L * NAME##_##ISA##_lw, &r);                                                      \
                 }                                                                                                \
-                for (int64_t i = nl * LW; i < n; i++) {                                                          \
-                    A r = first ? 0 : tail[i - nl * LW];                                                         \
+                for (int64_t i = nl * NAME##_##ISA##_lw; i < n; i++) {                                                         \
+                    A r = first ? 0 : tail[i - nl * NAME##_##ISA##_lw];                                                        \
                     for (int q = 0; q < c; q++) r += v[q] * LD(p[q][i]);                                         \
                     if (!last)                                                                                   \
-                        tail[i - nl * LW] = r;                                                                   \
+                        tail[i - nl * NAME##_##ISA##_lw] = r;                                                                  \
                     else                                                                                         \
                         o[i] = ST(relu && r < 0 ? (A)0 : r);                                                     \
                 }                                                                                                \
@@ -189,13 +221,62 @@ static inline uint16_t bf16_store(float f) {
         }                                                                                                        \
     }                                                                                                            \
     /* the lanes of the dot products' partial sums into dots[q0 + q], in double */                               \
-    static inline void NAME##_tap_flush(int64_t nd, const NAME##_line *d, double *dots, int64_t q0) {            \
+    static inline void NAME##_##ISA##_tap_flush(int64_t nd, const NAME##_##ISA##_line *d, double *dots, int64_t q0) { \
         for (int64_t q = 0; q < nd; q++) {                                                                       \
             double t = 0;                                                                                        \
-            for (int l = 0; l < LW; l++) t += (double)d[q][l];                                                   \
+            for (int l = 0; l < NAME##_##ISA##_lw; l++) t += (double)d[q][l];                                                  \
             dots[q0 + q] += t;                                                                                   \
         }                                                                                                        \
     }                                                                                                            \
+    /* the tap over [c0, c1): out = sum_k w[k] * gs[k], dots[k] = <gs[k], x> (k < Kd). Blocks of BLK             \
+     * elements; a block's inputs are read LINES_MAX_K at a time (all of them for most nodes),                   \
+     * line by line, with x, the running sum in registers (in acc between groups) and the dot                    \
+     * products per lane, in float within a block and in double across blocks */                                 \
+    TARGET static void NAME##_tap_lines_##ISA(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
+                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
+        const NAME##_##ISA##_line zero = {0};                                                                    \
+        NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw], d[LINES_CAP];                                                        \
+        A tail[NAME##_##ISA##_lw];                                                                                             \
+        for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
+        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
+            const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw, base = off + s;                                    \
+            for (int64_t g0 = 0; g0 < K; g0 += LINES_MAX_K) {                                                    \
+                const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd > g0 ? Kd : g0);                    \
+                const int first = g0 == 0, last = g1 == K;                                                       \
+                for (int64_t q = g0; q < gd; q++) d[q - g0] = zero;                                              \
+                for (int64_t L = 0; L < nl; L++) {                                                               \
+                    NAME##_##ISA##_line xl, e, r = first ? zero : acc[L];                                        \
+                    if (gd > g0) NAME##_##ISA##_ldline(&xl, x + base + L * NAME##_##ISA##_lw);                                 \
+                    for (int64_t q = g0; q < gd; q++) {                                                          \
+                        NAME##_##ISA##_ldline(&e, gs[q] + base + L * NAME##_##ISA##_lw);                                       \
+                        r += w[q] * e;                                                                           \
+                        d[q - g0] += e * xl;                                                                     \
+                    }                                                                                            \
+                    for (int64_t q = gd; q < g1; q++) { /* further terms without a dot */                        \
+                        NAME##_##ISA##_ldline(&e, gs[q] + base + L * NAME##_##ISA##_lw);                                       \
+                        r += w[q] * e;                                                                           \
+                    }                                                                                            \
+                    if (last)                                                                                    \
+                        NAME##_##ISA##_stline(out + base + L * NAME##_##ISA##_lw, &r);                                         \
+                    else                                                                                         \
+                        acc[L] = r;                                                                              \
+                }                                                                                                \
+                NAME##_##ISA##_tap_flush(gd - g0, d, dots, g0);                                                  \
+                NAME##_tap_tail(g0, g1, Kd, gs, w, x, out, dots, base + nl * NAME##_##ISA##_lw, n - nl * NAME##_##ISA##_lw, tail, first, last); \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+#define LINES_DISPATCH(FN, ...)                                                                                  \
+    do {                                                                                                         \
+        if (ISA_LEVELS == 3 && lines_isa == 2)                                                                   \
+            FN##_v64(__VA_ARGS__);                                                                               \
+        else if (ISA_LEVELS == 3 && lines_isa == 1)                                                              \
+            FN##_v32(__VA_ARGS__);                                                                               \
+        else                                                                                                     \
+            FN##_v16(__VA_ARGS__);                                                                               \
+    } while (0)
+#define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
+    DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
     /* the tap's m elements at p after a block's last full line, inputs g0..g1-1 (a running sum in               \
      * tail between groups unless first / last) */                                                               \
     static void NAME##_tap_tail(int64_t g0, int64_t g1, int64_t Kd, const T *const *gs, const A *w, const T *x,  \
@@ -214,43 +295,20 @@ static inline uint16_t bf16_store(float f) {
                 tail[i] = r;                                                                                     \
         }                                                                                                        \
     }                                                                                                            \
-    /* the tap over [c0, c1): out = sum_k w[k] * gs[k], dots[k] = <gs[k], x> (k < Kd). Blocks of BLK             \
-     * elements; a block's inputs are read LINES_MAX_K at a time (all of them for most nodes),                   \
-     * line by line, with x, the running sum in registers (in acc between groups) and the dot                    \
-     * products per lane, in float within a block and in double across blocks */                                 \
-    MULTIVERSION static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
-                                              T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
-        const NAME##_line zero = {0};                                                                            \
-        NAME##_line acc[BLK / LW], d[LINES_CAP];                                                                 \
-        A tail[LW];                                                                                              \
-        for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
-        for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s), nl = n / LW, base = off + s;                                     \
-            for (int64_t g0 = 0; g0 < K; g0 += LINES_MAX_K) {                                                    \
-                const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd > g0 ? Kd : g0);                    \
-                const int first = g0 == 0, last = g1 == K;                                                       \
-                for (int64_t q = g0; q < gd; q++) d[q - g0] = zero;                                              \
-                for (int64_t L = 0; L < nl; L++) {                                                               \
-                    NAME##_line xl, e, r = first ? zero : acc[L];                                                \
-                    if (gd > g0) NAME##_ldline(&xl, x + base + L * LW);                                          \
-                    for (int64_t q = g0; q < gd; q++) {                                                          \
-                        NAME##_ldline(&e, gs[q] + base + L * LW);                                                \
-                        r += w[q] * e;                                                                           \
-                        d[q - g0] += e * xl;                                                                     \
-                    }                                                                                            \
-                    for (int64_t q = gd; q < g1; q++) { /* further terms without a dot */                        \
-                        NAME##_ldline(&e, gs[q] + base + L * LW);                                                \
-                        r += w[q] * e;                                                                           \
-                    }                                                                                            \
-                    if (last)                                                                                    \
-                        NAME##_stline(out + base + L * LW, &r);                                                  \
-                    else                                                                                         \
-                        acc[L] = r;                                                                              \
-                }                                                                                                \
-                NAME##_tap_flush(gd - g0, d, dots, g0);                                                          \
-                NAME##_tap_tail(g0, g1, Kd, gs, w, x, out, dots, base + nl * LW, n - nl * LW, tail, first, last); \
-            }                                                                                                    \
-        }                                                                                                        \
+    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v64, 64, ISA_TARGET_v64)                                                \
+    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v32, 32, ISA_TARGET_v32)                                                \
+    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v16, 16, ISA_TARGET_v16)                                                \
+    static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off, int64_t ooff,        \
+                                 int64_t c0, int64_t c1, int relu) {                                             \
+        LINES_DISPATCH(NAME##_fwd_lines, c, p, v, out, off, ooff, c0, c1, relu);                                 \
+    }                                                                                                            \
+    static void NAME##_fwd_groups(int64_t K, const T *const *xs, const A *w, T *out, int64_t off, int64_t ooff,  \
+                                  int64_t c0, int64_t c1, int relu) {                                            \
+        LINES_DISPATCH(NAME##_fwd_groups, K, xs, w, out, off, ooff, c0, c1, relu);                               \
+    }                                                                                                            \
+    static void NAME##_tap_lines(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, T *out,      \
+                                 double *dots, int64_t off, int64_t c0, int64_t c1) {                            \
+        LINES_DISPATCH(NAME##_tap_lines, K, Kd, gs, w, x, out, dots, off, c0, c1);                               \
     }
 #ifndef LINES_GROUPS
 #define LINES_GROUPS 1 /* more than LINES_MAX_K inputs: groups of lines (else the *_blocked kernels) */
@@ -260,6 +318,10 @@ static inline uint16_t bf16_store(float f) {
 #define LINES_MAX_K 0
 #undef LINES_GROUPS
 #define LINES_GROUPS 0
+int dynwire_lines_isa(int level) { /* no line kernels */
+    (void)level;
+    return -1;
+}
 #define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
     DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
     /* called for no input at all (LINES_MAX_K is 0) */                                                          \
@@ -760,8 +822,8 @@ DEFINE_BATCH(f64, double)
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
  * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node
  * weights; 4: the batch-1 stage step; 5: the batch stage step, fwd_task's output offset;
- * 6: the tap with its output edges' dot products). */
-int dynwire_agg_abi(void) { return 6; }
+ * 6: the tap with its output edges' dot products; 7: dynwire_lines_isa). */
+int dynwire_agg_abi(void) { return 7; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

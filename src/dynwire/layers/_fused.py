@@ -80,6 +80,8 @@ class _CpuKernels(_FusedBackend):
     def __init__(self, lib) -> None:
         p, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fwd, self._bwd, self._tap = {}, {}, {}
+        self._lines_isa = lib.dynwire_lines_isa
+        self._lines_isa.argtypes, self._lines_isa.restype = [cint], cint
         self._router, self._node_weights, self._sample_step, self._batch_step = {}, {}, {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
@@ -105,6 +107,17 @@ class _CpuKernels(_FusedBackend):
                 bs.restype = i64
                 self._batch_step[dtype] = bs
 
+    def line_bytes(self, width: int | None = None) -> int:
+        """Bytes per line (one vector register) of the line-by-line kernels: 64 with AVX-512, 32
+        with AVX2, else 16, the widest the CPU runs; 0 where the build has none. ``width`` (16, 32
+        or 64) selects a narrower one, for tests and benchmarks; a wider one than the CPU runs
+        gives its widest. Returns the width in use."""
+        levels = {16: 0, 32: 1, 64: 2}
+        if width is not None and width not in levels:
+            raise ValueError(f"line_bytes(): width must be 16, 32 or 64 (bytes), got {width!r}")
+        level = self._lines_isa(-1 if width is None else levels[width])
+        return 16 << level if level >= 0 else 0
+
     @staticmethod
     def load() -> _CpuKernels | None:
         try:
@@ -112,7 +125,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 6:
+            if lib.dynwire_agg_abi() != 7:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):
