@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_info
 from torch.profiler import profile
 
 import dynwire
@@ -149,6 +150,7 @@ def main() -> None:
         command=" ".join(["python bench/eval_profile.py", *sys.argv[1:]]),
         torch=torch.__version__,
         machine=platform.machine(),
+        cpu=cpu_info(),
         threads=1,
         results=[measure(m, args.batch, args.iters) for m in args.models],
         pollution=[pollution(m, args.batch, args.pollute_mib) for m in args.models] if args.pollute_mib else [],

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import cpu_info
 from torch import nn
 
 import dynwire
@@ -401,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         machine=platform.machine(),
         processor=platform.processor(),
+        cpu=cpu_info(),
         cpus=os.cpu_count(),
         note="ratios are medians over interleaved rounds; absolute times depend on machine load",
     )

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "dynwire" / "layers" / "_aggkernel.c"
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/kernel_blocks.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_start_end": [list(load), list(os.getloadavg())],
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, **cpu_info()},
         "notes": "one thread; float32. cache cold: each call after a 256 MiB copy (inputs out of cache); gb_s = "
         "least traffic / time (forward K reads + 1 write, tap K + 1 reads + 1 write), median over rounds; of_add = "
         "median over rounds of gb_s / torch.add(a, b, out=c) of the same round (3 x 256 MiB). cache hot: the same "

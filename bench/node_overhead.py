@@ -62,6 +62,7 @@ from dynwire.layers import aggregation as agg
 from dynwire.layers.router import Router
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_info
 from train_overhead import _bandwidth_gbs, _stage_map_bytes  # noqa: E402  (the training floor's probe and sizes)
 
 FORMS = ("block", "branch")
@@ -354,7 +355,7 @@ def main() -> None:
     results = by_policy.get("default") or by_policy["kept"]
     doc = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, **cpu_info()},
         "torch": torch.__version__,
         "loadavg_after": list(os.getloadavg()),
         "notes": __doc__.split("\n\n")[1:4],

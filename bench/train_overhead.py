@@ -71,6 +71,8 @@ import time
 from functools import partial
 from unittest import mock
 
+from _machine import cpu_info
+
 VARIANTS = (
     "sequential",
     "dynamic",
@@ -762,6 +764,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "sched_autogroup": _autogroup(),
+        **cpu_info(),
     }
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_", "GOMP_", "MALLOC_"))}

@@ -1,0 +1,33 @@
+"""The CPU a benchmark ran on, for its results file: the same code runs at different speeds on
+AVX-512 and AVX2 machines (the C kernels' line width follows the CPU)."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpu_info() -> dict:
+    """Model, family and the SIMD extensions that pick the C kernels' line width (Linux's
+    ``/proc/cpuinfo``; elsewhere only ``platform``), with the line width the kernels use."""
+    info: dict = {"machine": platform.machine(), "processor": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info.update(
+            model_name=fields.get("model name"),
+            family=fields.get("cpu family"),
+            model=fields.get("model"),
+            simd=[
+                x
+                for x in ("avx512f", "avx2", "fma", "neon", "asimd")
+                if x in fields.get("flags", fields.get("Features", "")).split()
+            ],
+        )
+    except OSError:
+        pass
+    from dynwire.layers import _fused
+
+    kern = _fused._BACKENDS["cpu"]
+    info["kernel_line_bytes"] = kern.line_bytes() if isinstance(kern, _fused._CpuKernels) else None
+    return info
