@@ -29,5 +29,7 @@ def cpu_info() -> dict:
     from dynwire.layers import _fused
 
     kern = _fused._BACKENDS["cpu"]
-    info["kernel_line_bytes"] = kern.line_bytes() if isinstance(kern, _fused._CpuKernels) else None
+    # None: no C kernels, or a dynwire before the per-ISA line width (an A/B against an older build)
+    line_bytes = getattr(kern, "line_bytes", None)
+    info["kernel_line_bytes"] = line_bytes() if line_bytes is not None else None
     return info
