@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         results["parts"][part] = dict(
             command=" ".join(["python bench/inference.py", *(argv if argv is not None else sys.argv[1:])]),
             load_avg_at_start=[round(v, 2) for v in os.getloadavg()],
+            cpu=cpu_info(),  # per part: a run of some parts keeps the others, maybe from another machine
             malloc=args.malloc,
             results=out,
         )
@@ -402,7 +403,6 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         machine=platform.machine(),
         processor=platform.processor(),
-        cpu=cpu_info(),
         cpus=os.cpu_count(),
         note="ratios are medians over interleaved rounds; absolute times depend on machine load",
     )

@@ -7,7 +7,11 @@ block kernels read four inputs at a time per block. This script
 compiles the same C file once per variant (``-D...``, the flags of ``setup.py``), loads each build
 with ctypes and, in interleaved rounds, times on one thread:
 
-* ``shipped``: the file's defaults;
+* ``shipped``: the file's defaults: lines as wide as the CPU's vector registers (64 bytes with
+  AVX-512, 32 with AVX2, else 16);
+* ``lines16``, ``lines32``, ``lines64``: lines of that many bytes on every ISA
+  (``-DLINES_BYTES=...``). ``lines64`` on an AVX2 CPU is the kernel before the line width
+  followed the ISA: GCC keeps a vector wider than the registers on the stack;
 * ``nogroups``: a node of more than 12 inputs read four at a time per block (``-DLINES_GROUPS=0``);
 * ``blocks``: every node so, the forward in blocks of 8192, the tap in blocks of 8192 from 8
   inputs and 1024 below (``-DLINES_MAX_K=0``);
@@ -75,6 +79,9 @@ HOT_CASES = [
 CHUNK = 16384  # dynwire.layers._fused.FUSED_CHUNK
 VARIANTS = {
     "shipped": [],
+    "lines16": ["-DLINES_BYTES=16"],
+    "lines32": ["-DLINES_BYTES=32"],
+    "lines64": ["-DLINES_BYTES=64"],
     "nogroups": ["-DLINES_GROUPS=0"],
     "blocks": ["-DLINES_MAX_K=0"],
     "blocks1024": ["-DLINES_MAX_K=0", "-DBLK=1024"],

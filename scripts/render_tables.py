@@ -364,7 +364,14 @@ def kernel_blocks() -> str:
             hot.setdefault(key, {})[row["variant"]] = row["vs_blocks1024"]
     names = [f"`{v}`" for v in variants]
     rows = [[n, k, ph, *(f"{v[x]:.2f}" for x in variants)] for (n, k, ph), v in cold.items()]
-    out = f"`{r['command']}`, one thread, float32.\n\nOut of cache, share of `torch.add`'s bandwidth (same rounds):\n\n"
+    cpu = r["machine"]
+    where = ""
+    if "simd" in cpu:  # runs before the CPU was recorded have no such fields
+        where = (
+            f" CPU: {cpu['model_name']} (family {cpu['family']}, model {cpu['model']}; "
+            f"{', '.join(cpu['simd']) or 'no AVX'}), `shipped` lines of {cpu['kernel_line_bytes']} bytes."
+        )
+    out = f"`{r['command']}`, one thread, float32.{where}\n\nOut of cache, share of `torch.add`'s bandwidth (same rounds):\n\n"
     out += table(["node", "K", "pass", *names], rows, "lrl" + "r" * len(variants))
     rows = [[n, k, ph, *(f"{v[x]:.2f}x" for x in variants)] for (n, k, ph), v in hot.items()]
     out += "\n\nIn cache (the same call repeated), time per call against `blocks1024`'s:\n\n"

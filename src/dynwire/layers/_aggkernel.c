@@ -109,7 +109,16 @@ static inline uint16_t bf16_store(float f) {
 #define ISA_LEVELS 1
 #endif
 #define ISA_TARGET_v16
-/* 2: 64-byte lines (AVX-512), 1: 32 (AVX2), 0: 16; set once when the library loads */
+#ifdef LINES_BYTES /* one line width for every ISA (bench/kernel_blocks.py: the widths side by side) */
+#define LINE_BYTES_v64 LINES_BYTES
+#define LINE_BYTES_v32 LINES_BYTES
+#define LINE_BYTES_v16 LINES_BYTES
+#else
+#define LINE_BYTES_v64 64
+#define LINE_BYTES_v32 32
+#define LINE_BYTES_v16 16
+#endif
+/* 2: AVX-512 (64-byte lines), 1: AVX2 (32), 0: other (16); set once when the library loads */
 static int lines_isa = 0;
 static int lines_isa_supported = 0;
 __attribute__((constructor)) static void lines_isa_init(void) {
@@ -117,16 +126,14 @@ __attribute__((constructor)) static void lines_isa_init(void) {
     __builtin_cpu_init();
     lines_isa_supported = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
 #endif
-#ifdef LINES_ISA /* a build for one width (tests, bench/kernel_blocks.py) */
-    lines_isa_supported = MIN(LINES_ISA, lines_isa_supported);
-#endif
     lines_isa = lines_isa_supported;
 }
-/* The line width the kernels use: the widest this CPU runs, or `level` (0-2) where that is lower
- * (tests run every width the machine has); returns the level in use. */
+/* The kernels' ISA level: the highest this CPU runs, or `level` (0-2) where that is lower (tests run
+ * every level the machine has); returns the bytes per line of the level in use. */
 int dynwire_lines_isa(int level) {
+    static const int bytes[3] = {LINE_BYTES_v16, LINE_BYTES_v32, LINE_BYTES_v64};
     if (level >= 0) lines_isa = MIN(level, lines_isa_supported);
-    return lines_isa;
+    return bytes[lines_isa];
 }
 /* ISA: v64 / v32 / v16; VB: bytes per line; LWV: elements per line; TARGET: the kernels' target */
 #define DEFINE_LINES_ISA(NAME, T, A, LD, ST, ISA, VB, TARGET)                                                    \
@@ -137,13 +144,13 @@ int dynwire_lines_isa(int level) {
         if (sizeof(T) == sizeof(A))                                                                              \
             memcpy(a, p, sizeof *a);                                                                             \
         else                                                                                                     \
-            for (int l = 0; l < NAME##_##ISA##_lw; l++) (*a)[l] = LD(p[l]);                                                    \
+            for (int l = 0; l < NAME##_##ISA##_lw; l++) (*a)[l] = LD(p[l]);                                      \
     }                                                                                                            \
     static inline void NAME##_##ISA##_stline(T *p, const NAME##_##ISA##_line *a) {                               \
         if (sizeof(T) == sizeof(A))                                                                              \
             memcpy(p, a, sizeof *a);                                                                             \
         else                                                                                                     \
-            for (int l = 0; l < NAME##_##ISA##_lw; l++) p[l] = ST((*a)[l]);                                                    \
+            for (int l = 0; l < NAME##_##ISA##_lw; l++) p[l] = ST((*a)[l]);                                      \
     }                                                                                                            \
     /* max(r, 0) lane by lane; NaN stays NaN, as in torch.relu */                                                \
     static inline void NAME##_##ISA##_relu(NAME##_##ISA##_line *r) {                                             \
@@ -157,7 +164,7 @@ int dynwire_lines_isa(int level) {
         const NAME##_##ISA##_line zero = {0};                                                                    \
         T *o = out + ooff;                                                                                       \
         int64_t i = c0;                                                                                          \
-        for (; i + NAME##_##ISA##_lw <= c1; i += NAME##_##ISA##_lw) {                                                                        \
+        for (; i + NAME##_##ISA##_lw <= c1; i += NAME##_##ISA##_lw) {                                            \
             NAME##_##ISA##_line r = zero;                                                                        \
             for (int q = 0; q < c; q++) {                                                                        \
                 NAME##_##ISA##_line a;                                                                           \
@@ -175,12 +182,12 @@ int dynwire_lines_isa(int level) {
     TARGET static void NAME##_fwd_groups_##ISA(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,   \
                                                int64_t ooff, int64_t c0, int64_t c1, int relu) {                 \
         const NAME##_##ISA##_line zero = {0};                                                                    \
-        NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw];                                                                      \
-        A tail[NAME##_##ISA##_lw];                                                                                             \
+        NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw];                                                        \
+        A tail[NAME##_##ISA##_lw];                                                                               \
         int64_t nz = 0;                                                                                          \
         for (int64_t k = 0; k < K; k++) nz += w[k] != 0;                                                         \
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw;                                                    \
+            const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw;                                      \
             T *o = out + ooff + s;                                                                               \
             int64_t k = 0, used = 0;                                                                             \
             while (used < nz) {                                                                                  \
@@ -199,7 +206,7 @@ int dynwire_lines_isa(int level) {
                 for (int64_t L = 0; L < nl; L++) {                                                               \
                     NAME##_##ISA##_line r = first ? zero : acc[L], a;                                            \
                     for (int q = 0; q < c; q++) {                                                                \
-                        NAME##_##ISA##_ldline(&a, p[q] + L * NAME##_##ISA##_lw);                                               \
+                        NAME##_##ISA##_ldline(&a, p[q] + L * NAME##_##ISA##_lw);                                 \
                         r += v[q] * a;                                                                           \
                     }                                                                                            \
                     if (!last) {                                                                                 \
@@ -207,13 +214,13 @@ int dynwire_lines_isa(int level) {
                         continue;                                                                                \
                     }                                                                                            \
                     if (relu) NAME##_##ISA##_relu(&r);                                                           \
-                    NAME##_##ISA##_stline(o + L * NAME##_##ISA##_lw, &r);                                                      \
+                    NAME##_##ISA##_stline(o + L * NAME##_##ISA##_lw, &r);                                        \
                 }                                                                                                \
-                for (int64_t i = nl * NAME##_##ISA##_lw; i < n; i++) {                                                         \
-                    A r = first ? 0 : tail[i - nl * NAME##_##ISA##_lw];                                                        \
+                for (int64_t i = nl * NAME##_##ISA##_lw; i < n; i++) {                                           \
+                    A r = first ? 0 : tail[i - nl * NAME##_##ISA##_lw];                                          \
                     for (int q = 0; q < c; q++) r += v[q] * LD(p[q][i]);                                         \
                     if (!last)                                                                                   \
-                        tail[i - nl * NAME##_##ISA##_lw] = r;                                                                  \
+                        tail[i - nl * NAME##_##ISA##_lw] = r;                                                    \
                     else                                                                                         \
                         o[i] = ST(relu && r < 0 ? (A)0 : r);                                                     \
                 }                                                                                                \
@@ -224,7 +231,7 @@ int dynwire_lines_isa(int level) {
     static inline void NAME##_##ISA##_tap_flush(int64_t nd, const NAME##_##ISA##_line *d, double *dots, int64_t q0) { \
         for (int64_t q = 0; q < nd; q++) {                                                                       \
             double t = 0;                                                                                        \
-            for (int l = 0; l < NAME##_##ISA##_lw; l++) t += (double)d[q][l];                                                  \
+            for (int l = 0; l < NAME##_##ISA##_lw; l++) t += (double)d[q][l];                                    \
             dots[q0 + q] += t;                                                                                   \
         }                                                                                                        \
     }                                                                                                            \
@@ -235,29 +242,29 @@ int dynwire_lines_isa(int level) {
     TARGET static void NAME##_tap_lines_##ISA(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
                                               T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
         const NAME##_##ISA##_line zero = {0};                                                                    \
-        NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw], d[LINES_CAP];                                                        \
-        A tail[NAME##_##ISA##_lw];                                                                                             \
+        NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw], d[LINES_CAP];                                          \
+        A tail[NAME##_##ISA##_lw];                                                                               \
         for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
-            const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw, base = off + s;                                    \
+            const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw, base = off + s;                      \
             for (int64_t g0 = 0; g0 < K; g0 += LINES_MAX_K) {                                                    \
                 const int64_t g1 = MIN(g0 + LINES_MAX_K, K), gd = MIN(g1, Kd > g0 ? Kd : g0);                    \
                 const int first = g0 == 0, last = g1 == K;                                                       \
                 for (int64_t q = g0; q < gd; q++) d[q - g0] = zero;                                              \
                 for (int64_t L = 0; L < nl; L++) {                                                               \
                     NAME##_##ISA##_line xl, e, r = first ? zero : acc[L];                                        \
-                    if (gd > g0) NAME##_##ISA##_ldline(&xl, x + base + L * NAME##_##ISA##_lw);                                 \
+                    if (gd > g0) NAME##_##ISA##_ldline(&xl, x + base + L * NAME##_##ISA##_lw);                   \
                     for (int64_t q = g0; q < gd; q++) {                                                          \
-                        NAME##_##ISA##_ldline(&e, gs[q] + base + L * NAME##_##ISA##_lw);                                       \
+                        NAME##_##ISA##_ldline(&e, gs[q] + base + L * NAME##_##ISA##_lw);                         \
                         r += w[q] * e;                                                                           \
                         d[q - g0] += e * xl;                                                                     \
                     }                                                                                            \
                     for (int64_t q = gd; q < g1; q++) { /* further terms without a dot */                        \
-                        NAME##_##ISA##_ldline(&e, gs[q] + base + L * NAME##_##ISA##_lw);                                       \
+                        NAME##_##ISA##_ldline(&e, gs[q] + base + L * NAME##_##ISA##_lw);                         \
                         r += w[q] * e;                                                                           \
                     }                                                                                            \
                     if (last)                                                                                    \
-                        NAME##_##ISA##_stline(out + base + L * NAME##_##ISA##_lw, &r);                                         \
+                        NAME##_##ISA##_stline(out + base + L * NAME##_##ISA##_lw, &r);                           \
                     else                                                                                         \
                         acc[L] = r;                                                                              \
                 }                                                                                                \
@@ -295,9 +302,9 @@ int dynwire_lines_isa(int level) {
                 tail[i] = r;                                                                                     \
         }                                                                                                        \
     }                                                                                                            \
-    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v64, 64, ISA_TARGET_v64)                                                \
-    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v32, 32, ISA_TARGET_v32)                                                \
-    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v16, 16, ISA_TARGET_v16)                                                \
+    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v64, LINE_BYTES_v64, ISA_TARGET_v64)                                    \
+    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v32, LINE_BYTES_v32, ISA_TARGET_v32)                                    \
+    DEFINE_LINES_ISA(NAME, T, A, LD, ST, v16, LINE_BYTES_v16, ISA_TARGET_v16)                                    \
     static void NAME##_fwd_lines(int c, const T *const *p, const A *v, T *out, int64_t off, int64_t ooff,        \
                                  int64_t c0, int64_t c1, int relu) {                                             \
         LINES_DISPATCH(NAME##_fwd_lines, c, p, v, out, off, ooff, c0, c1, relu);                                 \
@@ -320,7 +327,7 @@ int dynwire_lines_isa(int level) {
 #define LINES_GROUPS 0
 int dynwire_lines_isa(int level) { /* no line kernels */
     (void)level;
-    return -1;
+    return 0;
 }
 #define DEFINE_LINES(NAME, T, A, LD, ST)                                                                         \
     DEFINE_TAILS(NAME, T, A, LD, ST)                                                                             \
@@ -344,8 +351,8 @@ int dynwire_lines_isa(int level) { /* no line kernels */
 #endif
 
 /* NAME: f32, f64, bf16; T: storage type; A: arithmetic type; LD/ST: conversions */
-#define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                      \
-    MULTIVERSION static void NAME##_fwd_blocked(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,     \
+#define DEFINE_KERNELS(NAME, T, A, LD, ST)                                                                       \
+    MULTIVERSION static void NAME##_fwd_blocked(int64_t K, const T *const *xs, const A *w, T *out, int64_t off,  \
                                              int64_t ooff, int64_t c0, int64_t c1, int relu) {                   \
         A acc[BLK];                                                                                              \
         /* more than LINES_MAX_K inputs (other compilers: every node) */                                         \
@@ -430,7 +437,7 @@ int dynwire_lines_isa(int level) { /* no line kernels */
         NAME##_fwd_lines(c, p, v, out, off, ooff, c0, c1, relu);                                                 \
     }                                                                                                            \
                                                                                                                  \
-    MULTIVERSION static void NAME##_bwd_task(int64_t K, const T *g, const T *const *xs, T *const *slots,          \
+    MULTIVERSION static void NAME##_bwd_task(int64_t K, const T *g, const T *const *xs, T *const *slots,         \
                                              const A *w, const uint8_t *fresh, double *dots, int64_t off,        \
                                              int64_t c0, int64_t c1) {                                           \
         A gb[BLK];                                                                                               \
@@ -496,10 +503,10 @@ int dynwire_lines_isa(int level) { /* no line kernels */
         }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
-    /* a node output's tap (backward): out = sum_k w[k] * gs[k] and, for the first Kd inputs (its consumers'   \
+    /* a node output's tap (backward): out = sum_k w[k] * gs[k] and, for the first Kd inputs (its consumers'     \
      * gradients), dots[k] = <gs[k], x> with x the node output (the gradients of its output edges' weights) */   \
     MULTIVERSION static void NAME##_tap_blocked(int64_t K, int64_t Kd, const T *const *gs, const A *w, const T *x, \
-                                             T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {          \
+                                             T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {        \
         A acc[BLK], xb[BLK];                                                                                     \
         const int64_t bs = K >= BLK_MIN_K ? BLK : BLK_SMALL;                                                     \
         for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
@@ -588,7 +595,7 @@ int dynwire_lines_isa(int level) { /* no line kernels */
     void dynwire_agg_tap_##NAME(int64_t B, int64_t N, int64_t K, int64_t Kd, const T *const *gs, const A *w,     \
                                 const T *x, T *out, double *dots, int64_t chunk, int nthreads) {                 \
         const int64_t nch = (N + chunk - 1) / chunk;                                                             \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;      \
                                                                                 t++) {                           \
             const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
             NAME##_tap_task(K, Kd, gs, w + b * K, x, out, dots + t * Kd, b * N, c0, MIN(c0 + chunk, N));         \
@@ -598,7 +605,7 @@ int dynwire_lines_isa(int level) { /* no line kernels */
     void dynwire_agg_forward_##NAME(int64_t B, int64_t N, int64_t K, const T *const *xs, const A *w, T *out,     \
                                     int64_t chunk, int nthreads, int relu) {                                     \
         const int64_t nch = (N + chunk - 1) / chunk;                                                             \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;      \
                                                                                 t++) {                           \
             const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
             NAME##_fwd_task(K, xs, w + b * K, out, b * N, b * N, c0, MIN(c0 + chunk, N), relu);                  \
@@ -609,7 +616,7 @@ int dynwire_lines_isa(int level) { /* no line kernels */
                                      T *const *slots, const A *w, const uint8_t *fresh, double *dots,            \
                                      int64_t chunk, int nthreads) {                                              \
         const int64_t nch = (N + chunk - 1) / chunk;                                                             \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;     \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < B * nch;      \
                                                                                 t++) {                           \
             const int64_t b = t / nch, c0 = (t % nch) * chunk;                                                   \
             NAME##_bwd_task(K, g, xs, slots, w + b * K, fresh, dots ? dots + t * K : NULL, b * N, c0,            \
@@ -629,9 +636,9 @@ DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
  * value, open and alpha_last (alpha[:, K-1]) are written through element strides, straight into the
  * stage's (B, N, N) edge matrices. The mean is summed in the arithmetic type per channel, as one
  * pass over y (the memory-bound part); W is (K, C) row-major. */
-#define DEFINE_ROUTER(NAME, T)                                                                                  \
+#define DEFINE_ROUTER(NAME, T)                                                                                   \
     MULTIVERSION static void NAME##_router_sample(int64_t C, int64_t HW, const T *y, const T *W, const T *bias,  \
-                                                  int64_t K, const T *tau, int mode, T *value, int64_t vk,        \
+                                                  int64_t K, const T *tau, int mode, T *value, int64_t vk,       \
                                                   uint8_t *open, int64_t ok, T *alpha_last) {                    \
         T pooled[1024];                                                                                          \
         T *pool = C <= 1024 ? pooled : (T *)malloc(sizeof(T) * C);                                               \
@@ -655,12 +662,12 @@ DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
         if (pool != pooled) free(pool);                                                                          \
     }                                                                                                            \
                                                                                                                  \
-    void dynwire_router_gate_##NAME(int64_t B, int64_t C, int64_t HW, const T *y, const T *W, const T *bias,    \
+    void dynwire_router_gate_##NAME(int64_t B, int64_t C, int64_t HW, const T *y, const T *W, const T *bias,     \
                                     int64_t K, const T *tau, int mode, T *value, int64_t vb, int64_t vk,         \
                                     uint8_t *open, int64_t ob, int64_t ok, T *alpha_last, int64_t ab,            \
                                     int nthreads) {                                                              \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)      \
-            NAME##_router_sample(C, HW, y + b * C * HW, W, bias, K, tau, mode, value + b * vb, vk,              \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)       \
+            NAME##_router_sample(C, HW, y + b * C * HW, W, bias, K, tau, mode, value + b * vb, vk,               \
                                  open ? open + b * ob : NULL, ok, alpha_last ? alpha_last + b * ab : NULL);      \
     }
 
@@ -675,9 +682,9 @@ DEFINE_ROUTER(f64, double)
  * complete DAG (inputs 0 .. K-1), reading the stage's (B, N, N) edge matrices row by row:
  *   w[b, k] = value[b, k] where open[b, k] and alive[b, k], else 0;  alive_out[b] = any of them
  * Returns how many samples keep the node alive. */
-#define DEFINE_NODE_WEIGHTS(NAME, T)                                                                            \
-    int64_t dynwire_node_weights_##NAME(int64_t B, int64_t K, const T *value, int64_t vb, const uint8_t *open,  \
-                                        int64_t ob, const uint8_t *alive, int64_t ab, T *w, uint8_t *alive_out, \
+#define DEFINE_NODE_WEIGHTS(NAME, T)                                                                             \
+    int64_t dynwire_node_weights_##NAME(int64_t B, int64_t K, const T *value, int64_t vb, const uint8_t *open,   \
+                                        int64_t ob, const uint8_t *alive, int64_t ab, T *w, uint8_t *alive_out,  \
                                         int64_t aob) {                                                           \
         int64_t count = 0;                                                                                       \
         for (int64_t b = 0; b < B; b++) {                                                                        \
@@ -709,8 +716,8 @@ DEFINE_NODE_WEIGHTS(f64, double)
  * next node j > i with an open edge from a live node (Sec. 3.3: nodes with none are removed; the
  * output node n keeps its strongest edge from a live node), writes its input into out and returns
  * j. Without removal every edge is open and every node runs. */
-#define DEFINE_SAMPLE(NAME, T)                                                                                  \
-    int64_t dynwire_sample_step_##NAME(const int64_t *plan, void *scratch, int64_t i, const T *y, T *out) {     \
+#define DEFINE_SAMPLE(NAME, T)                                                                                   \
+    int64_t dynwire_sample_step_##NAME(const int64_t *plan, void *scratch, int64_t i, const T *y, T *out) {      \
         const int64_t n = plan[0], C = plan[1], HW = plan[2], N = plan[0] + 1;                                   \
         const int mode = (int)plan[3], removal = (int)plan[4];                                                   \
         const T *tau = (const T *)(intptr_t)plan[5];                                                             \
@@ -735,7 +742,7 @@ DEFINE_NODE_WEIGHTS(f64, double)
                 break;                                                                                           \
             }                                                                                                    \
         }                                                                                                        \
-        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, 0, C * HW, (int)relu[j]);                        \
+        NAME##_fwd_task(j, (const T *const *)xs, w, out, 0, 0, 0, C * HW, (int)relu[j]);                         \
         return j;                                                                                                \
     }
 
@@ -754,9 +761,9 @@ DEFINE_SAMPLE(f64, double)
  * a removed sample). Without removal (open and alive NULL) every edge is open. On one thread a
  * sample's router and sum follow each other, so the sum reads y's sample from cache. Returns count,
  * the samples for which node j is alive. */
-#define DEFINE_BATCH(NAME, T)                                                                                   \
-    static int NAME##_batch_weights(const int64_t *plan, int64_t i, const T *y, T *value, uint8_t *open,       \
-                                    T *alpha_out, uint8_t *alive, int64_t j, T *w) {                            \
+#define DEFINE_BATCH(NAME, T)                                                                                    \
+    static int NAME##_batch_weights(const int64_t *plan, int64_t i, const T *y, T *value, uint8_t *open,         \
+                                    T *alpha_out, uint8_t *alive, int64_t j, T *w) {                             \
         const int64_t n = plan[0], C = plan[1], HW = plan[2], N = plan[0] + 1;                                   \
         const int mode = (int)plan[3];                                                                           \
         const T *tau = (const T *)(intptr_t)plan[5];                                                             \
@@ -771,7 +778,7 @@ DEFINE_SAMPLE(f64, double)
             return 1;                                                                                            \
         }                                                                                                        \
         uint8_t none = 0;                                                                                        \
-        if (dynwire_node_weights_##NAME(1, j, value + j * N, 0, open + j * N, 0, alive, 0, w,                   \
+        if (dynwire_node_weights_##NAME(1, j, value + j * N, 0, open + j * N, 0, alive, 0, w,                    \
                                         j < n ? alive + j : &none, 0))                                           \
             return 1;                                                                                            \
         if (j < n) return 0;                                                                                     \
@@ -782,8 +789,8 @@ DEFINE_SAMPLE(f64, double)
         return 1;                                                                                                \
     }                                                                                                            \
                                                                                                                  \
-    int64_t dynwire_batch_step_##NAME(const int64_t *plan, int64_t B, int64_t i, const T *y, T *value,          \
-                                      uint8_t *open, T *alpha_out, uint8_t *alive, const T *const *xs,          \
+    int64_t dynwire_batch_step_##NAME(const int64_t *plan, int64_t B, int64_t i, const T *y, T *value,           \
+                                      uint8_t *open, T *alpha_out, uint8_t *alive, const T *const *xs,           \
                                       int64_t j, T *w, T *out, int64_t *idx, int compact, int nthreads) {        \
         const int64_t N = plan[0] + 1, CHW = plan[1] * plan[2];                                                  \
         const int relu = (int)plan[6 + 2 * plan[0] + j];                                                         \
@@ -796,19 +803,19 @@ DEFINE_SAMPLE(f64, double)
                                                       alive ? alive + b * N : NULL, j, w + b * N);               \
                 if (live) idx[count++] = b;                                                                      \
                 if (live || !compact)                                                                            \
-                    NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, (compact ? count - 1 : b) * CHW, 0, CHW,    \
+                    NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, (compact ? count - 1 : b) * CHW, 0, CHW,     \
                                     live ? relu : 0);                                                            \
             }                                                                                                    \
             return count;                                                                                        \
         }                                                                                                        \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)      \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)       \
             lives[b] = (uint8_t)NAME##_batch_weights(plan, i, y ? y + b * CHW : NULL, value + b * N * N,         \
                                                      open ? open + b * N * N : NULL, alpha_out + b * N,          \
                                                      alive ? alive + b * N : NULL, j, w + b * N);                \
         for (int64_t b = 0; b < B; b++)                                                                          \
             if (lives[b]) idx[count++] = b;                                                                      \
         const int64_t rows = compact ? count : B;                                                                \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < rows; r++) { \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < rows; r++) {  \
             const int64_t b = compact ? idx[r] : r;                                                              \
             NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, r * CHW, 0, CHW, lives[b] ? relu : 0);               \
         }                                                                                                        \

@@ -115,8 +115,7 @@ class _CpuKernels(_FusedBackend):
         levels = {16: 0, 32: 1, 64: 2}
         if width is not None and width not in levels:
             raise ValueError(f"line_bytes(): width must be 16, 32 or 64 (bytes), got {width!r}")
-        level = self._lines_isa(-1 if width is None else levels[width])
-        return 16 << level if level >= 0 else 0
+        return self._lines_isa(-1 if width is None else levels[width])
 
     @staticmethod
     def load() -> _CpuKernels | None:
