@@ -137,7 +137,7 @@ int dynwire_lines_isa(int level) {
 }
 /* ISA: v64 / v32 / v16; VB: bytes per line; LWV: elements per line; TARGET: the kernels' target */
 #define DEFINE_LINES_ISA(NAME, T, A, LD, ST, ISA, VB, TARGET)                                                    \
-    enum { NAME##_##ISA##_lw = VB / sizeof(A) };                                                                 \
+    enum { NAME##_##ISA##_lw = VB / sizeof(A), NAME##_##ISA##_u = VB < 64 ? 64 / VB : 1 };                       \
     typedef A NAME##_##ISA##_line __attribute__((vector_size(VB)));                                              \
     /* a line from / to storage (pointers: no vector arguments, whose ABI depends on the ISA) */                 \
     static inline void NAME##_##ISA##_ldline(NAME##_##ISA##_line *a, const T *p) {                               \
@@ -158,12 +158,30 @@ int dynwire_lines_isa(int level) {
         const __typeof__(*r < zero) neg = *r < zero;                                                             \
         *r = (NAME##_##ISA##_line)((__typeof__(neg))*r & ~neg);                                                  \
     }                                                                                                            \
-    /* out = sum_q v[q] * p[q] over [c0, c1), ReLU'd where relu */                                               \
+    /* out = sum_q v[q] * p[q] over [c0, c1), ReLU'd where relu; 64 bytes per step over the inputs (u lines of   \
+     * 16 or 32 bytes in registers: the loop's pointer and weight loads per byte as with AVX-512) */            \
     TARGET static void NAME##_fwd_lines_##ISA(int c, const T *const *p, const A *v, T *out, int64_t off,         \
                                               int64_t ooff, int64_t c0, int64_t c1, int relu) {                  \
         const NAME##_##ISA##_line zero = {0};                                                                    \
         T *o = out + ooff;                                                                                       \
         int64_t i = c0;                                                                                          \
+        for (; i + NAME##_##ISA##_u * NAME##_##ISA##_lw <= c1; i += NAME##_##ISA##_u * NAME##_##ISA##_lw) {      \
+            NAME##_##ISA##_line r[NAME##_##ISA##_u];                                                             \
+            for (int u = 0; u < NAME##_##ISA##_u; u++) r[u] = zero;                                              \
+            for (int q = 0; q < c; q++) {                                                                        \
+                const T *pq = p[q] + off + i;                                                                    \
+                const A vq = v[q];                                                                               \
+                for (int u = 0; u < NAME##_##ISA##_u; u++) {                                                     \
+                    NAME##_##ISA##_line a;                                                                       \
+                    NAME##_##ISA##_ldline(&a, pq + u * NAME##_##ISA##_lw);                                       \
+                    r[u] += vq * a;                                                                              \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int u = 0; u < NAME##_##ISA##_u; u++) {                                                         \
+                if (relu) NAME##_##ISA##_relu(&r[u]);                                                            \
+                NAME##_##ISA##_stline(o + i + u * NAME##_##ISA##_lw, &r[u]);                                     \
+            }                                                                                                    \
+        }                                                                                                        \
         for (; i + NAME##_##ISA##_lw <= c1; i += NAME##_##ISA##_lw) {                                            \
             NAME##_##ISA##_line r = zero;                                                                        \
             for (int q = 0; q < c; q++) {                                                                        \
