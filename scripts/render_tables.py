@@ -349,6 +349,16 @@ def stage_backward() -> str:
     return head + table(["threads", "plain", "`push` (first fused version)", "`pull` (shipped)"], rows)
 
 
+def cpu_note(info: dict | None) -> str:
+    """`` CPU: ...`` from a result's ``cpu_info()`` (bench/_machine.py); empty for runs before it was
+    recorded. The C kernels' line width follows the CPU, so the same code differs between machines."""
+    if not info or "simd" not in info:
+        return ""
+    simd = ", ".join(x.upper().replace("AVX512F", "AVX-512") for x in info["simd"]) or "no AVX"
+    lines = f", kernel lines of {info['kernel_line_bytes']} bytes" if info.get("kernel_line_bytes") else ""
+    return f" CPU: {info['model_name']} (family {info['family']}, model {info['model']}; {simd}){lines}."
+
+
 def kernel_blocks() -> str:
     """One node's sum and tap per read order (bench/kernel_blocks.py): out of cache, as a share of
     torch.add's bandwidth; in cache, time against the old kernels'."""
@@ -364,14 +374,7 @@ def kernel_blocks() -> str:
             hot.setdefault(key, {})[row["variant"]] = row["vs_blocks1024"]
     names = [f"`{v}`" for v in variants]
     rows = [[n, k, ph, *(f"{v[x]:.2f}" for x in variants)] for (n, k, ph), v in cold.items()]
-    cpu = r["machine"]
-    where = ""
-    if "simd" in cpu:  # runs before the CPU was recorded have no such fields
-        where = (
-            f" CPU: {cpu['model_name']} (family {cpu['family']}, model {cpu['model']}; "
-            f"{', '.join(cpu['simd']) or 'no AVX'}), `shipped` lines of {cpu['kernel_line_bytes']} bytes."
-        )
-    out = f"`{r['command']}`, one thread, float32.{where}\n\nOut of cache, share of `torch.add`'s bandwidth (same rounds):\n\n"
+    out = f"`{r['command']}`, one thread, float32.{cpu_note(r['machine'])}\n\nOut of cache, share of `torch.add`'s bandwidth (same rounds):\n\n"
     out += table(["node", "K", "pass", *names], rows, "lrl" + "r" * len(variants))
     rows = [[n, k, ph, *(f"{v[x]:.2f}x" for x in variants)] for (n, k, ph), v in hot.items()]
     out += "\n\nIn cache (the same call repeated), time per call against `blocks1024`'s:\n\n"
@@ -468,7 +471,8 @@ def small_perf() -> str:
     heap = part.get("malloc", "default")
     return (
         f"Time against `sequential` in the same process, 1x28x28 inputs (`{node['command']}`, heap: "
-        f"kept; `{part['command']}`, heap: {heap}):\n\n" + table(header, rows, "ll" + "r" * (len(header) - 2))
+        f"kept; `{part['command']}`, heap: {heap}).{cpu_note(part.get('cpu'))}\n\n"
+        + table(header, rows, "ll" + "r" * (len(header) - 2))
     )
 
 
@@ -490,7 +494,8 @@ def inference_small() -> str:
             )
     header = ["model", "threads", "node form", "time per image at batch 64", "batch-1 latency"]
     heap = part.get("malloc", "default")
-    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`:\n\n" + table(
+    where = cpu_note(part.get("cpu"))
+    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`.{where}\n\n" + table(
         header, rows, "lrlrr"
     )
 
@@ -761,7 +766,9 @@ def node_overhead(key: str = "results") -> str:
                     ratio(r["eval"][form]["b1_ratio"]),
                 ]
             )
-    return table(
+    where = cpu_note(doc.get("machine")).strip()
+    head = f"{where}\n\n" if where else ""
+    return head + table(
         [
             "model",
             "node",
