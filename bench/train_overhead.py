@@ -784,6 +784,7 @@ def main() -> None:
             "malloc": args.malloc,
             "env": env,
             "loadavg_start_end": [load0, _loadavg()],
+            "cpu": cpu_info(),  # per part: the parts not rerun are kept, maybe from another machine
             **result,
         }
         show(doc[part])

@@ -326,7 +326,7 @@ def train_steps(part: str = "steps_t2", file: str = "train_overhead.json") -> st
         "page faults per step",
     ]
     heap = r.get("malloc", "default")
-    return f"`{r['command']}` (heap: {heap})\n\n" + table(header, rows, "lrlrrrr")
+    return f"`{r['command']}` (heap: {heap}).{cpu_note(r.get('cpu'))}\n\n" + table(header, rows, "lrlrrrr")
 
 
 def stage_backward() -> str:

@@ -91,13 +91,13 @@ static inline uint16_t bf16_store(float f) {
     }                                                                                                            \
 
 /* Line-by-line kernels (LINES_MAX_K inputs or fewer): a line is one vector of the ISA the kernel runs
- * on (GCC's vector extensions; LWV elements of A), so every input's line is one load and the sum (in
+ * on (GCC's vector extensions; `lw` elements of A), so every input's line is one load and the sum (in
  * the tap also each input's per-lane dot product) stays in a register. Each kernel is built for three
  * widths and picked at load time (lines_isa): 64 bytes with AVX-512, 32 with AVX2, 16 otherwise (and on
  * other architectures). A vector wider than the ISA's registers is not split into registers by GCC: it
  * lives on the stack, every += a store and a load, and its comparisons become scalar branches (64-byte
- * lines took 1.3-1.5x the chain's evaluation on an AVX2 machine). Plain loops over arrays of LW are
- * left half vectorized by GCC, and slower on cached data. */
+ * lines took 1.3-1.5x the chain's evaluation on an AVX2 machine). Plain loops over arrays of `lw`
+ * elements are left half vectorized by GCC, and slower on cached data. */
 #if defined(__GNUC__)
 #if defined(__x86_64__) && defined(__linux__)
 #define ISA_TARGET_v64 __attribute__((target("avx512f")))
@@ -135,7 +135,8 @@ int dynwire_lines_isa(int level) {
     if (level >= 0) lines_isa = MIN(level, lines_isa_supported);
     return bytes[lines_isa];
 }
-/* ISA: v64 / v32 / v16; VB: bytes per line; LWV: elements per line; TARGET: the kernels' target */
+/* ISA: v64 / v32 / v16; VB: bytes per line; TARGET: the kernels' target attribute. `lw`: elements per
+ * line; `u`: lines per step of the forward (64 bytes) */
 #define DEFINE_LINES_ISA(NAME, T, A, LD, ST, ISA, VB, TARGET)                                                    \
     enum { NAME##_##ISA##_lw = VB / sizeof(A), NAME##_##ISA##_u = VB < 64 ? 64 / VB : 1 };                       \
     typedef A NAME##_##ISA##_line __attribute__((vector_size(VB)));                                              \
@@ -159,7 +160,7 @@ int dynwire_lines_isa(int level) {
         *r = (NAME##_##ISA##_line)((__typeof__(neg))*r & ~neg);                                                  \
     }                                                                                                            \
     /* out = sum_q v[q] * p[q] over [c0, c1), ReLU'd where relu; 64 bytes per step over the inputs (u lines of   \
-     * 16 or 32 bytes in registers: the loop's pointer and weight loads per byte as with AVX-512) */            \
+     * 16 or 32 bytes in registers: the loop's pointer and weight loads per byte as with AVX-512) */             \
     TARGET static void NAME##_fwd_lines_##ISA(int c, const T *const *p, const A *v, T *out, int64_t off,         \
                                               int64_t ooff, int64_t c0, int64_t c1, int relu) {                  \
         const NAME##_##ISA##_line zero = {0};                                                                    \
@@ -246,7 +247,8 @@ int dynwire_lines_isa(int level) {
         }                                                                                                        \
     }                                                                                                            \
     /* the lanes of the dot products' partial sums into dots[q0 + q], in double */                               \
-    static inline void NAME##_##ISA##_tap_flush(int64_t nd, const NAME##_##ISA##_line *d, double *dots, int64_t q0) { \
+    static inline void NAME##_##ISA##_tap_flush(int64_t nd, const NAME##_##ISA##_line *d, double *dots,          \
+                                                int64_t q0) {                                                    \
         for (int64_t q = 0; q < nd; q++) {                                                                       \
             double t = 0;                                                                                        \
             for (int l = 0; l < NAME##_##ISA##_lw; l++) t += (double)d[q][l];                                    \
@@ -261,7 +263,7 @@ int dynwire_lines_isa(int level) {
                                               T *out, double *dots, int64_t off, int64_t c0, int64_t c1) {       \
         const NAME##_##ISA##_line zero = {0};                                                                    \
         NAME##_##ISA##_line acc[BLK / NAME##_##ISA##_lw], d[LINES_CAP];                                          \
-        A tail[NAME##_##ISA##_lw];                                                                               \
+        A tail[NAME##_##ISA##_lw] = {0}; /* written before read; GCC cannot tell with 2-lane lines */            \
         for (int64_t k = 0; k < Kd; k++) dots[k] = 0.0;                                                          \
         for (int64_t s = c0; s < c1; s += BLK) {                                                                 \
             const int64_t n = MIN(BLK, c1 - s), nl = n / NAME##_##ISA##_lw, base = off + s;                      \
@@ -287,7 +289,8 @@ int dynwire_lines_isa(int level) {
                         acc[L] = r;                                                                              \
                 }                                                                                                \
                 NAME##_##ISA##_tap_flush(gd - g0, d, dots, g0);                                                  \
-                NAME##_tap_tail(g0, g1, Kd, gs, w, x, out, dots, base + nl * NAME##_##ISA##_lw, n - nl * NAME##_##ISA##_lw, tail, first, last); \
+                const int64_t done = nl * NAME##_##ISA##_lw; /* elements in full lines */                        \
+                NAME##_tap_tail(g0, g1, Kd, gs, w, x, out, dots, base + done, n - done, tail, first, last);      \
             }                                                                                                    \
         }                                                                                                        \
     }
