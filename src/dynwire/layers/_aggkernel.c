@@ -13,10 +13,10 @@
  * One OpenMP parallel loop over (sample, chunk) tasks per call, shared with PyTorch's OpenMP
  * runtime (the library links libgomp.so.1, which torch has already loaded).
  *
- * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (one
- * vector of GCC's vector extensions, as wide as the CPU's registers): the sum stays in registers (the tap's dot
- * products in per-lane partial sums) and every input is one sequential read stream, all of them in
- * flight at once. With more inputs than that the streams outrun the hardware prefetchers, so the
+ * Inside a task, forward and tap read up to LINES_MAX_K inputs together, line by line (a line is
+ * one vector of GCC's vector extensions, as wide as the CPU's registers): the sum stays in
+ * registers (the tap's dot products in per-lane partial sums) and every input is one sequential
+ * read stream, all of them in flight at once. With more inputs than that the streams outrun the hardware prefetchers, so the
  * data is walked in blocks of BLK elements whose running sum stays in cache, and the inputs are
  * read LINES_MAX_K at a time, line by line. A block is 8192 elements (32 KiB of float), not one
  * L1's worth: every block starts a fresh run in each input stream, and the prefetchers, which stop
