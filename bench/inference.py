@@ -28,6 +28,7 @@ load hits all variants alike; every ratio is against a reference of the same rou
     python bench/inference.py --parts frontier --runs runs/study/cifar_resnet56__dynamic__*target=*
     python bench/inference.py --parts compile --threads 1
     python bench/inference.py --parts small --threads 1 2      # the small models, both node forms
+    python bench/inference.py --parts small --threads 1 --rounds 31   # more rounds: tighter intervals
     python bench/inference.py --parts small --threads 1 --malloc default --out /tmp/x.json
 
 Every part runs on the heap ``dynwire eval`` uses (``--malloc kept``: ``dynwire.keep_freed_memory()``)
@@ -56,6 +57,7 @@ from _machine import cpu_info
 from torch import nn
 
 import dynwire
+from dynwire.analysis._stats import median_ci
 from dynwire.analysis.profile import count_macs
 
 SHARES = (0.2, 0.4, 0.5, 0.6, 0.8)
@@ -81,7 +83,9 @@ def _measure(
     pairs: dict[str, str] | None = None,
 ) -> dict:
     """Interleaved rounds; per variant the median latency, throughput and ratios against ``ref``
-    (and, for the variants in ``pairs``, against their own reference ``pairs[k]``, same rounds).
+    (and, for the variants in ``pairs``, against their own reference ``pairs[k]``, same rounds),
+    with the per-round ratios' range and a 95% interval of their median (``*_ci95``: order
+    statistics, no assumption on the distribution; null below 6 rounds).
     Latency is per image of ``x1``, each image a batch-1 call (several images: their mean, for
     models whose compute varies per image)."""
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
@@ -107,8 +111,10 @@ def _measure(
             throughput_img_s=round(statistics.median(v[1] for v in vals), 2),
             latency_ratio=round(statistics.median(lat), 4),
             latency_ratio_range=[round(min(lat), 4), round(max(lat), 4)],
+            latency_ratio_ci95=_ci(lat),
             throughput_ratio=round(statistics.median(thr), 4),
             throughput_ratio_range=[round(min(thr), 4), round(max(thr), 4)],
+            throughput_ratio_ci95=_ci(thr),
         )
     for k, other in (pairs or {}).items():
         lat = [v[0] / r[0] for v, r in zip(rows[k], rows[other])]
@@ -121,6 +127,11 @@ def _measure(
             throughput_ratio_vs_equal_range=[round(min(thr), 4), round(max(thr), 4)],
         )
     return out
+
+
+def _ci(ratios: list[float]) -> list[float] | None:
+    lo, hi = median_ci(ratios)
+    return None if lo != lo else [round(lo, 4), round(hi, 4)]
 
 
 def _executor(model: nn.Module, kind: str) -> nn.Module:
@@ -343,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         default=["dense", "removal"],
         choices=["dense", "small", "removal", "trained", "frontier", "compile"],
     )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds of the dense, small, removal and compile parts"
+    )
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="run directories for --parts trained")
     p.add_argument(
         "--malloc",
@@ -355,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.malloc == "kept" and not dynwire.keep_freed_memory():
         raise SystemExit("--malloc kept: glibc mallopt is unavailable here; use --malloc default")
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: give at least 1 (6 or more for the ratios' 95% intervals)")
     q = args.quick
     plans = {
         "dense": [
@@ -383,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(dict(threads=threads, **r))
             else:
                 for plan in plans[part]:
+                    if args.rounds is not None:
+                        plan = (*plan[:3], args.rounds, *plan[4:])
                     fn = {
                         "dense": bench_dense,
                         "small": bench_small,

@@ -14,7 +14,7 @@ computes their weights' gradients (where the shipped stage gates per sender and 
 
 Times are this thread's CPU time (one torch thread). Every variant runs one training step per round, the order rotated each round (after a warm-up
 step each); each round's time is divided by the ``sequential`` step of the same round, the median
-over rounds reported. A part's cost is the median over rounds of ``dynamic - ablation`` (seconds,
+over rounds reported, with a 95% interval of that median (``*_ci95``, order statistics). A part's cost is the median over rounds of ``dynamic - ablation`` (seconds,
 and as a share of the sequential step). The aggregation's own kernels (forward sums, their
 recomputation, backward dot products and the taps' sums) are timed inside the shipped variant by
 wrapping them; ``rest`` is what is left of the overhead: the per-node glue (gates, stacking of edge
@@ -57,6 +57,7 @@ import torch
 from torch.nn import functional as F
 
 import dynwire
+from dynwire.analysis._stats import median_ci
 from dynwire.graph.stage import GraphStage
 from dynwire.layers import aggregation as agg
 from dynwire.layers.router import Router
@@ -201,6 +202,12 @@ def _chain_add_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(3 * len(st.blocks()) * size * x.shape[0] for st, size in _stage_map_bytes(model, x).items())
 
 
+def _ci(ratios: list[float]) -> list[float] | None:
+    """95% interval of the per-round ratios' median (order statistics); None below 6 rounds."""
+    lo, hi = median_ci(ratios)
+    return None if lo != lo else [round(lo, 3), round(hi, 3)]
+
+
 def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:
     variants = ["sequential"] + [f"{f}{'-' + a if a else ''}" for f in FORMS for a in ("", *ABLATIONS, *DESIGNS)]
     models = {v: _build(name, v).train() for v in variants}
@@ -240,6 +247,7 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
         rest = statistics.median(over) - parts["norecompute"] - parts["notaps"] - parts["norouters"] - kernels[f]
         train[f] = {
             "ratio": round(statistics.median([a / b for a, b in zip(wall[f], seq)]), 3),
+            "ratio_ci95": _ci([a / b for a, b in zip(wall[f], seq)]),
             "overhead_s": round(statistics.median(over), 5),
             "parts_s": {k: round(t, 5) for k, t in parts.items()},
             "parts_share_of_sequential": {k: round(t / statistics.median(seq), 4) for k, t in parts.items()},
@@ -269,13 +277,13 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
                     models[v](x1)
                     ts.append(_clock() - t0)
                 ev_t[(v, 1)].append(statistics.median(ts))
-    evaluation = {
-        f: {
-            f"b{b}_ratio": round(statistics.median([p / q for p, q in zip(ev_t[(f, b)], ev_t[("sequential", b)])]), 3)
-            for b in (batch, 1)
-        }
-        for f in FORMS
-    }
+    evaluation = {}
+    for f in FORMS:
+        evaluation[f] = {}
+        for b in (batch, 1):
+            per_round = [p / q for p, q in zip(ev_t[(f, b)], ev_t[("sequential", b)])]
+            evaluation[f][f"b{b}_ratio"] = round(statistics.median(per_round), 3)
+            evaluation[f][f"b{b}_ratio_ci95"] = _ci(per_round)
     split = {v: _eval_split(models[v], x) for v in ev}
     bw = _bandwidth_gbs()
     seq_b = statistics.median(ev_t[("sequential", batch)])

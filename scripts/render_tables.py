@@ -476,6 +476,15 @@ def small_perf() -> str:
     )
 
 
+def _ratio_ci(r: float, ci: list[float] | None, invert: bool = False) -> str:
+    """``r`` with the 95% interval of the per-round ratios' median (``invert``: the interval is of
+    the throughput ratio, ``r`` a time ratio); ``r`` alone for files without intervals."""
+    if not ci:
+        return ratio(r)
+    lo, hi = (1.0 / ci[1], 1.0 / ci[0]) if invert else ci
+    return f"{ratio(r)} [{lo:.2f}, {hi:.2f}]"
+
+
 def inference_small() -> str:
     """The small models at the studies' input (issue 19's evaluation goals: batch 64 and batch 1)."""
     part = _bench("inference.json")["parts"]["small"]
@@ -488,14 +497,16 @@ def inference_small() -> str:
                     r["model"],
                     r["threads"],
                     form,
-                    ratio(1.0 / v[key]["throughput_ratio"]),
-                    ratio(v[key]["latency_ratio"]),
+                    _ratio_ci(1.0 / v[key]["throughput_ratio"], v[key].get("throughput_ratio_ci95"), invert=True),
+                    _ratio_ci(v[key]["latency_ratio"], v[key].get("latency_ratio_ci95")),
                 ]
             )
     header = ["model", "threads", "node form", "time per image at batch 64", "batch-1 latency"]
     heap = part.get("malloc", "default")
     where = cpu_note(part.get("cpu"))
-    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`.{where}\n\n" + table(
+    ci = any("throughput_ratio_ci95" in v for r in part["results"] for v in r["variants"].values())
+    note = " In brackets: the 95% interval of the median over rounds (order statistics)." if ci else ""
+    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`.{note}{where}\n\n" + table(
         header, rows, "lrlrr"
     )
 

@@ -105,3 +105,37 @@ def test_undefined_values_are_nan_without_warnings(recwarn) -> None:
     with pytest.raises(ValueError, match="lengths differ"):
         st.spearman([1, 2], [1, 2, 3])
     assert not recwarn.list
+
+
+def _median_ci_by_hand(xs: list[float], level: float) -> tuple[float, float]:
+    """The order-statistic interval, its binomial tail summed with math.comb."""
+    n, a = len(xs), sorted(xs)
+    best = None
+    for k in range(1, (n + 1) // 2 + 1):
+        tail = sum(math.comb(n, i) for i in range(k)) / 2**n
+        if 1 - 2 * tail >= level:
+            best = k
+    return (math.nan, math.nan) if best is None else (a[best - 1], a[n - best])
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 12, 24, 31])
+@pytest.mark.parametrize("level", [0.9, 0.95, 0.99])
+def test_median_ci_is_the_order_statistic_interval(n: int, level: float) -> None:
+    xs = [((i * 37) % 101) / 7.0 for i in range(n)]  # unsorted, distinct
+    lo, hi = st.median_ci(xs, level)
+    want = _median_ci_by_hand(xs, level)
+    if math.isnan(want[0]):
+        assert math.isnan(lo) and math.isnan(hi)
+    else:
+        assert (lo, hi) == want
+        med = sorted(xs)[(n - 1) // 2]
+        assert lo <= med <= hi
+
+
+def test_median_ci_known_values_and_bad_level() -> None:
+    # n = 31 at 0.95: k = 10 (coverage 0.971; k = 11 gives 0.929), i.e. the 10th and 22nd values
+    assert st.median_ci(list(range(1, 32))) == (10.0, 22.0)
+    assert all(math.isnan(v) for v in st.median_ci([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert all(math.isnan(v) for v in st.median_ci([]))
+    with pytest.raises(ValueError, match="level"):
+        st.median_ci([1.0, 2.0], level=95)

@@ -28,6 +28,7 @@ __all__ = [
     "mean_ci",
     "PairedDiff",
     "paired_diff",
+    "median_ci",
     "rankdata",
     "pearson",
     "spearman",
@@ -154,6 +155,27 @@ def paired_diff(a: Mapping[int, float], b: Mapping[int, float], level: float = 0
     seeds = tuple(sorted(set(a) & set(b)))
     diffs = tuple(float(a[s]) - float(b[s]) for s in seeds)
     return PairedDiff(seeds, diffs, mean_ci(diffs, level))
+
+
+def median_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics
+    ``(x_(k), x_(n+1-k))`` (1-based) with the largest ``k`` whose coverage
+    ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` is at least ``level`` (``scipy.stats.binom``). No
+    assumption on the distribution (timings are skewed), only independent draws; ``(NaN, NaN)``
+    when ``n`` is too small for ``level`` (fewer than 6 values at 0.95)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"median_ci(): level={level} must be in (0, 1), e.g. 0.95")
+    a = np.sort(_array(xs))
+    n = int(a.size)
+    if n == 0:
+        return _NAN, _NAN
+    # P(B <= k - 1) for k = 1..ceil(n/2); the largest k with 2 P <= 1 - level
+    tail = _scipy_stats().binom.cdf(np.arange(0, (n + 1) // 2), n, 0.5)
+    ok = np.nonzero(2.0 * tail <= 1.0 - level + 1e-12)[0]
+    if ok.size == 0:
+        return _NAN, _NAN
+    k = int(ok[-1]) + 1
+    return float(a[k - 1]), float(a[n - k])
 
 
 def rankdata(xs: Sequence[float]) -> list[float]:
