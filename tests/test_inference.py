@@ -282,3 +282,108 @@ def test_batch_stage_kernels_decline_channels_last_and_the_tensor_ops_take_over(
     assert ran and all(r is None for r in ran), "the C call declined every stage"
     assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0
     assert (fast - ref).abs().max() <= 1e-4
+
+
+def _fast_and_reference(model, x):
+    with torch.no_grad():
+        fast = model(x)
+        with dynwire.record_adjacency(model):  # recording takes the stage's general loop
+            ref = model(x)
+    return fast, ref
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_stage_kernels_are_reused_while_the_routers_stay_as_checked(batch):
+    # the C calls' per-stage setup is kept between forwards (SampleKernels.for_stage) and checked
+    # again each time: a hook, replaced or converted parameters and a copied model are seen
+    import copy
+    import pickle
+
+    from dynwire.layers._fused_glue import SampleKernels
+
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
+    with torch.no_grad():  # branches that matter (the last norm of each starts at zero) and routers that differ
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.1)
+        for _, s in model.graph_stages():
+            for r in s.edges.routers:
+                r.fc.weight.normal_(0, 0.5)
+    x = torch.randn(batch, 3, 24, 24)
+    set_thresholds_at_quantile(model, torch.randn(5, 3, 24, 24), 0.5)
+    stage = model.layer2
+    h = torch.randn(batch, 32, 12, 12)
+
+    def kernels(s=stage, like=h):
+        with torch.no_grad():
+            return SampleKernels.for_stage(s.edges.routers, s.edges.tau, like)
+
+    def check(m):
+        fast, ref = _fast_and_reference(m, x.to(next(m.parameters()).dtype))
+        assert (fast - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+        return fast
+
+    k = kernels()
+    assert k is not None and kernels() is k, "reused"
+    base = check(model)
+    router = stage.edges.routers[1]
+    with torch.no_grad():
+        router.fc.weight.mul_(3.0)  # in place: same tensor, same address; the C calls read it live
+    assert kernels() is k
+    changed = check(model)
+    assert (changed - base).abs().max() > 1e-4
+    handle = router.register_forward_hook(lambda mod, a, out: out * 0.5)
+    assert kernels() is None, "a hooked router takes the tensor ops"
+    check(model)
+    handle.remove()
+    with torch.no_grad():
+        router.fc.weight.data = router.fc.weight.data * 0.5  # new storage under the same parameter
+    k2 = kernels()
+    assert k2 is not None and k2 is not k
+    check(model)
+    with torch.no_grad():
+        router.fc = torch.nn.Linear(router.fc.in_features, router.fc.out_features)
+        router.fc.bias.fill_(-20.0)  # every edge of this router closes: fewer nodes run
+    assert kernels() is not k2
+    check(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.layer2.edges.routers[0].fc.bias.fill_(20.0)
+    assert (check(twin) - check(model)).abs().max() > 1e-4, "the copy runs on its own parameters"
+    pickle.loads(pickle.dumps(model))  # nothing of the C calls' state travels with a model
+    model.double()
+    assert kernels(like=h.double()) is not None and kernels(like=h.double())._dtype == torch.float64
+    check(model)
+
+
+def test_branch_nodes_skip_their_module_call_only_when_it_would_do_nothing():
+    from dynwire.graph.stage import BranchNode
+
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
+    x = torch.randn(2, 3, 24, 24)
+    node = model.layer1.blocks()[1]
+    assert isinstance(node, BranchNode) and node.relu_input
+    h = torch.randn(2, 16, 24, 24)
+    with torch.no_grad():
+        want = node(h, act=False)
+        assert torch.equal(node.without_act()(h), want)
+        assert node.without_act().func == node.block.forward_branch, "the branch itself"
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, a, out: seen.append(mod) if isinstance(mod, BranchNode) else None
+    )
+    try:
+        assert node.without_act().func is node, "a global hook keeps the module call"
+        for batch in (1, 2):
+            seen.clear()
+            with torch.no_grad():
+                model(x[:batch])
+            assert len(seen) == sum(s.num_blocks - 1 for _, s in model.graph_stages()), "every branch node's hook ran"
+    finally:
+        handle.remove()
+    node.forward = lambda h, act=True: BranchNode.forward(node, h, act) * 2.0
+    assert node.without_act().func is node, "a forward replaced on the instance is called"
+    fast, ref = _fast_and_reference(model, x)
+    assert (fast - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())

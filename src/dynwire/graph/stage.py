@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -306,6 +306,39 @@ class BranchNode(nn.Module):
 
     def forward(self, x: Tensor, act: bool = True) -> Tensor:
         return self.block.forward_branch(x) if act else self.block.forward_branch(x, act=False)
+
+    def without_act(self) -> Callable[[Tensor], Tensor]:
+        """``self(x, act=False)`` as a one-argument callable for the inference fast paths: the
+        block's ``forward_branch`` itself where the module call would do nothing but call
+        ``forward`` (no hook, here or global, no compiled call, ``forward`` not replaced)."""
+        if _module_call_is_forward(self) and "forward" not in self.__dict__:
+            return partial(self.block.forward_branch, act=False)
+        return partial(self, act=False)
+
+
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, None)
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
+
+
+def _module_call_is_forward(m: nn.Module) -> bool:
+    """Whether ``m(...)`` is ``m.forward(...)`` right now: ``nn.Module._call_impl``'s own test for
+    skipping its hook logic (False where this torch keeps the global hooks elsewhere)."""
+    return not (
+        None in _GLOBAL_HOOKS
+        or any(_GLOBAL_HOOKS)
+        or m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or getattr(m, "_compiled_call_impl", None) is not None
+    )
 
 
 def _gates_per_sender(g: EdgeWeights) -> bool:

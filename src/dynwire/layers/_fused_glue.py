@@ -7,6 +7,8 @@ and the tests compare against them.
 from __future__ import annotations
 
 import ctypes
+import weakref
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -148,6 +150,25 @@ def fused_node_weights(value: Tensor, open_: Tensor, alive: Tensor, j: int) -> t
     return w, int(count)
 
 
+def _node_calls(blocks, relu: list[bool]) -> list:
+    """Each node as a one-argument callable: ``block(x, act=False)`` where ``relu[j]`` says that
+    its input's aggregation applied the activation (through the node's ``without_act()`` where
+    it has one: ``graph.stage.BranchNode``, which skips its module call when that does nothing)."""
+    calls = []
+    for b, r in zip(blocks, relu):
+        if not r:
+            calls.append(b)
+        else:
+            fn = getattr(b, "without_act", None)
+            calls.append(fn() if fn is not None else partial(b, act=False))
+    return calls
+
+
+#: each stage's kernels, keyed weakly by its routers' ``ModuleList`` (a model that is deleted,
+#: copied or pickled takes nothing along) and reused while :meth:`SampleKernels._still_fits`
+_STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class SampleKernels:
     """The inference fast path's C calls for a stage of plain routers (``graph._inference``),
     checked once per stage forward by :meth:`for_stage`. After each block one call runs the
@@ -159,6 +180,7 @@ class SampleKernels:
     def __init__(
         self, backend: _CpuKernels, dtype: torch.dtype, params: list[tuple[Tensor, Tensor]], tau: Tensor, channels: int
     ) -> None:
+        self._backend = backend
         self._step = backend._sample_step[dtype]
         self._batch_step = backend._batch_step[dtype]
         self._dtype = dtype
@@ -168,6 +190,9 @@ class SampleKernels:
         self._ptrs = [tau.data_ptr()]
         for w, b in params:
             self._ptrs += (w.data_ptr(), b.data_ptr())
+        self._plans: dict[tuple, ctypes.Array] = {}  # read-only once built: shared by concurrent forwards
+        # what for_stage checked, for _still_fits: (router, its fc, weight, bias, their shapes)
+        self._checked_modules: list[tuple] = []
 
     @staticmethod
     def for_stage(routers, tau: Tensor, like: Tensor) -> SampleKernels | None:
@@ -176,9 +201,14 @@ class SampleKernels:
         ``like``'s dtype (float32 or float64), outside autograd, compile and dispatch modes; None
         otherwise (the caller's tensor ops are the reference)."""
         backend = _backend_for(like)
+        if backend is None:
+            return None
         dt = like.dtype
+        cached = _STAGES.get(routers)
+        if cached is not None and cached._still_fits(backend, routers, tau, dt):
+            return cached
         n = len(routers)
-        if backend is None or not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous() and tau.shape == (n,)):
+        if not (tau.is_cpu and tau.dtype == dt and tau.is_contiguous() and tau.shape == (n,)):
             return None
         params = []
         channels = None
@@ -192,13 +222,52 @@ class SampleKernels:
             if shape[0] != n - i or shape[1] != channels:
                 return None
             params.append(p)
-        return SampleKernels(backend, dt, params, tau, channels) if n else None
+        if not n:
+            return None
+        kern = SampleKernels(backend, dt, params, tau, channels)
+        kern._checked_modules = [(r, r._modules["fc"], w, b, w.shape, b.shape) for r, (w, b) in zip(routers, params)]
+        _STAGES[routers] = kern
+        return kern
+
+    def _still_fits(self, backend: _CpuKernels, routers, tau: Tensor, dt: torch.dtype) -> bool:
+        """Whether what :meth:`for_stage` checked holds for the same stage as it did: the same
+        router and linear modules, still without hooks, the same parameters (and ``tau``) at the
+        same addresses, shapes and dtype. A module or parameter replaced, converted or moved, or
+        a hook registered, fails here, and ``for_stage`` checks the stage anew."""
+        ptrs, mods = self._ptrs, self._checked_modules
+        if backend is not self._backend or dt != self._dtype or len(routers) != len(mods):
+            return False
+        if tau is not self._tau or tau.data_ptr() != ptrs[0]:
+            return False
+        for i, (r, (r0, fc, w, b, ws, bs)) in enumerate(zip(routers, mods)):
+            if (
+                r is not r0
+                or r._forward_hooks
+                or r._forward_pre_hooks
+                or r._modules.get("fc") is not fc
+                or fc._forward_hooks
+                or fc._forward_pre_hooks
+                or fc._parameters.get("weight") is not w
+                or fc._parameters.get("bias") is not b
+                or w.data_ptr() != ptrs[2 * i + 1]
+                or b.data_ptr() != ptrs[2 * i + 2]
+                or w.dtype != dt
+                or b.dtype != dt
+                or w.shape != ws
+                or b.shape != bs
+            ):
+                return False
+        return True
 
     def _plan(self, n: int, hw: int, eval_gate: str, removal: bool, relu: list[bool]):
         """The stage's plan as the C calls read it: ``n, C, HW, gate mode, removal, tau, routers'
         (W, b), relu flags``."""
-        plan = [n, self._channels, hw, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
-        return (ctypes.c_int64 * len(plan))(*plan)
+        key = (n, hw, eval_gate, removal, *relu)
+        arr = self._plans.get(key)
+        if arr is None:
+            plan = [n, self._channels, hw, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
+            arr = self._plans[key] = (ctypes.c_int64 * len(plan))(*plan)
+        return arr
 
     def _checked(self, j: int, y: Tensor, shape: torch.Size, any_batch: bool = False) -> Tensor:
         """Block ``j``'s output, dense; a ValueError where its shape (batch aside when ``any_batch``:
@@ -235,6 +304,7 @@ class SampleKernels:
             ctypes.memset(ctypes.addressof(scratch) + open_at, 1, N * N)
         scratch[open_at + N * N] = b"\x01"  # alive[0]: block 0 ran
         step = self._step
+        calls = _node_calls(blocks, relu)
         outs = [y]  # every node output stays alive: the scratch area holds pointers to them
         i = 0
         while True:
@@ -242,7 +312,7 @@ class SampleKernels:
             j = step(plan_arr, scratch, i, y.data_ptr(), out.data_ptr())
             if j == n:
                 return out
-            y = self._checked(j, blocks[j](out, act=False) if relu[j] else blocks[j](out), shape)
+            y = self._checked(j, calls[j](out), shape)
             outs.append(y)
             i = j
 
@@ -304,6 +374,7 @@ class SampleKernels:
         )
         threads = _CpuKernels._threads(y.numel())
         step = self._batch_step
+        calls = _node_calls(blocks, relu)
         outs = [y]  # every node output stays alive: xs holds pointers to them
         xs[0] = y.data_ptr()
         i_ptr: int | None = xs[0]
@@ -320,7 +391,7 @@ class SampleKernels:
                 continue
             if compact and count < B:
                 out = out[:count]
-            y = self._checked(j, blocks[j](out, act=False) if relu[j] else blocks[j](out), shape, any_batch=True)
+            y = self._checked(j, calls[j](out), shape, any_batch=True)
             if count < B:
                 if pruned:
                     y = y.new_zeros(shape).index_copy_(0, idx[:count], y)
