@@ -171,7 +171,8 @@ _STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class SampleKernels:
     """The inference fast path's C calls for a stage of plain routers (``graph._inference``),
-    checked once per stage forward by :meth:`for_stage`. After each block one call runs the
+    built by :meth:`for_stage` and kept for the stage's next forwards while its routers stay as
+    they were checked (:meth:`_still_fits`). After each block one call runs the
     block's router and gate and writes the next node's input: at batch 1 (:meth:`run`) it also
     decides which node runs next (Sec. 3.3); at batch B (:meth:`run_batch`) it computes the next
     node's weights per sample, which samples keep it alive, and writes their inputs compacted. A
