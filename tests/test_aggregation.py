@@ -411,7 +411,7 @@ def test_fused_relu_forward_equals_relu_of_the_sum(dtype):
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eval_gate", ["masked", "hard", "soft"])
-@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (4, 6), (3, 5, 9, 10)])  # HW: 32 lanes + tail, tail only, 64 + tail
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (4, 6), (3, 5, 9, 10)])  # 35, 1 and 90 values per channel
 def test_fused_router_gate_matches_router_and_edge_gate(dtype, eval_gate, shape):
     from dynwire.layers._fused_glue import fused_router_gate
     from dynwire.layers.router import Router, edge_gate
