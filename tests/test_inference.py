@@ -206,8 +206,19 @@ def test_inference_fast_path_equals_dense_reference(name, wiring, node):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eval_gate", ["masked", "hard", "soft"])
-@pytest.mark.parametrize("pruned,node,threads", [(True, "branch", 1), (False, "branch", 2), (True, "block", 2)])
-def test_batch_stage_kernels_equal_tensor_ops(dtype, eval_gate, pruned, node, threads, monkeypatch):
+@pytest.mark.parametrize(
+    "name,pruned,node,threads",
+    [
+        ("cifar_resnet20", True, "branch", 1),
+        ("cifar_resnet20", False, "branch", 2),
+        ("cifar_resnet20", True, "block", 2),
+        # 7 block nodes per stage: nodes 5 and 7 (the output) read partial sums
+        ("cifar_resnet44", True, "branch", 1),
+        ("cifar_resnet44", True, "branch", 2),
+        ("cifar_resnet44", False, "block", 1),
+    ],
+)
+def test_batch_stage_kernels_equal_tensor_ops(dtype, eval_gate, name, pruned, node, threads, monkeypatch):
     # the batch path's one C call per node against its tensor ops (the C library off) and the
     # stage's general loop (the reference), with partial removal, in both executors, on one
     # thread (router and sum sample by sample) and two (the parallel loops)
@@ -216,23 +227,23 @@ def test_batch_stage_kernels_equal_tensor_ops(dtype, eval_gate, pruned, node, th
     torch.set_num_threads(threads)
     monkeypatch.setattr("dynwire.layers._fused._PARALLEL_MIN_NUMEL", 1024)  # the later stages too
     try:
-        _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch)
+        _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch)
     finally:
         torch.set_num_threads(prev)
 
 
-def _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch):
+def _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch):
     from dynwire.graph._inference import forward_inference
     from dynwire.layers._fused import fused_aggregation
     from dynwire.layers._fused_glue import SampleKernels
 
-    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node=node).eval().to(dtype)
+    model = dynwire.create_model(name, num_classes=10, wiring="dynamic", node=node).eval().to(dtype)
     x = torch.randn(7, 3, 24, 24, dtype=dtype)
     set_thresholds_at_quantile(model, x, 0.6)
     model.set_eval_gate(eval_gate)
     inputs = {}
-    for name, s in model.graph_stages():
-        s.register_forward_pre_hook(lambda mod, a, name=name: inputs.setdefault(name, a[0]))
+    for stage_name, s in model.graph_stages():
+        s.register_forward_pre_hook(lambda mod, a, n=stage_name: inputs.setdefault(n, a[0]))
     with torch.no_grad(), dynwire.record_adjacency(model) as rec:
         model(x)
     removed = int(sum(r[:, 1:-1].sum() for r in rec.removed.values()))
@@ -241,10 +252,10 @@ def _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch):
     real = SampleKernels.run_batch
     monkeypatch.setattr(SampleKernels, "run_batch", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
     calls = []
-    for name, s in model.graph_stages():
+    for stage_name, s in model.graph_stages():
         for b in s.blocks():
             b.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
-        h, blocks = inputs[name], s.blocks()
+        h, blocks = inputs[stage_name], s.blocks()
         with torch.no_grad():
             fast = forward_inference(s, h, blocks, pruned, s.output_act)
             fast_calls, calls[:] = list(calls), []
@@ -257,8 +268,57 @@ def _check_batch_stage_kernels(dtype, eval_gate, pruned, node, monkeypatch):
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         assert (fast - plain).abs().max() <= tol * max(1.0, plain.abs().max().item())
         assert (fast - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
-        live = len(x) * s.num_blocks - int(rec.removed[name][:, 1:-1].sum()) if pruned else len(x) * s.num_blocks
+        dead = int(rec.removed[stage_name][:, 1:-1].sum())
+        live = len(x) * s.num_blocks - dead if pruned else len(x) * s.num_blocks
         assert sum(fast_calls) == live, "blocks ran on exactly the live samples (all of them when not pruned)"
+
+
+@pytest.mark.parametrize("case", ["open", "quantile", "output-fallback"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_step_partial_sums_give_the_same_bits_as_the_full_sums(case, threads, monkeypatch):
+    # nodes 5 and 7 of a 7-block stage read the partial sums that the calls of nodes 4 and 6 wrote
+    # (the line kernels' sums of up to LINES_MAX_K inputs keep their order: the same bits); "output-fallback": every
+    # edge into the output node closed, which then sums its strongest edge from xs, not the partial sum
+    import dynwire.layers._fused_glue as glue
+
+    assert glue._partial_sum_steps(7) == {4, 6} and glue._partial_sum_steps(3) == set()
+    torch.manual_seed(0)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    monkeypatch.setattr("dynwire.layers._fused._PARALLEL_MIN_NUMEL", 1024)
+    model = dynwire.create_model("cifar_resnet44", num_classes=10, wiring="dynamic", node="branch").eval()
+    x = torch.randn(6, 3, 16, 16)
+    if case == "quantile":
+        set_thresholds_at_quantile(model, x, 0.5)
+    elif case == "output-fallback":
+        with torch.no_grad():
+            for _, s in model.graph_stages():
+                s.edges.tau[-1] = 2.0  # alpha < 1 <= 2: no edge into the output node is open
+    pins = []
+    kerns = []
+    try:
+        with torch.no_grad():
+            model(x)  # builds the stages' kernels
+            for _, s in model.graph_stages():
+                kern = glue._STAGES[s.edges.routers]
+                kerns.append((kern, kern._batch_step))
+                kern._batch_step = lambda *a, real=kern._batch_step: pins.append(a[-2] is not None) or real(*a)
+            with_partial = model(x)
+            monkeypatch.setattr(glue, "_partial_sum_steps", lambda n: frozenset())
+            without = model(x)
+            with dynwire.layers._fused.fused_aggregation("off"):
+                plain = model(x)
+    finally:
+        torch.set_num_threads(prev)
+        for kern, real in kerns:
+            kern._batch_step = real
+    stages = len(list(model.graph_stages()))
+    assert sum(pins) == 2 * stages, "nodes 5 and 7 of every stage read a partial sum, in the first forward only"
+    # up to 7 inputs per sum: the line kernels' order (a build without them sums four inputs at a time)
+    if dynwire.layers._fused._BACKENDS["cpu"].lines_max_k >= 7:
+        assert torch.equal(with_partial, without)
+    assert (with_partial - without).abs().max() <= 1e-5 * max(1.0, without.abs().max().item())
+    assert (with_partial - plain).abs().max() <= 1e-4 * max(1.0, plain.abs().max().item())
 
 
 def test_batch_stage_kernels_decline_channels_last_and_the_tensor_ops_take_over(monkeypatch):

@@ -21,6 +21,9 @@ node that does not grow with the number of its inputs, apart from the aggregatio
   too (``SampleKernels.run_batch``): the previous node's router and gate into the edge matrices,
   this node's per-sample weights and alive flags, and its input for the live samples only, packed
   (sample by sample on one thread, so the sum reads the previous output while it is in cache).
+  In a long stage some calls also write the next node's partial sum over the inputs they read,
+  while those are in cache, so that node reads two maps from memory instead of all of its inputs
+  (``layers._fused_glue._partial_sum_steps``; the same bits on a build with the line kernels).
   ``_forward_batch`` is that call's tensor-op reference.
 """
 

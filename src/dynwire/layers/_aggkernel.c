@@ -781,7 +781,18 @@ DEFINE_SAMPLE(f64, double)
  * 0 .. count-1 in order and idx[r] is the sample of row r; otherwise every row is written (zeros for
  * a removed sample). Without removal (open and alive NULL) every edge is open. On one thread a
  * sample's router and sum follow each other, so the sum reads y's sample from cache. Returns count,
- * the samples for which node j is alive. */
+ * the samples for which node j is alive.
+ *
+ * Partial sums (both NULL or not, independently; N <= PENDING_MAX_N): pout receives, per sample,
+ * node j + 1's sum over inputs 0 .. j-1 (all of their weights are known once node j - 1's router
+ * ran), read right after node j's sum while those inputs are in cache, not ReLU'd; pin is such a sum
+ * for node j from the previous call, and node j's input is then pin + w[j-1] * x[j-1] (two reads
+ * from memory instead of j; the output node's fallback edge sums from xs). A sum of up to
+ * LINES_MAX_K inputs keeps its order, so either way gives the same bits. out may be pin (written in
+ * place), except when compact with nthreads > 1. */
+#ifndef PENDING_MAX_N
+#define PENDING_MAX_N 64
+#endif
 #define DEFINE_BATCH(NAME, T)                                                                                    \
     static int NAME##_batch_weights(const int64_t *plan, int64_t i, const T *y, T *value, uint8_t *open,         \
                                     T *alpha_out, uint8_t *alive, int64_t j, T *w) {                             \
@@ -807,15 +818,38 @@ DEFINE_SAMPLE(f64, double)
         for (int64_t k = 0; k < n; k++)                                                                          \
             if (alive[k] && (best < 0 || alpha_out[k] > alpha_out[best])) best = k;                              \
         w[best] = value[n * N + best];                                                                           \
-        return 1;                                                                                                \
+        return 2;                                                                                                \
+    }                                                                                                            \
+                                                                                                                 \
+    /* node j + 1's partial sum over inputs 0 .. j-1 for sample b (weights as batch_weights gives them) */      \
+    static void NAME##_pending(int64_t N, const T *value, const uint8_t *open, const uint8_t *alive, int64_t j,  \
+                               const T *const *xs, T *pout, int64_t off, int64_t CHW) {                          \
+        T v[PENDING_MAX_N];                                                                                      \
+        for (int64_t k = 0; k < j; k++)                                                                          \
+            v[k] = !open || (open[(j + 1) * N + k] && alive[k]) ? value[(j + 1) * N + k] : (T)0;                 \
+        NAME##_fwd_task(j, xs, v, pout, off, off, 0, CHW, 0);                                                    \
+    }                                                                                                            \
+                                                                                                                 \
+    /* node j's input for sample b into row r: from pin where the previous call left its partial sum */        \
+    static void NAME##_node_input(int64_t j, const T *const *xs, const T *wb, const T *pin, T *out, int64_t off, \
+                                  int64_t ooff, int64_t CHW, int from_pin, int relu) {                           \
+        if (from_pin) {                                                                                          \
+            const T *q[2] = {pin, xs[j - 1]};                                                                    \
+            const T v[2] = {(T)1, wb[j - 1]};                                                                    \
+            NAME##_fwd_task(2, q, v, out, off, ooff, 0, CHW, relu);                                              \
+        } else {                                                                                                 \
+            NAME##_fwd_task(j, xs, wb, out, off, ooff, 0, CHW, relu);                                            \
+        }                                                                                                        \
     }                                                                                                            \
                                                                                                                  \
     int64_t dynwire_batch_step_##NAME(const int64_t *plan, int64_t B, int64_t i, const T *y, T *value,           \
                                       uint8_t *open, T *alpha_out, uint8_t *alive, const T *const *xs,           \
-                                      int64_t j, T *w, T *out, int64_t *idx, int compact, int nthreads) {        \
+                                      int64_t j, T *w, T *out, int64_t *idx, int compact, int nthreads,          \
+                                      const T *pin, T *pout) {                                                   \
         const int64_t N = plan[0] + 1, CHW = plan[1] * plan[2];                                                  \
         const int relu = (int)plan[6 + 2 * plan[0] + j];                                                         \
         int64_t count = 0;                                                                                       \
+        if (((pin || pout) && N > PENDING_MAX_N) || (pout && j >= N - 1)) return -1;                             \
         uint8_t *lives = nthreads > 1 ? (uint8_t *)malloc((size_t)B) : NULL;                                     \
         if (!lives) { /* one thread (or no memory for the flags): sample by sample */                            \
             for (int64_t b = 0; b < B; b++) {                                                                    \
@@ -824,8 +858,11 @@ DEFINE_SAMPLE(f64, double)
                                                       alive ? alive + b * N : NULL, j, w + b * N);               \
                 if (live) idx[count++] = b;                                                                      \
                 if (live || !compact)                                                                            \
-                    NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, (compact ? count - 1 : b) * CHW, 0, CHW,     \
-                                    live ? relu : 0);                                                            \
+                    NAME##_node_input(j, xs, w + b * N, pin, out, b * CHW, (compact ? count - 1 : b) * CHW, CHW, \
+                                      pin && live == 1, live ? relu : 0);                                        \
+                if (pout)                                                                                        \
+                    NAME##_pending(N, value + b * N * N, open ? open + b * N * N : NULL,                         \
+                                   alive ? alive + b * N : NULL, j, xs, pout, b * CHW, CHW);                     \
             }                                                                                                    \
             return count;                                                                                        \
         }                                                                                                        \
@@ -838,8 +875,13 @@ DEFINE_SAMPLE(f64, double)
         const int64_t rows = compact ? count : B;                                                                \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < rows; r++) {  \
             const int64_t b = compact ? idx[r] : r;                                                              \
-            NAME##_fwd_task(j, xs, w + b * N, out, b * CHW, r * CHW, 0, CHW, lives[b] ? relu : 0);               \
+            NAME##_node_input(j, xs, w + b * N, pin, out, b * CHW, r * CHW, CHW, pin && lives[b] == 1,           \
+                              lives[b] ? relu : 0);                                                              \
         }                                                                                                        \
+        if (pout)                                                                                                \
+            _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)   \
+                NAME##_pending(N, value + b * N * N, open ? open + b * N * N : NULL, alive ? alive + b * N : NULL, \
+                               j, xs, pout, b * CHW, CHW);                                                       \
         free(lives);                                                                                             \
         return count;                                                                                            \
     }
@@ -850,8 +892,12 @@ DEFINE_BATCH(f64, double)
 /* ABI version checked by aggregation.py: bump when a signature or a contract changes
  * (2: slots may be NULL, then only the dots are computed; 3: forward's relu flag, the router gate, the node
  * weights; 4: the batch-1 stage step; 5: the batch stage step, fwd_task's output offset;
- * 6: the tap with its output edges' dot products; 7: dynwire_lines_isa). */
-int dynwire_agg_abi(void) { return 7; }
+ * 6: the tap with its output edges' dot products; 7: dynwire_lines_isa; 8: the batch step's partial sums,
+ * dynwire_lines_max_k). */
+int dynwire_agg_abi(void) { return 8; }
+
+/* How many inputs a sum reads together, line by line, in their order (0: the blocked kernels only). */
+int dynwire_lines_max_k(void) { return LINES_MAX_K; }
 
 /* An importable (empty) extension module, so that setuptools can build it on every platform. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggkernel",

@@ -82,6 +82,8 @@ class _CpuKernels(_FusedBackend):
         self._fwd, self._bwd, self._tap = {}, {}, {}
         self._lines_isa = lib.dynwire_lines_isa
         self._lines_isa.argtypes, self._lines_isa.restype = [cint], cint
+        #: how many inputs the forward sums read together, line by line, in their order (0: none)
+        self.lines_max_k = int(lib.dynwire_lines_max_k())
         self._router, self._node_weights, self._sample_step, self._batch_step = {}, {}, {}, {}
         for dtype, name in self._NAMES.items():
             f = getattr(lib, f"dynwire_agg_forward_{name}")
@@ -103,7 +105,7 @@ class _CpuKernels(_FusedBackend):
                 st.argtypes, st.restype = [p, p, i64, p, p], i64
                 self._sample_step[dtype] = st
                 bs = getattr(lib, f"dynwire_batch_step_{name}")
-                bs.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, p, cint, cint]
+                bs.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, p, cint, cint, p, p]
                 bs.restype = i64
                 self._batch_step[dtype] = bs
 
@@ -124,7 +126,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 7:
+            if lib.dynwire_agg_abi() != 8:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):

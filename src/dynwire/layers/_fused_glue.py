@@ -164,6 +164,21 @@ def _node_calls(blocks, relu: list[bool]) -> list:
     return calls
 
 
+#: the most nodes of a stage (block nodes and output) for the batch step's partial sums (C: PENDING_MAX_N)
+_PENDING_MAX_N = 64
+
+
+def _partial_sum_steps(n: int) -> frozenset[int]:
+    """The nodes ``j`` of a stage of ``n`` block nodes whose batch step also writes node ``j + 1``'s
+    partial sum over inputs ``0 .. j-1`` (``dynwire_batch_step``): node ``j + 1`` then reads 2 maps
+    from memory instead of ``j + 1``, and the partial sum costs one map written and read plus a
+    second read of inputs still in cache. Pairs from the output node down (``n``, ``n - 2``, ... read
+    partial sums), where ``j >= 4`` saves more than it costs; none beyond ``_PENDING_MAX_N`` nodes."""
+    if n + 1 > _PENDING_MAX_N:
+        return frozenset()
+    return frozenset(c - 1 for c in range(n, 4, -2))
+
+
 #: each stage's kernels, keyed weakly by its routers' ``ModuleList`` (a model that is deleted,
 #: copied or pickled takes nothing along) and reused while :meth:`SampleKernels._still_fits`
 _STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -376,14 +391,31 @@ class SampleKernels:
         threads = _CpuKernels._threads(y.numel())
         step = self._batch_step
         calls = _node_calls(blocks, relu)
+        emits = _partial_sum_steps(n)
         outs = [y]  # every node output stays alive: xs holds pointers to them
         xs[0] = y.data_ptr()
         i_ptr: int | None = xs[0]
+        pending: Tensor | None = None  # node j's partial sum from the call of node j - 1
         for j in range(1, N):
-            out = torch.empty_like(y)
             compact = pruned and j < n
+            # node j's input over its partial sum, in place (not with parallel compaction: rows race)
+            out = pending if pending is not None and (threads == 1 or not compact) else torch.empty_like(y)
+            pin, pending = pending, (torch.empty_like(y) if j in emits else None)
             count = step(
-                plan_arr, B, j - 1, i_ptr, *ptrs, xs, j, w.data_ptr(), out.data_ptr(), idx.data_ptr(), compact, threads
+                plan_arr,
+                B,
+                j - 1,
+                i_ptr,
+                *ptrs,
+                xs,
+                j,
+                w.data_ptr(),
+                out.data_ptr(),
+                idx.data_ptr(),
+                compact,
+                threads,
+                None if pin is None else pin.data_ptr(),
+                None if pending is None else pending.data_ptr(),
             )
             if j == n:
                 return out
