@@ -872,16 +872,25 @@ DEFINE_SAMPLE(f64, double)
                                                      alive ? alive + b * N : NULL, j, w + b * N);                \
         for (int64_t b = 0; b < B; b++)                                                                          \
             if (lives[b]) idx[count++] = b;                                                                      \
-        const int64_t rows = compact ? count : B;                                                                \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t r = 0; r < rows; r++) {  \
-            const int64_t b = compact ? idx[r] : r;                                                              \
-            NAME##_node_input(j, xs, w + b * N, pin, out, b * CHW, r * CHW, CHW, pin && lives[b] == 1,           \
-                              lives[b] ? relu : 0);                                                              \
-        }                                                                                                        \
-        if (pout)                                                                                                \
-            _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)   \
+        /* a sample's input, then its partial sum, while the inputs just read are in cache */                   \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++) {     \
+            if (lives[b] || !compact) {                                                                          \
+                int64_t r = b; /* compact: the row of a live sample, found in idx (ascending) */                 \
+                if (compact) {                                                                                   \
+                    int64_t lo = 0, hi = count - 1;                                                              \
+                    while (lo < hi) {                                                                            \
+                        const int64_t mid = (lo + hi) / 2;                                                       \
+                        if (idx[mid] < b) lo = mid + 1; else hi = mid;                                           \
+                    }                                                                                            \
+                    r = lo;                                                                                      \
+                }                                                                                                \
+                NAME##_node_input(j, xs, w + b * N, pin, out, b * CHW, r * CHW, CHW, pin && lives[b] == 1,       \
+                                  lives[b] ? relu : 0);                                                          \
+            }                                                                                                    \
+            if (pout)                                                                                            \
                 NAME##_pending(N, value + b * N * N, open ? open + b * N * N : NULL, alive ? alive + b * N : NULL, \
                                j, xs, pout, b * CHW, CHW);                                                       \
+        }                                                                                                        \
         free(lives);                                                                                             \
         return count;                                                                                            \
     }
