@@ -7,7 +7,9 @@ load hits all variants alike; every ratio is against a reference of the same rou
   ``dynamic`` and ``static`` (nothing removed at initialisation), plus ``dynamic-reference``
   (the stage's general loop, what ran before the inference fast path), against ``sequential``.
 * ``small``: ``cifar_resnet20`` and ``cifar_resnet56`` as the studies run them (1 x 28 x 28), both
-  node forms (``dynamic``: branch nodes, ``dynamic-block``: whole blocks), against ``sequential``.
+  node forms (``dynamic``: branch nodes, ``dynamic-block``: whole blocks), against ``sequential``,
+  and ``dynamic-full-sums``: the branch form with every node summing all of its inputs (no partial
+  sums, ``layers._fused_glue._partial_sum_steps``), that change's A/B in the same rounds.
 * ``removal`` (``cifar_resnet56``): routers re-drawn so that edge weights differ between
   samples, one threshold for all nodes raised until a given share of (sample, block) pairs is
   removed; the pruned executor against the same model with nothing removed (thresholds 0) and
@@ -29,12 +31,20 @@ load hits all variants alike; every ratio is against a reference of the same rou
     python bench/inference.py --parts compile --threads 1
     python bench/inference.py --parts small --threads 1 2      # the small models, both node forms
     python bench/inference.py --parts small --threads 1 --rounds 31   # more rounds: tighter intervals
+    python bench/inference.py --parts small --threads 1 2 --rounds 11 --processes 6   # across processes
     python bench/inference.py --parts small --threads 1 --malloc default --out /tmp/x.json
 
 Every part runs on the heap ``dynwire eval`` uses (``--malloc kept``: ``dynwire.keep_freed_memory()``)
 unless ``--malloc default`` keeps glibc's own; an evaluation-only process on glibc's default heap
 unmaps freed feature maps and faults them in again on every forward, which costs the graph stages
 (more maps per forward) more than the chain.
+
+``--processes K`` runs the parts in K fresh processes, one after another, and reports for every
+ratio the median of the processes' medians, with the range and the 95% interval over those K
+medians (null below 6): a process's rounds share its memory layout and the machine's load of its
+minutes, which the interval over its own rounds does not cover (on a shared 2-core VM the same
+code moved by more than that interval between runs). Each process's medians are kept
+(``per_process``).
 
 Writes ``bench/results/inference.json`` (``--out``); parts not run are kept from the existing file.
 """
@@ -57,6 +67,7 @@ from _machine import cpu_info
 from torch import nn
 
 import dynwire
+import dynwire.layers._fused_glue as _glue
 from dynwire.analysis._stats import median_ci
 from dynwire.analysis.profile import count_macs
 
@@ -140,8 +151,8 @@ def _executor(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def _like(model: nn.Module, name: str, wiring: str) -> nn.Module:
-    m = dynwire.create_model(name, num_classes=10, wiring=wiring).eval()
+def _like(model: nn.Module, name: str, wiring: str, **kwargs) -> nn.Module:
+    m = dynwire.create_model(name, num_classes=10, wiring=wiring, **kwargs).eval()
     m.load_state_dict(model.state_dict())
     return m
 
@@ -170,15 +181,34 @@ def bench_dense(name: str, size: int, batch: int, rounds: int, reps1: int, repsn
     return measure(models)
 
 
+class _FullSums(nn.Module):
+    """``model`` run with every node summing all of its inputs: the inference batch path's partial
+    sums (``_fused_glue._partial_sum_steps``) switched off for its calls only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        steps = _glue._partial_sum_steps
+        _glue._partial_sum_steps = lambda n: frozenset()
+        try:
+            return self.model(x)
+        finally:
+            _glue._partial_sum_steps = steps
+
+
 def bench_small(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
     """The small models as the studies run them (Fashion-MNIST: 1 channel, 28x28), both node forms:
-    ``dynamic`` (branch nodes, the default) and ``dynamic-block`` (whole blocks), against ``sequential``."""
+    ``dynamic`` (branch nodes, the default) and ``dynamic-block`` (whole blocks), and the branch form
+    without partial sums (``dynamic-full-sums``, the same weights as ``dynamic``), against ``sequential``."""
     variants = {
         "sequential": dict(wiring="sequential", in_chans=1),
         "dynamic": dict(wiring="dynamic", in_chans=1),
         "dynamic-block": dict(wiring="dynamic", node="block", in_chans=1),
     }
     models, measure = _bench_variants(name, size, batch, rounds, reps1, repsn, 1, variants)
+    models["dynamic-full-sums"] = _FullSums(_like(models["dynamic"], name, "dynamic", in_chans=1))
     return measure(models)
 
 
@@ -365,8 +395,19 @@ def main(argv: list[str] | None = None) -> int:
         help="glibc heap: 'kept' = dynwire.keep_freed_memory() (what `dynwire eval` and `analyze` use), "
         "'default' = glibc's own (freed feature maps unmapped and faulted in again)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the parts in this many fresh processes, one after another; ratios: the median of their "
+        "medians, intervals over the processes (6 or more for the 95%% intervals)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "inference.json"))
     args = p.parse_args(argv)
+    if args.processes < 1:
+        raise SystemExit(f"--processes {args.processes}: give at least 1")
+    if args.processes > 1:
+        return _across_processes(args, list(argv if argv is not None else sys.argv[1:]))
     if args.malloc == "kept" and not dynwire.keep_freed_memory():
         raise SystemExit("--malloc kept: glibc mallopt is unavailable here; use --malloc default")
     if args.rounds is not None and args.rounds < 1:
@@ -428,6 +469,78 @@ def main(argv: list[str] | None = None) -> int:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name`` and its value (``--name V`` or ``--name=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def _pooled(variants: list[dict]) -> dict:
+    """One variant's results from several processes: each ratio the median of the processes'
+    medians, its range and 95% interval over them; each process's medians under ``per_process``."""
+    first = variants[0]
+    out: dict = {}
+    keys = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for k in keys:
+        vals = [v[k] for v in variants]
+        out[k] = round(statistics.median(vals), 4)
+        if k.endswith("_ratio") or k.endswith("_vs_equal"):
+            out[f"{k}_range"] = [round(min(vals), 4), round(max(vals), 4)]
+            if f"{k}_ci95" in first:
+                out[f"{k}_ci95"] = _ci(vals)
+    for k, v in first.items():
+        out.setdefault(k, v)
+    out["per_process"] = {k: [v[k] for v in variants] for k in keys}
+    return out
+
+
+def _across_processes(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--processes K``: the same parts in K fresh processes, pooled by :func:`_pooled`."""
+    import subprocess
+    import tempfile
+
+    base = _without_option(_without_option(argv, "--processes"), "--out")
+    docs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"p{i}.json"
+            print(f"process {i + 1}/{args.processes}", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, __file__, *base, "--out", str(out)], check=True)
+            docs.append(json.loads(out.read_text()))
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.setdefault("parts", {})
+    for part in args.parts:
+        runs = [d["parts"][part] for d in docs]
+        pooled = []
+        for rs in zip(*(r["results"] for r in runs)):
+            r0 = dict(rs[0])
+            if "variants" in r0:
+                r0["variants"] = {k: _pooled([r["variants"][k] for r in rs]) for k in r0["variants"]}
+            pooled.append(r0)
+        results["parts"][part] = dict(
+            runs[0],
+            command=" ".join(["python bench/inference.py", *argv]),
+            processes=args.processes,
+            load_avg_at_start=[r["load_avg_at_start"] for r in runs],
+            results=pooled,
+        )
+    results["meta"] = docs[-1]["meta"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(results, indent=1))
+    tmp_path.replace(path)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -491,7 +491,14 @@ def inference_small() -> str:
     rows = []
     for r in part["results"]:
         v = r["variants"]
-        for form, key in (("branch (default)", "dynamic"), ("block", "dynamic-block")):
+        forms = (
+            ("branch (default)", "dynamic"),
+            ("block", "dynamic-block"),
+            ("branch, full sums", "dynamic-full-sums"),
+        )
+        for form, key in forms:
+            if key not in v:
+                continue
             rows.append(
                 [
                     r["model"],
@@ -505,7 +512,16 @@ def inference_small() -> str:
     heap = part.get("malloc", "default")
     where = cpu_note(part.get("cpu"))
     ci = any("throughput_ratio_ci95" in v for r in part["results"] for v in r["variants"].values())
-    note = " In brackets: the 95% interval of the median over rounds (order statistics)." if ci else ""
+    k = part.get("processes", 1)
+    if k > 1:
+        note = (
+            f" Each ratio: the median over {k} processes of each one's median over its rounds; in brackets the "
+            "95% interval over those processes (order statistics)."
+        )
+    else:
+        note = " In brackets: the 95% interval of the median over rounds (order statistics)." if ci else ""
+    if any("dynamic-full-sums" in r["variants"] for r in part["results"]):
+        note += " *Full sums*: the branch form without the batch path's partial sums (the same weights)."
     return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`.{note}{where}\n\n" + table(
         header, rows, "lrlrr"
     )
