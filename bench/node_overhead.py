@@ -25,7 +25,8 @@ pass after the timed rounds splits the batch-64 evaluation of every variant: tim
 stages' blocks (the chain's blocks include their shortcut add and ReLU; DG-Net's branches do not),
 and in the stages outside them (DG-Net: the routers, gates, removal and aggregations, one C call
 per node on the CPU). ``agg_traffic_share``: the least memory traffic of DG-Net's aggregations in
-inference (``K`` reads + 1 write per node, every node alive) at the bandwidth of an out-of-cache
+inference (``K`` reads + 1 write per node, every node alive; 2 reads for a node that starts from a
+partial sum, and 1 write of that sum by the node before it) at the bandwidth of an out-of-cache
 ``torch.add(a, b, out=c)`` measured in the same process, as a share of the chain's evaluation;
 ``chain_add_traffic_share``: the same for the chain's shortcut adds with their ReLU (2 reads + 1
 write per block), which DG-Net's aggregations replace and which the chain's blocks include.
@@ -60,6 +61,7 @@ import dynwire
 from dynwire.analysis._stats import median_ci
 from dynwire.graph.stage import GraphStage
 from dynwire.layers import aggregation as agg
+from dynwire.layers._fused_glue import _partial_sum_steps
 from dynwire.layers.router import Router
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -186,14 +188,18 @@ def _eval_split(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict:
 
 
 def _eval_agg_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """The least memory traffic of one evaluation's aggregations (bytes): ``K`` reads + 1 write per
-    node with ``K`` inputs, every node alive; feature-map sizes from one forward with hooks."""
-    sizes = _stage_map_bytes(model, x)
-    return sum(
-        (len(st.edges.predecessors(j)) + 1) * size * x.shape[0]
-        for st, size in sizes.items()
-        for j in range(1, st.num_nodes)
-    )
+    """The least memory traffic of one evaluation's aggregations (bytes) as the batch path runs them,
+    every node alive: ``K`` reads + 1 write per node with ``K`` inputs, except that a node whose
+    input starts from a partial sum (``_fused_glue._partial_sum_steps``) reads that sum and its
+    newest input (2 reads), and the node before it writes the sum (1 write; its second pass over
+    inputs still in cache is not counted); feature-map sizes from one forward with hooks."""
+    total = 0
+    for st, size in _stage_map_bytes(model, x).items():
+        emits = _partial_sum_steps(st.num_blocks)
+        for j in range(1, st.num_nodes):
+            reads = 2 if j - 1 in emits else len(st.edges.predecessors(j))
+            total += (reads + 1 + (j in emits)) * size * x.shape[0]
+    return total
 
 
 def _chain_add_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:

@@ -469,8 +469,10 @@ def small_perf() -> str:
     for t in threads:
         header += [f"eval batch 64, {t} thread{'s' * (t > 1)}", f"eval batch 1, {t} thread{'s' * (t > 1)}"]
     heap = part.get("malloc", "default")
+    k = part.get("processes", 1)
+    over = f"; evaluation: the median over {k} processes" if k > 1 else ""
     return (
-        f"Time against `sequential` in the same process, 1x28x28 inputs (`{node['command']}`, heap: "
+        f"Time against `sequential` in the same process{over}, 1x28x28 inputs (`{node['command']}`, heap: "
         f"kept; `{part['command']}`, heap: {heap}).{cpu_note(part.get('cpu'))}\n\n"
         + table(header, rows, "ll" + "r" * (len(header) - 2))
     )

@@ -346,7 +346,8 @@ class SampleKernels:
         (zeroed) :class:`~dynwire.graph.edges.EdgeMatrices` ``mats`` and ``alive`` ``(B, N)`` (all
         True; None without removal, then ``mats.open`` is None too). ``pruned``: a node runs on its
         live samples only (their inputs written packed by the call, the outputs scattered back),
-        otherwise on all with removed samples zeroed, as ``graph._inference._run``. None, before
+        otherwise on all with removed samples zeroed, as ``graph._inference._run``. In a long stage
+        some calls also write the next node's partial sum (:func:`_partial_sum_steps`). None, before
         anything ran, where ``y`` or the matrices do not fit the C call; then the caller goes on
         from ``y``."""
         n = len(blocks)
