@@ -313,7 +313,7 @@ def test_batch_step_partial_sums_give_the_same_bits_as_the_full_sums(case, threa
         for kern, real in kerns:
             kern._batch_step = real
     stages = len(list(model.graph_stages()))
-    assert sum(pins) == 2 * stages, "nodes 5 and 7 of every stage read a partial sum, in the first forward only"
+    assert sum(pins) == 2 * stages, "nodes 5 and 7 of every stage read a partial sum (in the forward with them)"
     # up to 7 inputs per sum: the line kernels' order (a build without them sums four inputs at a time)
     if dynwire.layers._fused._BACKENDS["cpu"].lines_max_k >= 7:
         assert torch.equal(with_partial, without)
@@ -447,3 +447,14 @@ def test_branch_nodes_skip_their_module_call_only_when_it_would_do_nothing():
     assert node.without_act().func is node, "a forward replaced on the instance is called"
     fast, ref = _fast_and_reference(model, x)
     assert (fast - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_batch_step_refuses_a_partial_sum_past_the_output_node(monkeypatch):
+    # the C call checks what it is asked to write: a partial sum for a node after the output is
+    # refused (-1), and the stage says so instead of running on
+    import dynwire.layers._fused_glue as glue
+
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
+    monkeypatch.setattr(glue, "_partial_sum_steps", lambda n: frozenset({n}))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="refused node 3's partial sums"):
+        model(torch.randn(4, 3, 16, 16))

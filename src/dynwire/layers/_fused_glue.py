@@ -418,6 +418,8 @@ class SampleKernels:
                 None if pin is None else pin.data_ptr(),
                 None if pending is None else pending.data_ptr(),
             )
+            if count < 0:  # the C call refused the partial sums (_partial_sum_steps and its PENDING_MAX_N disagree)
+                raise RuntimeError(f"dynwire_batch_step refused node {j}'s partial sums: rebuild the C kernels")
             if j == n:
                 return out
             if count == 0 and pruned:  # removed for every sample: never read, its router never runs
