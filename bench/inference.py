@@ -70,6 +70,7 @@ import dynwire
 import dynwire.layers._fused_glue as _glue
 from dynwire.analysis._stats import median_ci
 from dynwire.analysis.profile import count_macs
+from dynwire.engine.files import atomic_write
 
 SHARES = (0.2, 0.4, 0.5, 0.6, 0.8)
 
@@ -465,10 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         cpus=os.cpu_count(),
         note="ratios are medians over interleaved rounds; absolute times depend on machine load",
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
+    return _save(path, results)
+
+
+def _save(path: Path, results: dict) -> int:
+    """Write ``results`` to ``path`` atomically (the parts not run this time are in it already)."""
+    atomic_write(path, json.dumps(results, indent=1))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -537,12 +540,7 @@ def _across_processes(args: argparse.Namespace, argv: list[str]) -> int:
             results=pooled,
         )
     results["meta"] = docs[-1]["meta"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(results, indent=1))
-    tmp_path.replace(path)
-    print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return _save(path, results)
 
 
 if __name__ == "__main__":
