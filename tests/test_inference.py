@@ -417,6 +417,145 @@ def test_stage_kernels_are_reused_while_the_routers_stay_as_checked(batch):
     check(model)
 
 
+def test_batch_one_keeps_its_path_while_the_stage_stays_as_checked(monkeypatch):
+    # after a batch-1 CPU forward each stage keeps its C-call path (graph._inference._OneSample) and
+    # checks per forward what it was built on: a change is seen at the next forward, which takes the
+    # stage's full decision (and keeps a new path where the C calls still apply); the outputs stay
+    # the general loop's throughout
+    import copy
+    import pickle
+
+    from torch.onnx._internal.exporter import _flags
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dynwire.graph import _inference
+    from dynwire.graph.stage import BranchNode
+    from dynwire.layers.aggregation import fused_aggregation
+
+    ran = []
+    real = _inference._OneSample.__call__
+    monkeypatch.setattr(_inference._OneSample, "__call__", lambda self, h: ran.append(self) or real(self, h))
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
+    with torch.no_grad():  # branches that matter and routers that differ
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.1)
+        for _, s in model.graph_stages():
+            for r in s.edges.routers:
+                r.fc.weight.normal_(0, 0.5)
+    set_thresholds_at_quantile(model, torch.randn(5, 3, 24, 24), 0.5)
+    x = torch.randn(1, 3, 24, 24)
+    every = {"layer1", "layer2", "layer3"}
+
+    def kept(m=model, xx=x, grad=False):
+        """The stages whose kept path ran in one forward, checked against the general loop."""
+        ran.clear()
+        with torch.set_grad_enabled(grad):
+            fast = m(xx)
+        took = {name for name, s in m.graph_stages() if any(k is _inference._ONE.get(s) for k in ran)}
+        assert len(ran) == len(took), "each stage ran its own kept path, once"
+        with torch.no_grad(), dynwire.record_adjacency(m):  # the general loop, never the kept path
+            ref = m(xx)
+        assert (fast - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+        return took, fast.detach()
+
+    assert kept()[0] == set(), "the first forward builds the paths"
+    took, base = kept()
+    assert took == every
+    assert torch.equal(kept()[1], base), "the same computation"
+
+    # what the stage's own decision reads per forward: never kept while it holds
+    model.train()
+    assert kept()[0] == set(), "training mode"
+    model.eval()
+    with fused_aggregation("off"):
+        assert kept()[0] == set(), "the C library switched off"
+    with FlopCounterMode(display=False):
+        assert kept()[0] == set(), "a dispatch mode"
+    with monkeypatch.context() as mp:
+        mp.setattr(_flags, "_is_onnx_exporting", True)
+        assert kept()[0] == set(), "an ONNX export"
+    assert kept(grad=True)[0] == set(), "autograd"
+    assert kept(xx=torch.randn(2, 3, 24, 24))[0] == set(), "a batch of 2"
+    assert kept()[0] == every, "unchanged paths run again"
+    model.layer2.executor = "dense"
+    assert kept()[0] == every - {"layer2"}
+    model.layer2.executor = "pruned"
+    assert kept()[0] == every
+
+    # what a stage's path was built on: seen once, then a new path where the C calls still apply
+    def seen_then_rebuilt(stage: str, why: str) -> torch.Tensor:
+        assert kept()[0] == every - {stage}, why
+        took, out = kept()
+        assert took == every, why
+        return out
+
+    model.layer2.set_eval_gate("hard")
+    seen_then_rebuilt("layer2", "the gate")
+    model.layer2.set_eval_gate("masked")
+    seen_then_rebuilt("layer2", "the gate back")
+    node = model.layer1.blocks()[1]
+    assert isinstance(node, BranchNode)
+    handle = node.register_forward_hook(lambda mod, a, out: out * 0.5)
+    seen_then_rebuilt("layer1", "a hook on a branch node: kept with its module call")
+    handle.remove()
+    assert kept()[0] == every, "the hook removed: the path with the module call still fits"
+    node = model.layer1.blocks()[2]  # still called without its module call
+    node.forward = lambda h, act=True: BranchNode.forward(node, h, act) * 2.0
+    seen_then_rebuilt("layer1", "a forward replaced on the instance")
+    del node.forward
+    assert kept()[0] == every, "the forward back: the path with the module call still fits"
+    model.layer3.output_act = torch.nn.LeakyReLU(0.1)
+    seen_then_rebuilt("layer3", "the stage's output activation")
+    edges = copy.deepcopy(model.layer2.edges)
+    with torch.no_grad():
+        edges.routers[0].fc.bias.add_(1.0)
+    model.layer2.edges = edges
+    seen_then_rebuilt("layer2", "the edges replaced")
+    router = model.layer2.edges.routers[1]
+    with torch.no_grad():
+        router.fc.weight.data = router.fc.weight.data * 0.5  # new storage under the same parameter
+    seen_then_rebuilt("layer2", "a router's parameter moved")
+    handle = router.register_forward_pre_hook(lambda mod, a: None)
+    assert kept()[0] == every - {"layer2"} and kept()[0] == every - {"layer2"}, "a hooked router: never kept"
+    handle.remove()
+    assert kept()[0] == every
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: None)
+    try:
+        assert kept()[0] == set(), "a global hook: seen"
+    finally:
+        handle.remove()
+    assert kept()[0] == every
+    model.double()
+    assert kept(xx=x.double())[0] == set() and kept(xx=x.double())[0] == every, "converted, then kept again"
+
+    twin = copy.deepcopy(model)
+    assert kept(m=twin, xx=x.double())[0] == set(), "nothing of the kept paths travels with a copy"
+    pickle.loads(pickle.dumps(model))
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.jit, "is_tracing", lambda: True)
+        assert kept(xx=x.double())[0] == set(), "not while tracing"
+
+
+def test_in_onnx_export_reads_the_flags_torch_reads(monkeypatch):
+    from torch.onnx._internal.exporter import _flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    from dynwire.graph._inference import in_onnx_export
+
+    assert not in_onnx_export() and not torch.onnx.is_in_onnx_export()
+    with monkeypatch.context() as mp:
+        mp.setattr(_flags, "_is_onnx_exporting", True)
+        assert in_onnx_export() and torch.onnx.is_in_onnx_export()
+    GLOBALS.in_onnx_export = True
+    try:
+        assert in_onnx_export() and torch.onnx.is_in_onnx_export()
+    finally:
+        GLOBALS.in_onnx_export = False
+    assert not in_onnx_export()
+
+
 def test_branch_nodes_skip_their_module_call_only_when_it_would_do_nothing():
     from dynwire.graph.stage import BranchNode
 

@@ -29,17 +29,18 @@ node that does not grow with the number of its inputs, apart from the aggregatio
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ..layers._fused_glue import SampleKernels, fused_node_weights
+from ..layers._fused_glue import SampleKernels, _backend_for, _node_calls, fused_node_weights
 from ..layers.aggregation import _aggregate_impl
 from ..layers.router import edge_gate_floats
 from .edges import RoutedEdges
 
-__all__ = ["forward_inference"]
+__all__ = ["forward_inference", "forward_one_kept"]
 
 
 def forward_inference(
@@ -56,7 +57,7 @@ def forward_inference(
     # which aggregations may apply the ReLU that follows them: branch inputs and the stage output
     relu = [getattr(b, "relu_input", False) for b in blocks] + [type(output_act) is nn.ReLU]
     if batch == 1 and pruned and x.device.type == "cpu":
-        out = _forward_one(g, x, blocks, relu)
+        out = _forward_one(g, x, blocks, relu, stage=stage)
         return out if output_act is None or relu[n] else output_act(out)
     mats = g.begin_matrices(batch, x)
     removal = mats.open is not None
@@ -144,21 +145,33 @@ def _forward_batch(
     raise AssertionError("unreachable")
 
 
-def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bool]) -> Tensor:
+def _forward_one(
+    g: nn.Module,
+    x: Tensor,
+    blocks: list[nn.Module],
+    relu: list[bool],
+    first: Tensor | None = None,
+    stage: nn.Module | None = None,
+) -> Tensor:
     """One sample on the CPU: the gates as Python numbers (one ``.tolist()`` per router), so a
     node costs its block, its router and one ``add_`` per live input, and a removed node nothing.
     Plain routers of a complete DAG take one C call per node instead
-    (:meth:`~dynwire.layers._fused_glue.SampleKernels.run`)."""
+    (:meth:`~dynwire.layers._fused_glue.SampleKernels.run`), and ``stage`` then keeps that path for
+    its next forwards (:class:`_OneSample`). ``first``: block 0's output, when it ran already (then
+    the Python numbers go on from it)."""
     n = len(blocks)
     removal = g.can_close()
-    routers = tau = first = None
+    routers = tau = None
     if isinstance(g, RoutedEdges) and type(g).output_gates is RoutedEdges.output_gates:
         routers = g.routers
-        kern = _stage_kernels(g, x)
+        kern = _stage_kernels(g, x) if first is None else None
         if kern is not None:
             first = blocks[0](x)
-            out = kern.run(blocks, first, relu, g.eval_gate, removal)
+            calls = _node_calls(blocks, relu)
+            out = kern.run(blocks, first, relu, g.eval_gate, removal, calls)
             if out is not None:
+                if stage is not None:
+                    _ONE[stage] = _OneSample(stage, g, kern, blocks, relu, removal, calls)
                 return out
         tau = g.tau.tolist()
     if g.data_dependent:
@@ -212,6 +225,119 @@ def _forward_one(g: nn.Module, x: Tensor, blocks: list[nn.Module], relu: list[bo
                     opened[r][j] = oo
             alpha_out[j] = a[-1]
     raise AssertionError("unreachable")
+
+
+#: torch's global module hooks (a None where this torch keeps them elsewhere)
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, None)
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
+
+
+#: each stage's batch-1 path with the C calls as last built (:class:`_OneSample`), keyed weakly by
+#: the stage: a model that is deleted, copied or pickled takes nothing along
+_ONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: the per-forward interface of ``RoutedEdges`` that the C calls replace (overridden on an instance: not taken)
+_PER_FORWARD = frozenset({"output_gates", "begin_matrices", "observe_matrices"})
+
+
+def forward_one_kept(stage: nn.Module, x: Tensor) -> Tensor | None:
+    """``stage(x)`` for one CPU sample through the path its last such forward built with the C calls
+    (the same outputs as :func:`forward_inference`), where everything that path was built on still
+    holds (:meth:`_OneSample.fits`); None otherwise, before anything ran."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: nothing below is traced
+        return None
+    one = _ONE.get(stage)
+    if one is None or not one.fits(stage, x):
+        return None
+    return one(x)
+
+
+_ONNX: list = []  # the flags torch.onnx.is_in_onnx_export reads, once bound; [None] where not found
+
+
+def in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without the two imports it runs per call (about 1.5 us,
+    on every stage of every forward): it reads the flags of the TorchScript exporter and of the
+    exporter; that function itself under ``torch.compile`` and where this torch keeps them elsewhere."""
+    if torch.compiler.is_compiling():  # what the compiler knows how to trace
+        return torch.onnx.is_in_onnx_export()
+    if not _ONNX:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+        except ImportError:
+            _ONNX.append(None)
+        else:
+            _ONNX.append((GLOBALS, _flags))
+    flags = _ONNX[0]
+    if flags is None:
+        return torch.onnx.is_in_onnx_export()
+    return bool(flags[0].in_onnx_export or flags[1]._is_onnx_exporting)
+
+
+def _own_call(d: dict) -> bool:
+    return "forward" in d or d.get("_compiled_call_impl") is not None
+
+
+class _OneSample:
+    """A stage's batch-1 CPU path with the C calls, kept between forwards: its kernels, node
+    callables, relu flags and gate, and what :func:`forward_inference` checked to choose them
+    (inference on the pruned executor, nothing recorded or traced, a complete DAG of plain routers
+    as checked by :meth:`SampleKernels._still_fits`, branch nodes called without their module call
+    only while that call would do nothing). :meth:`fits` checks it all again in a few operations,
+    so that a forward at batch 1 costs its blocks and C calls, not the setup's Python."""
+
+    __slots__ = ("blocks", "calls", "eval_gate", "g", "hooks", "kern", "kind", "output_act", "preds")
+    __slots__ += ("relu", "removal", "shortcuts")
+
+    def __init__(self, stage, g, kern: SampleKernels, blocks, relu: list[bool], removal: bool, calls: list) -> None:
+        self.g, self.kind, self.preds, self.eval_gate = g, type(g), g._preds, g.eval_gate
+        self.kern, self.blocks, self.relu, self.removal, self.calls = kern, list(blocks), relu, removal, calls
+        self.output_act = stage.output_act
+        # nodes whose module call is skipped (BranchNode.without_act): their hooks and own call are watched
+        skipped = [b for b, c in zip(blocks, calls) if isinstance(c, partial) and c.func is not b]
+        self.hooks = tuple(_GLOBAL_HOOKS) + tuple(
+            d
+            for b in skipped
+            for d in (b._forward_hooks, b._forward_pre_hooks, b._backward_hooks, b._backward_pre_hooks)
+        )
+        self.shortcuts = tuple(b.__dict__ for b in skipped)
+
+    def fits(self, stage: nn.Module, x: Tensor) -> bool:
+        """Whether ``stage(x)`` would take this path: see the class."""
+        g = self.g
+        backend = _backend_for(x)  # inference, CPU, dtype, not compiling, no dispatch mode
+        return (
+            backend is not None
+            and x.shape[0] == 1
+            and not (stage.training or g.training or stage.record_adjacency)
+            and stage.executor == "pruned"
+            and not in_onnx_export()
+            and stage._nodes == self.blocks
+            and stage._modules.get("edges") is g
+            and stage._modules.get("output_act") is self.output_act  # where a module (or None) is set
+            and type(g) is self.kind
+            and g._preds is self.preds
+            and g.eval_gate == self.eval_gate
+            and not (g.__dict__.keys() & _PER_FORWARD)
+            and not any(self.hooks)
+            and not any(map(_own_call, self.shortcuts))
+            and self.kern._still_fits(backend, g._modules.get("routers"), g._parameters.get("tau"), x.dtype)
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        first = self.blocks[0](x)
+        out = self.kern.run(self.blocks, first, self.relu, self.eval_gate, self.removal, self.calls)
+        if out is None:  # block 0's output does not fit the C call: Python numbers from it
+            out = _forward_one(self.g, x, self.blocks, self.relu, first)
+        return out if self.output_act is None or self.relu[-1] else self.output_act(out)
 
 
 def _output_fallback(open_: Tensor, alpha: Tensor, live: Tensor) -> Tensor:

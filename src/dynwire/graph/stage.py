@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..layers.aggregation import GradSlot, aggregate, aggregate_reference, recompute_aggregations, tap
 from ..layers.router import EVAL_GATES
-from ._inference import forward_inference
+from ._inference import _GLOBAL_HOOKS, forward_inference, forward_one_kept, in_onnx_export
 from .edges import EdgeWeights, RoutedEdges, build_edges
 from .wiring import WiringConfig
 
@@ -113,6 +113,9 @@ class GraphStage(nn.Module):
         return self.training and torch.is_grad_enabled() and self.wiring.recompute and not _tracing()
 
     def forward(self, x: Tensor) -> Tensor:
+        out = forward_one_kept(self, x)  # one CPU sample, as the last such forward ran it
+        if out is not None:
+            return out
         blocks = self.blocks()
         if self.edges.is_chain:
             if not self.record_adjacency:
@@ -141,7 +144,7 @@ class GraphStage(nn.Module):
             and not self.record_adjacency
             and x.device.type != "meta"
             and not _tracing()
-            and not torch.onnx.is_in_onnx_export()
+            and not in_onnx_export()
             # under a dispatch mode (the FLOP counter) the general loop keeps the aggregation op visible
             and _get_current_dispatch_mode() is None
         )
@@ -162,7 +165,7 @@ class GraphStage(nn.Module):
         slots: list[GradSlot] = []
         alive: list[Tensor] = []  # (B,) bool per node, when nodes can be removed
         use_taps = self.fused_grad and torch.is_grad_enabled() and not _tracing()
-        onnx = torch.onnx.is_in_onnx_export()
+        onnx = in_onnx_export()
         # ReLUs in place on fresh sums (node inputs, the output): not while recording, exporting or tracing
         relu_in_place = not record and not onnx and not _tracing()
         cost = self.training and self.cost_temperature is not None and hasattr(g, "tau")
@@ -314,17 +317,6 @@ class BranchNode(nn.Module):
         if _module_call_is_forward(self) and "forward" not in self.__dict__:
             return partial(self.block.forward_branch, act=False)
         return partial(self, act=False)
-
-
-_GLOBAL_HOOKS = tuple(
-    getattr(torch.nn.modules.module, name, None)
-    for name in (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-)
 
 
 def _module_call_is_forward(m: nn.Module) -> bool:

@@ -207,8 +207,9 @@ class SampleKernels:
         for w, b in params:
             self._ptrs += (w.data_ptr(), b.data_ptr())
         self._plans: dict[tuple, ctypes.Array] = {}  # read-only once built: shared by concurrent forwards
-        # what for_stage checked, for _still_fits: (router, its fc, weight, bias, their shapes)
-        self._checked_modules: list[tuple] = []
+        # what for_stage checked, for _still_fits, a row per router: (router, its fc, weight, bias,
+        # their addresses and shapes)
+        self._rows: tuple[tuple, ...] = ()
 
     @staticmethod
     def for_stage(routers, tau: Tensor, like: Tensor) -> SampleKernels | None:
@@ -241,21 +242,29 @@ class SampleKernels:
         if not n:
             return None
         kern = SampleKernels(backend, dt, params, tau, channels)
-        kern._checked_modules = [(r, r._modules["fc"], w, b, w.shape, b.shape) for r, (w, b) in zip(routers, params)]
+        kern._rows = tuple(
+            (r, r._modules["fc"], w, b, w.data_ptr(), b.data_ptr(), w.shape, b.shape)
+            for r, (w, b) in zip(routers, params)
+        )
         _STAGES[routers] = kern
         return kern
 
-    def _still_fits(self, backend: _CpuKernels, routers, tau: Tensor, dt: torch.dtype) -> bool:
+    def _still_fits(self, backend: _CpuKernels, routers, tau: Tensor | None, dt: torch.dtype) -> bool:
         """Whether what :meth:`for_stage` checked holds for the same stage as it did: the same
         router and linear modules, still without hooks, the same parameters (and ``tau``) at the
         same addresses, shapes and dtype. A module or parameter replaced, converted or moved, or
         a hook registered, fails here, and ``for_stage`` checks the stage anew."""
-        ptrs, mods = self._ptrs, self._checked_modules
-        if backend is not self._backend or dt != self._dtype or len(routers) != len(mods):
+        rows = self._rows
+        if (
+            backend is not self._backend
+            or dt != self._dtype
+            or tau is not self._tau
+            or tau.data_ptr() != self._ptrs[0]
+            or routers is None
+            or len(routers._modules) != len(rows)
+        ):
             return False
-        if tau is not self._tau or tau.data_ptr() != ptrs[0]:
-            return False
-        for i, (r, (r0, fc, w, b, ws, bs)) in enumerate(zip(routers, mods)):
+        for r, (r0, fc, w, b, pw, pb, ws, bs) in zip(routers._modules.values(), rows):
             if (
                 r is not r0
                 or r._forward_hooks
@@ -265,8 +274,8 @@ class SampleKernels:
                 or fc._forward_pre_hooks
                 or fc._parameters.get("weight") is not w
                 or fc._parameters.get("bias") is not b
-                or w.data_ptr() != ptrs[2 * i + 1]
-                or b.data_ptr() != ptrs[2 * i + 2]
+                or w.data_ptr() != pw
+                or b.data_ptr() != pb
                 or w.dtype != dt
                 or b.dtype != dt
                 or w.shape != ws
@@ -295,11 +304,14 @@ class SampleKernels:
             )
         return y.contiguous()  # same values: the sum and the router read them densely
 
-    def run(self, blocks, y: Tensor, relu: list[bool], eval_gate: str, removal: bool) -> Tensor | None:
+    def run(
+        self, blocks, y: Tensor, relu: list[bool], eval_gate: str, removal: bool, calls: list | None = None
+    ) -> Tensor | None:
         """The stage on one sample from ``y``, block 0's output ``(1, C, ...)``: blocks ``j >= 1`` get
         ``act=False`` where ``relu[j]`` says that their input aggregation applies the activation
-        (``relu[n]``: the stage output's). None, before anything ran, where ``y`` does not fit the
-        C call (dtype, layout, router width); then the caller goes on from ``y``."""
+        (``relu[n]``: the stage output's); ``calls``: ``_node_calls(blocks, relu)`` where the caller
+        has it. None, before anything ran, where ``y`` does not fit the C call (dtype, layout,
+        router width); then the caller goes on from ``y``."""
         n = len(blocks)
         C = self._channels
         if (
@@ -320,7 +332,7 @@ class SampleKernels:
             ctypes.memset(ctypes.addressof(scratch) + open_at, 1, N * N)
         scratch[open_at + N * N] = b"\x01"  # alive[0]: block 0 ran
         step = self._step
-        calls = _node_calls(blocks, relu)
+        calls = _node_calls(blocks, relu) if calls is None else calls
         outs = [y]  # every node output stays alive: the scratch area holds pointers to them
         i = 0
         while True:
