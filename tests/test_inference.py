@@ -538,6 +538,22 @@ def test_batch_one_keeps_its_path_while_the_stage_stays_as_checked(monkeypatch):
         assert kept(xx=x.double())[0] == set(), "not while tracing"
 
 
+def test_a_kept_batch_one_path_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    from dynwire.graph import _inference
+
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 24, 24))
+    assert _inference._ONE.get(model.layer1) is not None
+    stage = weakref.ref(model.layer1)
+    del model
+    gc.collect()
+    assert stage() is None
+
+
 def test_in_onnx_export_reads_the_flags_torch_reads(monkeypatch):
     from torch.onnx._internal.exporter import _flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS

@@ -25,6 +25,10 @@ node that does not grow with the number of its inputs, apart from the aggregatio
   while those are in cache, so that node reads two maps from memory instead of all of its inputs
   (``layers._fused_glue._partial_sum_steps``; the same bits on a build with the line kernels).
   ``_forward_batch`` is that call's tensor-op reference.
+
+At batch 1 a stage keeps the path its C calls took (``_OneSample``) and later forwards only check,
+before anything runs, that what it was built on still holds (``_OneSample.fits``): the stage's
+whole decision above is Python that runs between convolutions, on every forward.
 """
 
 from __future__ import annotations
@@ -263,9 +267,9 @@ _ONNX: list = []  # the flags torch.onnx.is_in_onnx_export reads, once bound; [N
 
 
 def in_onnx_export() -> bool:
-    """``torch.onnx.is_in_onnx_export()`` without the two imports it runs per call (about 1.5 us,
-    on every stage of every forward): it reads the flags of the TorchScript exporter and of the
-    exporter; that function itself under ``torch.compile`` and where this torch keeps them elsewhere."""
+    """``torch.onnx.is_in_onnx_export()`` without the two imports it runs per call (on every stage of
+    every forward): it reads the flags of the TorchScript exporter and of the exporter; that function
+    itself under ``torch.compile`` and where this torch keeps them elsewhere."""
     if torch.compiler.is_compiling():  # what the compiler knows how to trace
         return torch.onnx.is_in_onnx_export()
     if not _ONNX:
