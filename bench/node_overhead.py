@@ -30,6 +30,9 @@ partial sum, and 1 write of that sum by the node before it) at the bandwidth of 
 ``torch.add(a, b, out=c)`` measured in the same process, as a share of the chain's evaluation;
 ``chain_add_traffic_share``: the same for the chain's shortcut adds with their ReLU (2 reads + 1
 write per block), which DG-Net's aggregations replace and which the chain's blocks include.
+``removed_share``: the share of (sample, block node) pairs removed (Sec. 3.3) in that evaluation;
+the timed training steps move the routers and thresholds, so a form that removes nodes runs less
+than the chain's work there (the models of ``bench/inference.py`` are untrained).
 
 Each model runs in a fresh process per heap policy: ``default`` (glibc's own, which unmaps freed
 maps above its mmap threshold) and ``kept`` (``dynwire.keep_freed_memory()``, opt-in: freed
@@ -294,6 +297,7 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
     bw = _bandwidth_gbs()
     seq_b = statistics.median(ev_t[("sequential", batch)])
     for f in FORMS:
+        evaluation[f]["removed_share"] = _removed_share(models[f], x)
         evaluation[f]["agg_traffic_share"] = round(_eval_agg_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
         evaluation[f]["chain_add_traffic_share"] = round(_chain_add_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
     return {
@@ -310,11 +314,21 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
     }
 
 
+def _removed_share(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Share of (sample, block node) pairs removed (Sec. 3.3) when ``model`` evaluates ``x``. The
+    timed training steps move the routers and thresholds, so the forms' evaluations may not run the
+    same blocks: a form that removes more runs less than the chain's work."""
+    with torch.no_grad(), dynwire.record_adjacency(model) as rec:
+        model(x)
+    removed = [v[:, 1:-1] for v in rec.removed.values()]
+    return round(sum(int(v.sum()) for v in removed) / sum(v.numel() for v in removed), 4)
+
+
 def table(doc: dict) -> str:
     lines = [
         "| model | form | train step | of which: recompute | taps | routers | aggregation kernels | rest "
-        "| aten ops (chain) | gates per receiver | eval b64 | eval b1 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| aten ops (chain) | gates per receiver | eval b64 | eval b1 | removed at eval |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in doc["results"]:
         for f, t in r["train"].items():
@@ -324,7 +338,8 @@ def table(doc: dict) -> str:
                 f"| {r['model']} | {f} | {t['ratio']:.2f}x | {sh['norecompute']:+.1%} | {sh['notaps']:+.1%} "
                 f"| {sh['norouters']:+.1%} | {sh['aggregation kernels']:+.1%} | {rest:+.1%} "
                 f"| {t['ops']} ({r['sequential_ops']}) | {t['ratio_receivers']:.2f}x "
-                f"| {r['eval'][f]['b64_ratio']:.2f}x | {r['eval'][f]['b1_ratio']:.2f}x |"
+                f"| {r['eval'][f]['b64_ratio']:.2f}x | {r['eval'][f]['b1_ratio']:.2f}x "
+                f"| {r['eval'][f].get('removed_share', float('nan')):.1%} |"
             )
     return "\n".join(lines)
 

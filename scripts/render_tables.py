@@ -793,6 +793,7 @@ def node_overhead(key: str = "results") -> str:
                     ratio(r["eval"][form]["b64_ratio"]),
                     *_eval_split_cells(r, form),
                     ratio(r["eval"][form]["b1_ratio"]),
+                    f"{r['eval'][form]['removed_share']:.1%}" if "removed_share" in r["eval"][form] else "",
                 ]
             )
     where = cpu_note(doc.get("machine")).strip()
@@ -814,9 +815,10 @@ def node_overhead(key: str = "results") -> str:
             "b64: stage outside blocks",
             "b64: aggregation traffic (chain's adds)",
             "eval b1",
+            "removed at eval",
         ],
         rows,
-        "llrrrrrrrrrrrrr",
+        "llrrrrrrrrrrrrrr",
     )
 
 
