@@ -352,6 +352,22 @@ def _fast_and_reference(model, x):
     return fast, ref
 
 
+def _varied_cifar_resnet20():
+    """DG-Net-20 (eval) whose branches matter (the last norm of each starts at zero), whose routers
+    differ, and whose thresholds sit at the median of their weights: nodes are removed."""
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.1)
+        for _, s in model.graph_stages():
+            for r in s.edges.routers:
+                r.fc.weight.normal_(0, 0.5)
+    set_thresholds_at_quantile(model, torch.randn(5, 3, 24, 24), 0.5)
+    return model
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 def test_stage_kernels_are_reused_while_the_routers_stay_as_checked(batch):
     # the C calls' per-stage setup is kept between forwards (SampleKernels.for_stage) and checked
@@ -361,17 +377,8 @@ def test_stage_kernels_are_reused_while_the_routers_stay_as_checked(batch):
 
     from dynwire.layers._fused_glue import SampleKernels
 
-    torch.manual_seed(0)
-    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
-    with torch.no_grad():  # branches that matter (the last norm of each starts at zero) and routers that differ
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.1)
-        for _, s in model.graph_stages():
-            for r in s.edges.routers:
-                r.fc.weight.normal_(0, 0.5)
+    model = _varied_cifar_resnet20()
     x = torch.randn(batch, 3, 24, 24)
-    set_thresholds_at_quantile(model, torch.randn(5, 3, 24, 24), 0.5)
     stage = model.layer2
     h = torch.randn(batch, 32, 12, 12)
 
@@ -435,16 +442,7 @@ def test_batch_one_keeps_its_path_while_the_stage_stays_as_checked(monkeypatch):
     ran = []
     real = _inference._OneSample.__call__
     monkeypatch.setattr(_inference._OneSample, "__call__", lambda self, h: ran.append(self) or real(self, h))
-    torch.manual_seed(0)
-    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic").eval()
-    with torch.no_grad():  # branches that matter and routers that differ
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.1)
-        for _, s in model.graph_stages():
-            for r in s.edges.routers:
-                r.fc.weight.normal_(0, 0.5)
-    set_thresholds_at_quantile(model, torch.randn(5, 3, 24, 24), 0.5)
+    model = _varied_cifar_resnet20()
     x = torch.randn(1, 3, 24, 24)
     every = {"layer1", "layer2", "layer3"}
 

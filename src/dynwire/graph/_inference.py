@@ -76,12 +76,16 @@ def forward_inference(
     return _forward_batch(g, x, blocks, pruned, output_act, relu, mats, alive)
 
 
+#: the per-forward interface of ``RoutedEdges`` that the C calls replace (overridden: not taken)
+_PER_FORWARD = frozenset({"output_gates", "begin_matrices", "observe_matrices"})
+
+
 def _stage_kernels(g: nn.Module, x: Tensor) -> SampleKernels | None:
     """The C calls for a complete DAG of plain routers (``RoutedEdges`` as shipped, nothing of its
     per-forward interface overridden by a subclass or on the instance), or None."""
     if not (isinstance(g, RoutedEdges) and g.data_dependent and g.complete_dag()):
         return None
-    for name in ("output_gates", "begin_matrices", "observe_matrices"):
+    for name in _PER_FORWARD:
         if name in vars(g) or getattr(type(g), name) is not getattr(RoutedEdges, name):
             return None
     return SampleKernels.for_stage(g.routers, g.tau, x)
@@ -246,9 +250,6 @@ _GLOBAL_HOOKS = tuple(
 #: each stage's batch-1 path with the C calls as last built (:class:`_OneSample`), keyed weakly by
 #: the stage: a model that is deleted, copied or pickled takes nothing along
 _ONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-#: the per-forward interface of ``RoutedEdges`` that the C calls replace (overridden on an instance: not taken)
-_PER_FORWARD = frozenset({"output_gates", "begin_matrices", "observe_matrices"})
 
 
 def forward_one_kept(stage: nn.Module, x: Tensor) -> Tensor | None:
