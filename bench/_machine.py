@@ -1,9 +1,12 @@
-"""The CPU a benchmark ran on, for its results file: the same code runs at different speeds on
-AVX-512 and AVX2 machines (the C kernels' line width follows the CPU)."""
+"""What the benchmarks share: the CPU a benchmark ran on, for its results file (the same code runs at
+different speeds on AVX-512 and AVX2 machines: the C kernels' line width follows the CPU), and the
+interval they report for a median of ratios."""
 
 from __future__ import annotations
 
 import platform
+
+from dynwire.analysis._stats import median_ci
 
 
 def cpu_info() -> dict:
@@ -33,3 +36,9 @@ def cpu_info() -> dict:
     line_bytes = getattr(kern, "line_bytes", None)
     info["kernel_line_bytes"] = line_bytes() if line_bytes is not None else None
     return info
+
+
+def ci95(ratios: list[float], digits: int = 3) -> list[float] | None:
+    """95% interval of the median of ``ratios`` (order statistics), rounded; None below 6 values."""
+    lo, hi = median_ci(ratios)
+    return None if lo != lo else [round(lo, digits), round(hi, digits)]

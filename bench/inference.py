@@ -63,12 +63,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _machine import cpu_info
+from _machine import ci95, cpu_info
 from torch import nn
 
 import dynwire
 import dynwire.layers._fused_glue as _glue
-from dynwire.analysis._stats import median_ci
 from dynwire.analysis.profile import count_macs
 from dynwire.engine.files import atomic_write
 
@@ -123,10 +122,10 @@ def _measure(
             throughput_img_s=round(statistics.median(v[1] for v in vals), 2),
             latency_ratio=round(statistics.median(lat), 4),
             latency_ratio_range=[round(min(lat), 4), round(max(lat), 4)],
-            latency_ratio_ci95=_ci(lat),
+            latency_ratio_ci95=ci95(lat, 4),
             throughput_ratio=round(statistics.median(thr), 4),
             throughput_ratio_range=[round(min(thr), 4), round(max(thr), 4)],
-            throughput_ratio_ci95=_ci(thr),
+            throughput_ratio_ci95=ci95(thr, 4),
         )
     for k, other in (pairs or {}).items():
         lat = [v[0] / r[0] for v, r in zip(rows[k], rows[other])]
@@ -139,11 +138,6 @@ def _measure(
             throughput_ratio_vs_equal_range=[round(min(thr), 4), round(max(thr), 4)],
         )
     return out
-
-
-def _ci(ratios: list[float]) -> list[float] | None:
-    lo, hi = median_ci(ratios)
-    return None if lo != lo else [round(lo, 4), round(hi, 4)]
 
 
 def _executor(model: nn.Module, kind: str) -> nn.Module:
@@ -501,7 +495,7 @@ def _pooled(variants: list[dict]) -> dict:
         if k.endswith("_ratio") or k.endswith("_vs_equal"):
             out[f"{k}_range"] = [round(min(vals), 4), round(max(vals), 4)]
             if f"{k}_ci95" in first:
-                out[f"{k}_ci95"] = _ci(vals)
+                out[f"{k}_ci95"] = ci95(vals, 4)
     for k, v in first.items():
         out.setdefault(k, v)
     out["per_process"] = {k: [v[k] for v in variants] for k in keys}

@@ -20,19 +20,22 @@ recomputation, backward dot products and the taps' sums) are timed inside the sh
 wrapping them; ``rest`` is what is left of the overhead: the per-node glue (gates, stacking of edge
 weights, op dispatch, Python). ``ops`` counts the aten operators one step dispatches (profiler).
 
-Evaluation (``torch.no_grad``, eval mode): batch 64 and batch 1, same interleaving. One extra
-pass after the timed rounds splits the batch-64 evaluation of every variant: time inside the graph
-stages' blocks (the chain's blocks include their shortcut add and ReLU; DG-Net's branches do not),
-and in the stages outside them (DG-Net: the routers, gates, removal and aggregations, one C call
+Evaluation (``torch.no_grad``, eval mode) of copies of the models taken before the training
+steps, so that no form removes nodes the other runs (``removed_share`` checks it): batch 64 and
+batch 1, same interleaving. Extra passes after the timed rounds split the batch-64 evaluation of
+every variant (``eval_split``, medians of 15 interleaved passes): the graph stages' blocks (the
+chain's blocks include their shortcut add and ReLU; DG-Net's branch nodes do not), of which the
+residual branches every form runs (``branches_s``), and the stages outside the blocks, of which
+DG-Net's C calls (``c_steps_s``: the routers, gates, removal and the next node's input, one call
 per node on the CPU). ``agg_traffic_share``: the least memory traffic of DG-Net's aggregations in
 inference (``K`` reads + 1 write per node, every node alive; 2 reads for a node that starts from a
 partial sum, and 1 write of that sum by the node before it) at the bandwidth of an out-of-cache
-``torch.add(a, b, out=c)`` measured in the same process, as a share of the chain's evaluation;
-``chain_add_traffic_share``: the same for the chain's shortcut adds with their ReLU (2 reads + 1
-write per block), which DG-Net's aggregations replace and which the chain's blocks include.
-``removed_share``: the share of (sample, block node) pairs removed (Sec. 3.3) in that evaluation;
-the timed training steps move the routers and thresholds, so a form that removes nodes runs less
-than the chain's work there (the models of ``bench/inference.py`` are untrained).
+``torch.add(a, b, out=c)`` measured in the same process (``bandwidth_gbs``), as a share of the
+chain's evaluation; ``c_steps_gbs``: that traffic over the C calls' time, the rate they move it at;
+``chain_add_traffic_share``: the same share for the chain's shortcut adds with their ReLU (2 reads
++ 1 write per block), which DG-Net's aggregations replace. ``bandwidth_in_cache_gbs``: the same
+``torch.add`` on 3 MiB tensors that stay in the cache, the speed of a pass over maps written just
+before (as the chain's adds read them).
 
 Each model runs in a fresh process per heap policy: ``default`` (glibc's own, which unmaps freed
 maps above its mmap threshold) and ``kept`` (``dynwire.keep_freed_memory()``, opt-in: freed
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -61,14 +65,14 @@ import torch
 from torch.nn import functional as F
 
 import dynwire
-from dynwire.analysis._stats import median_ci
 from dynwire.graph.stage import GraphStage
+from dynwire.layers import _fused_glue as _glue
 from dynwire.layers import aggregation as agg
 from dynwire.layers._fused_glue import _partial_sum_steps
 from dynwire.layers.router import Router
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_info
+from _machine import ci95, cpu_info
 from train_overhead import _bandwidth_gbs, _stage_map_bytes  # noqa: E402  (the training floor's probe and sizes)
 
 FORMS = ("block", "branch")
@@ -154,40 +158,69 @@ def _ops(fn) -> int:
     return sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
 
 
-def _eval_split(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> dict:
-    """Batch evaluation time (median of ``reps``) and its part inside the graph stages' blocks and
-    in the stages outside the blocks, by wrapping their forwards for one timed pass each."""
-    stages = [m for m in model.modules() if isinstance(m, GraphStage)]
-    t = {"blocks": 0.0, "stages": 0.0}
+def _eval_split(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int = 15) -> dict[str, dict]:
+    """Each model's batch evaluation time and its parts (medians over ``rounds`` passes, one pass of
+    every model per round, the order rotated each round), by wrapping for those passes:
 
-    def timed(mod, key):
-        fwd = mod.forward
+    * ``in_blocks_s``: the graph stages' blocks (the chain's blocks with their shortcut add and ReLU;
+      DG-Net's branch nodes without them);
+    * ``branches_s``: the blocks' residual branches (``_branch``: the convolutions and norms that
+      every form runs), so ``in_blocks_s - branches_s`` is the chain's shortcut adds and ReLUs;
+    * ``stages_outside_blocks_s``: the stages outside their blocks;
+    * ``c_steps_s``: of that, the batch path's C calls (one per node after block 0: router, gate and
+      the next node's input, ``SampleKernels.run_batch``).
+    """
+    keys = ("blocks", "branches", "stages", "c_steps")
+    t = dict.fromkeys(keys, 0.0)
 
+    def timed(fn, key):
         def wrapped(*a, **kw):
             t0 = _clock()
             try:
-                return fwd(*a, **kw)
+                return fn(*a, **kw)
             finally:
                 t[key] += _clock() - t0
 
-        mod.forward = wrapped
+        return wrapped
 
-    mods = [(s, "stages") for s in stages] + [(b, "blocks") for s in stages for b in s.blocks()]
-    for mod, key in mods:
-        timed(mod, key)
-    runs = []
+    mods = []
+    for model in models.values():
+        stages = [m for m in model.modules() if isinstance(m, GraphStage)]
+        blocks = [b for s in stages for b in s.blocks()]
+        mods += [(s, "forward", "stages") for s in stages] + [(b, "forward", "blocks") for b in blocks]
+        mods += [(m, "_branch", "branches") for b in blocks for m in b.modules() if "_branch" in type(m).__dict__]
+    for mod, attr, key in mods:
+        setattr(mod, attr, timed(getattr(mod, attr), key))
+    run_batch = _glue.SampleKernels.run_batch
+
+    def run_batch_timed(self, *a, **kw):  # the instance's C step, timed for this call
+        step = self._batch_step
+        self._batch_step = timed(step, "c_steps")
+        try:
+            return run_batch(self, *a, **kw)
+        finally:
+            self._batch_step = step
+
+    order = list(models)
+    runs: dict[str, list[tuple[float, ...]]] = {v: [] for v in order}
     try:
-        with torch.no_grad():
-            for _ in range(reps):
-                t["blocks"] = t["stages"] = 0.0
-                t0 = _clock()
-                model(x)
-                runs.append((_clock() - t0, t["blocks"], t["stages"] - t["blocks"]))
+        with torch.no_grad(), mock.patch.object(_glue.SampleKernels, "run_batch", run_batch_timed):
+            for v in order:
+                models[v](x)
+            for r in range(rounds):
+                for v in order[r % len(order) :] + order[: r % len(order)]:
+                    t.update(dict.fromkeys(keys, 0.0))
+                    t0 = _clock()
+                    models[v](x)
+                    total = _clock() - t0
+                    runs[v].append((total, t["blocks"], t["branches"], t["stages"] - t["blocks"], t["c_steps"]))
     finally:
-        for mod, _ in mods:
-            del mod.forward
-    total, blocks, rest = (statistics.median(r[i] for r in runs) for i in range(3))
-    return {"total_s": round(total, 6), "in_blocks_s": round(blocks, 6), "stages_outside_blocks_s": round(rest, 6)}
+        for mod, attr, _ in mods:
+            delattr(mod, attr)
+    names = ("total_s", "in_blocks_s", "branches_s", "stages_outside_blocks_s", "c_steps_s")
+    return {
+        v: {k: round(statistics.median(r[i] for r in rs), 6) for i, k in enumerate(names)} for v, rs in runs.items()
+    }
 
 
 def _eval_agg_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -211,15 +244,13 @@ def _chain_add_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(3 * len(st.blocks()) * size * x.shape[0] for st, size in _stage_map_bytes(model, x).items())
 
 
-def _ci(ratios: list[float]) -> list[float] | None:
-    """95% interval of the per-round ratios' median (order statistics); None below 6 rounds."""
-    lo, hi = median_ci(ratios)
-    return None if lo != lo else [round(lo, 3), round(hi, 3)]
-
-
 def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> dict:
     variants = ["sequential"] + [f"{f}{'-' + a if a else ''}" for f in FORMS for a in ("", *ABLATIONS, *DESIGNS)]
     models = {v: _build(name, v).train() for v in variants}
+    # evaluation on the untrained models: the timed steps move routers and thresholds, and a form
+    # that then removes nodes would run less than the chain's work
+    ev = ["sequential", *FORMS]
+    ev_models = {v: copy.deepcopy(models[v]).eval() for v in ev}
     opts = {v: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for v, m in models.items()}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, size, size, generator=g)
@@ -256,7 +287,7 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
         rest = statistics.median(over) - parts["norecompute"] - parts["notaps"] - parts["norouters"] - kernels[f]
         train[f] = {
             "ratio": round(statistics.median([a / b for a, b in zip(wall[f], seq)]), 3),
-            "ratio_ci95": _ci([a / b for a, b in zip(wall[f], seq)]),
+            "ratio_ci95": ci95([a / b for a, b in zip(wall[f], seq)]),
             "overhead_s": round(statistics.median(over), 5),
             "parts_s": {k: round(t, 5) for k, t in parts.items()},
             "parts_share_of_sequential": {k: round(t / statistics.median(seq), 4) for k, t in parts.items()},
@@ -267,9 +298,7 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
             train[f][f"ratio_{a}"] = round(statistics.median([p / q for p, q in zip(wall[f"{f}-{a}"], seq)]), 3)
 
     # evaluation, batch 64 and batch 1
-    for m in models.values():
-        m.eval()
-    ev = ["sequential", *FORMS]
+    models = ev_models
     x1 = x[:1].contiguous()
     ev_t: dict[tuple[str, int], list[float]] = {(v, b): [] for v in ev for b in (batch, 1)}
     with torch.no_grad():
@@ -292,13 +321,18 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
         for b in (batch, 1):
             per_round = [p / q for p, q in zip(ev_t[(f, b)], ev_t[("sequential", b)])]
             evaluation[f][f"b{b}_ratio"] = round(statistics.median(per_round), 3)
-            evaluation[f][f"b{b}_ratio_ci95"] = _ci(per_round)
-    split = {v: _eval_split(models[v], x) for v in ev}
+            evaluation[f][f"b{b}_ratio_ci95"] = ci95(per_round)
+    split = _eval_split({v: models[v] for v in ev}, x)
     bw = _bandwidth_gbs()
+    # one map of cifar_resnet56's first stage at batch 64 is 3.1 MiB: a, b and c stay in the L3
+    bw_cached = _bandwidth_gbs(mib=3, repeats=21)
     seq_b = statistics.median(ev_t[("sequential", batch)])
     for f in FORMS:
+        agg_bytes = _eval_agg_bytes(models[f], x)
         evaluation[f]["removed_share"] = _removed_share(models[f], x)
-        evaluation[f]["agg_traffic_share"] = round(_eval_agg_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
+        evaluation[f]["agg_traffic_share"] = round(agg_bytes / bw / 1e9 / seq_b, 4)
+        steps = split[f]["c_steps_s"]
+        evaluation[f]["c_steps_gbs"] = round(agg_bytes / steps / 1e9, 2) if steps else None
         evaluation[f]["chain_add_traffic_share"] = round(_chain_add_bytes(models[f], x) / bw / 1e9 / seq_b, 4)
     return {
         "model": name,
@@ -311,13 +345,13 @@ def measure(name: str, batch: int, size: int, rounds: int, eval_reps: int) -> di
         "eval_sequential_s": {f"b{b}": round(statistics.median(ev_t[("sequential", b)]), 6) for b in (batch, 1)},
         "eval_split": split,
         "bandwidth_gbs": round(bw, 2),
+        "bandwidth_in_cache_gbs": round(bw_cached, 2),
     }
 
 
 def _removed_share(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Share of (sample, block node) pairs removed (Sec. 3.3) when ``model`` evaluates ``x``. The
-    timed training steps move the routers and thresholds, so the forms' evaluations may not run the
-    same blocks: a form that removes more runs less than the chain's work."""
+    """Share of (sample, block node) pairs removed (Sec. 3.3) when ``model`` evaluates ``x``: a form
+    that removes nodes runs less than the chain's work."""
     with torch.no_grad(), dynwire.record_adjacency(model) as rec:
         model(x)
     removed = [v[:, 1:-1] for v in rec.removed.values()]

@@ -836,6 +836,66 @@ def _eval_split_cells(r: dict, form: str) -> list[str]:
     ]
 
 
+def node_overhead_eval() -> str:
+    """Batch-64 evaluation by part on both heaps (bench/node_overhead.py's ``eval_split``): shares of
+    the chain's evaluation in the same passes, and the rate of DG-Net's C calls on their least traffic
+    next to ``torch.add``'s out of and in the cache. Empty for files before the split had its parts."""
+    doc = _bench("node_overhead.json")
+    rows = []
+    for key, heap in (("results_kept_malloc", "kept"), ("results", "glibc")):
+        for r in doc.get(key) or []:
+            split = r.get("eval_split", {})
+            if "sequential" not in split or "c_steps_s" not in split["sequential"]:
+                continue
+            seq = split["sequential"]
+            chain = seq["total_s"]
+
+            def share(v: dict, k: str, chain: float = chain) -> str:
+                return f"{v[k] / chain:.1%}"
+
+            def shortcut(v: dict, chain: float = chain) -> str:
+                return f"{(v['in_blocks_s'] - v['branches_s']) / chain:.1%}"
+
+            for form in r["eval"]:
+                v, e = split[form], r["eval"][form]
+                rows.append(
+                    [
+                        f"`{r['model']}`",
+                        form,
+                        heap,
+                        ratio(e["b64_ratio"], 3),
+                        ratio(v["total_s"] / chain, 3),
+                        f"{share(v, 'branches_s')} ({share(seq, 'branches_s')})",
+                        f"{shortcut(v)} ({shortcut(seq)})",
+                        share(v, "c_steps_s"),
+                        f"{(v['stages_outside_blocks_s'] - v['c_steps_s']) / chain:.1%}",
+                        f"{e['c_steps_gbs']:.1f}",
+                        f"{r['bandwidth_gbs']:.1f} / {r['bandwidth_in_cache_gbs']:.1f}",
+                    ]
+                )
+    if not rows:
+        return ""
+    where = cpu_note(doc.get("machine")).strip()
+    head = f"{where}\n\n" if where else ""
+    return head + table(
+        [
+            "model",
+            "node",
+            "heap",
+            "eval b64 (rounds)",
+            "eval b64 (split passes)",
+            "branches (chain's)",
+            "shortcut adds, ReLU (chain's)",
+            "C calls",
+            "rest of the stages",
+            "C calls' rate on least traffic, GB/s",
+            "torch.add out of / in cache, GB/s",
+        ],
+        rows,
+        "lllrrrrrrrr",
+    )
+
+
 def frontier() -> str:
     """Accuracy against executed MACs (issue 17): ``scripts/frontier.py``'s table, as committed."""
     if not FRONTIER.is_file():
@@ -847,6 +907,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "frontier.md": frontier,
     "node_overhead.md": node_overhead,
     "node_overhead_kept_malloc.md": lambda: node_overhead("results_kept_malloc"),
+    "node_overhead_eval.md": node_overhead_eval,
     "branch_results.md": lambda: branch_results(_branch_study()),
     "branch_contrast.md": lambda: branch_contrast(_branch_study()),
     "init_scale.md": init_scale,
