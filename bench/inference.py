@@ -10,6 +10,10 @@ load hits all variants alike; every ratio is against a reference of the same rou
   node forms (``dynamic``: branch nodes, ``dynamic-block``: whole blocks), against ``sequential``,
   and ``dynamic-full-sums``: the branch form with every node summing all of its inputs (no partial
   sums, ``layers._fused_glue._partial_sum_steps``), that change's A/B in the same rounds.
+* ``channels_last``: the ``small`` models converted to channels_last (as ``train.channels_last``
+  runs them), both node forms against ``sequential`` in channels_last; ``dynamic-tensor-ops``: the
+  branch form with the C calls declining channels_last maps (the path before they read them), and
+  ``sequential-nchw`` / ``dynamic-nchw`` in the default layout.
 * ``removal`` (``cifar_resnet56``): routers re-drawn so that edge weights differ between
   samples, one threshold for all nodes raised until a given share of (sample, block) pairs is
   removed; the pruned executor against the same model with nothing removed (thresholds 0) and
@@ -33,6 +37,7 @@ load hits all variants alike; every ratio is against a reference of the same rou
     python bench/inference.py --parts small --threads 1 --rounds 31   # more rounds: tighter intervals
     python bench/inference.py --parts small --threads 1 2 --rounds 11 --processes 6   # across processes
     python bench/inference.py --parts small --threads 1 --malloc default --out /tmp/x.json
+    python bench/inference.py --parts channels_last --threads 1 --rounds 11 --processes 6
 
 Every part runs on the heap ``dynwire eval`` uses (``--malloc kept``: ``dynwire.keep_freed_memory()``)
 unless ``--malloc default`` keeps glibc's own; an evaluation-only process on glibc's default heap
@@ -207,6 +212,45 @@ def bench_small(name: str, size: int, batch: int, rounds: int, reps1: int, repsn
     return measure(models)
 
 
+class _ChannelsLast(nn.Module):
+    """``model`` converted to channels_last, its input too (as ``train.channels_last`` runs them);
+    ``declined``: the C calls take only the default layout, as before they read channels_last maps
+    (``_fused_glue._layout``), so the stages run their tensor ops."""
+
+    def __init__(self, model: nn.Module, declined: bool = False) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+        self.declined = declined
+
+    def forward(self, x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not self.declined:
+            return self.model(x)
+        layout = _glue._layout
+        _glue._layout = lambda y: 0 if y.is_contiguous() else None
+        try:
+            return self.model(x)
+        finally:
+            _glue._layout = layout
+
+
+def bench_channels_last(name: str, size: int, batch: int, rounds: int, reps1: int, repsn: int) -> dict:
+    """The small models (as in ``small``) in channels_last, against ``sequential`` in channels_last:
+    both node forms, the branch form with the C calls declined (``dynamic-tensor-ops``, the path
+    channels_last maps took before the C calls read them), and ``sequential`` and ``dynamic`` in the
+    default layout (``-nchw``: what the layout itself buys)."""
+    variants = {
+        "sequential": dict(wiring="sequential", in_chans=1),
+        "dynamic": dict(wiring="dynamic", in_chans=1),
+        "dynamic-block": dict(wiring="dynamic", node="block", in_chans=1),
+    }
+    models, measure = _bench_variants(name, size, batch, rounds, reps1, repsn, 1, variants)
+    nchw = {f"{k}-nchw": _like(models[k], name, variants[k]["wiring"], in_chans=1) for k in ("sequential", "dynamic")}
+    declined = _ChannelsLast(_like(models["dynamic"], name, "dynamic", in_chans=1), declined=True)
+    models = {k: _ChannelsLast(m) for k, m in models.items()}
+    return measure({**models, "dynamic-tensor-ops": declined, **nchw})
+
+
 def _blocks_run(model: nn.Module, x) -> tuple[float, dict]:
     """Share of (sample, block) pairs removed, from what the pruned fast path ran (block hooks)."""
     seen = []
@@ -377,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         nargs="+",
         default=["dense", "removal"],
-        choices=["dense", "small", "removal", "trained", "frontier", "compile"],
+        choices=["dense", "small", "channels_last", "removal", "trained", "frontier", "compile"],
     )
     p.add_argument(
         "--rounds", type=int, default=None, help="interleaved rounds of the dense, small, removal and compile parts"
@@ -417,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         "small": [
             (m, 28, 64, 3 if q else 7, 30 if q else 60, 3 if q else 5) for m in ("cifar_resnet20", "cifar_resnet56")
         ],
+        "channels_last": [
+            (m, 28, 64, 3 if q else 7, 30 if q else 60, 3 if q else 5) for m in ("cifar_resnet20", "cifar_resnet56")
+        ],
         "removal": [("cifar_resnet56", 32, 64, 2 if q else 3, 20 if q else 40, 3)],
         "compile": [("cifar_resnet56", 32, 64, 3, 40, 3)],
     }
@@ -440,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                     fn = {
                         "dense": bench_dense,
                         "small": bench_small,
+                        "channels_last": bench_channels_last,
                         "removal": bench_removal,
                         "compile": bench_compile,
                     }[part]

@@ -487,27 +487,31 @@ def _ratio_ci(r: float, ci: list[float] | None, invert: bool = False) -> str:
     return f"{ratio(r)} [{lo:.2f}, {hi:.2f}]"
 
 
-def inference_small() -> str:
-    """The small models at the studies' input (issue 19's evaluation goals: batch 64 and batch 1)."""
-    part = _bench("inference.json")["parts"]["small"]
+def inference_small(key: str = "small") -> str:
+    """The small models at the studies' input (issue 19's evaluation goals: batch 64 and batch 1);
+    ``key="channels_last"``: the same models in channels_last, against the chain in that layout."""
+    part = _bench("inference.json")["parts"][key]
     rows = []
+    forms = (
+        ("branch (default)", "dynamic"),
+        ("block", "dynamic-block"),
+        ("branch, full sums", "dynamic-full-sums"),
+        ("branch, C calls declined", "dynamic-tensor-ops"),
+        ("chain, default layout", "sequential-nchw"),
+        ("branch, default layout", "dynamic-nchw"),
+    )
     for r in part["results"]:
         v = r["variants"]
-        forms = (
-            ("branch (default)", "dynamic"),
-            ("block", "dynamic-block"),
-            ("branch, full sums", "dynamic-full-sums"),
-        )
-        for form, key in forms:
-            if key not in v:
+        for form, k in forms:
+            if k not in v:
                 continue
             rows.append(
                 [
                     r["model"],
                     r["threads"],
                     form,
-                    _ratio_ci(1.0 / v[key]["throughput_ratio"], v[key].get("throughput_ratio_ci95"), invert=True),
-                    _ratio_ci(v[key]["latency_ratio"], v[key].get("latency_ratio_ci95")),
+                    _ratio_ci(1.0 / v[k]["throughput_ratio"], v[k].get("throughput_ratio_ci95"), invert=True),
+                    _ratio_ci(v[k]["latency_ratio"], v[k].get("latency_ratio_ci95")),
                 ]
             )
     header = ["model", "threads", "node form", "time per image at batch 64", "batch-1 latency"]
@@ -524,7 +528,14 @@ def inference_small() -> str:
         note = " In brackets: the 95% interval of the median over rounds (order statistics)." if ci else ""
     if any("dynamic-full-sums" in r["variants"] for r in part["results"]):
         note += " *Full sums*: the branch form without the batch path's partial sums (the same weights)."
-    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against `sequential`.{note}{where}\n\n" + table(
+    against = "`sequential`"
+    if key == "channels_last":
+        against = "`sequential` in channels_last (every model and input converted)"
+        note += (
+            " *C calls declined*: the branch form as it ran before the C calls read channels_last maps"
+            " (the stages' tensor ops); *default layout*: the same models without the conversion."
+        )
+    return f"`{part['command']}` (heap: {heap}), 1x28x28 inputs, against {against}.{note}{where}\n\n" + table(
         header, rows, "lrlrr"
     )
 
@@ -928,6 +939,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "inference_trained.md": inference_trained,
     "inference_compile.md": inference_compile,
     "inference_small.md": inference_small,
+    "inference_channels_last.md": lambda: inference_small("channels_last"),
     "gpu_eager.md": gpu_eager,
     "gpu_compile.md": gpu_compile,
     "compile_cpu.md": compile_cpu,

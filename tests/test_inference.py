@@ -207,38 +207,44 @@ def test_inference_fast_path_equals_dense_reference(name, wiring, node):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eval_gate", ["masked", "hard", "soft"])
 @pytest.mark.parametrize(
-    "name,pruned,node,threads",
+    "name,pruned,node,threads,channels_last",
     [
-        ("cifar_resnet20", True, "branch", 1),
-        ("cifar_resnet20", False, "branch", 2),
-        ("cifar_resnet20", True, "block", 2),
+        ("cifar_resnet20", True, "branch", 1, False),
+        ("cifar_resnet20", False, "branch", 2, False),
+        ("cifar_resnet20", True, "block", 2, False),
         # 7 block nodes per stage: nodes 5 and 7 (the output) read partial sums
-        ("cifar_resnet44", True, "branch", 1),
-        ("cifar_resnet44", True, "branch", 2),
-        ("cifar_resnet44", False, "block", 1),
+        ("cifar_resnet44", True, "branch", 1, False),
+        ("cifar_resnet44", True, "branch", 2, False),
+        ("cifar_resnet44", False, "block", 1, False),
+        ("cifar_resnet44", True, "branch", 2, True),
+        ("cifar_resnet20", False, "block", 1, True),
     ],
 )
-def test_batch_stage_kernels_equal_tensor_ops(dtype, eval_gate, name, pruned, node, threads, monkeypatch):
+def test_batch_stage_kernels_equal_tensor_ops(
+    dtype, eval_gate, name, pruned, node, threads, channels_last, monkeypatch
+):
     # the batch path's one C call per node against its tensor ops (the C library off) and the
     # stage's general loop (the reference), with partial removal, in both executors, on one
-    # thread (router and sum sample by sample) and two (the parallel loops)
+    # thread (router and sum sample by sample) and two (the parallel loops), in both layouts
     torch.manual_seed(0)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     monkeypatch.setattr("dynwire.layers._fused._PARALLEL_MIN_NUMEL", 1024)  # the later stages too
     try:
-        _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch)
+        _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch, channels_last)
     finally:
         torch.set_num_threads(prev)
 
 
-def _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch):
+def _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch, channels_last=False):
     from dynwire.graph._inference import forward_inference
     from dynwire.layers._fused import fused_aggregation
     from dynwire.layers._fused_glue import SampleKernels
 
     model = dynwire.create_model(name, num_classes=10, wiring="dynamic", node=node).eval().to(dtype)
     x = torch.randn(7, 3, 24, 24, dtype=dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     set_thresholds_at_quantile(model, x, 0.6)
     model.set_eval_gate(eval_gate)
     inputs = {}
@@ -265,6 +271,7 @@ def _check_batch_stage_kernels(name, dtype, eval_gate, pruned, node, monkeypatch
             ref = s._forward_graph(h, blocks, s.output_act)
             calls[:] = []
         assert ran and ran[-1] is not None, "the stage took the C calls"
+        assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last or fast.shape[-1] == 1
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         assert (fast - plain).abs().max() <= tol * max(1.0, plain.abs().max().item())
         assert (fast - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
@@ -321,17 +328,17 @@ def test_batch_step_partial_sums_give_the_same_bits_as_the_full_sums(case, threa
     assert (with_partial - plain).abs().max() <= 1e-4 * max(1.0, plain.abs().max().item())
 
 
-def test_batch_stage_kernels_decline_channels_last_and_the_tensor_ops_take_over(monkeypatch):
-    # a channels-last block output does not fit the C call (its router reads (B, C, HW) maps): the
-    # stage goes on from block 0's output with the tensor ops, with the general loop's result
+def test_batch_stage_kernels_decline_a_strided_map_and_the_tensor_ops_take_over(monkeypatch):
+    # a block output dense in neither layout (here block 0's, transposed by a hook) does not fit the C
+    # call: the stage goes on from that output with the tensor ops, with the general loop's result
     from dynwire.layers._fused_glue import SampleKernels
 
     torch.manual_seed(0)
     model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node="branch").eval()
     x = torch.randn(5, 3, 24, 24)
     set_thresholds_at_quantile(model, x, 0.5)
-    model = model.to(memory_format=torch.channels_last)
-    x = x.to(memory_format=torch.channels_last)
+    for _, s in model.graph_stages():
+        s.blocks()[0].register_forward_hook(lambda mod, a, out: out.transpose(2, 3))
     ran = []
     real = SampleKernels.run_batch
     monkeypatch.setattr(SampleKernels, "run_batch", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
@@ -342,6 +349,44 @@ def test_batch_stage_kernels_decline_channels_last_and_the_tensor_ops_take_over(
     assert ran and all(r is None for r in ran), "the C call declined every stage"
     assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0
     assert (fast - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("node", ["branch", "block"])
+def test_stage_kernels_take_channels_last_maps(batch, node, monkeypatch):
+    # a model in channels_last: the C calls read its maps in that layout (the routers pool a sample's
+    # (H, W, C) map) and write the stage's output in it, with the general loop's result and the
+    # result of the same model in the default layout
+    from dynwire.layers._fused_glue import SampleKernels
+
+    torch.manual_seed(0)
+    model = dynwire.create_model("cifar_resnet20", num_classes=10, wiring="dynamic", node=node).eval()
+    with torch.no_grad():
+        for _, s in model.graph_stages():
+            for r in s.edges.routers:
+                r.fc.weight.normal_(0, 0.5)
+    x = torch.randn(batch, 3, 24, 24)
+    set_thresholds_at_quantile(model, torch.randn(5, 3, 24, 24), 0.5)
+    with torch.no_grad():
+        default = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last)
+    ran, outs = [], []
+    name = "run" if batch == 1 else "run_batch"
+    real = getattr(SampleKernels, name)
+    monkeypatch.setattr(SampleKernels, name, lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    for _, s in model.graph_stages():
+        s.register_forward_hook(lambda mod, a, out: outs.append(out))
+    with torch.no_grad():
+        fast = model(x)
+        with dynwire.record_adjacency(model) as rec:
+            ref = model(x)
+    assert len(ran) == 3 and all(r is not None for r in ran), "every stage took the C calls"
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs[:3]), "outputs stay channels_last"
+    if batch > 1:
+        assert sum(int(r[:, 1:-1].sum()) for r in rec.removed.values()) > 0, "some nodes removed"
+    assert (fast - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert (fast - default).abs().max() <= 1e-4 * max(1.0, default.abs().max().item())
 
 
 def _fast_and_reference(model, x):

@@ -650,25 +650,36 @@ DEFINE_KERNELS(f64, double, double, ID, ID)
 DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
 
 /* A router and its edge gate in inference (dynwire.layers.router, Eq. 4-5), one call per node:
- *   alpha[b, k] = sigmoid(bias[k] + sum_c W[k, c] * mean_hw(y[b, c, :]))      y: dense (B, C, HW)
+ *   alpha[b, k] = sigmoid(bias[k] + sum_c W[k, c] * mean_hw(y[b, c, :]))      y: dense (B, C, HW), or
+ *   (B, HW, C) where hwc (channels_last: a sample's channels are its innermost dimension)
  *   mode 0 "masked": value = alpha * sigmoid(alpha - tau[k]), open = alpha >= tau[k]
  *   mode 1 "hard":   value = alpha,                           open = alpha >= tau[k]
  *   mode 2 "soft":   value = alpha * sigmoid(alpha - tau[k]), open not written
  * value, open and alpha_last (alpha[:, K-1]) are written through element strides, straight into the
  * stage's (B, N, N) edge matrices. The mean is summed in the arithmetic type per channel, as one
- * pass over y (the memory-bound part); W is (K, C) row-major. */
+ * pass over y (the memory-bound part; with hwc, one position's channels at a time); W is (K, C)
+ * row-major. */
 #define DEFINE_ROUTER(NAME, T)                                                                                   \
-    MULTIVERSION static void NAME##_router_sample(int64_t C, int64_t HW, const T *y, const T *W, const T *bias,  \
-                                                  int64_t K, const T *tau, int mode, T *value, int64_t vk,       \
-                                                  uint8_t *open, int64_t ok, T *alpha_last) {                    \
+    MULTIVERSION static void NAME##_router_sample(int64_t C, int64_t HW, int hwc, const T *y, const T *W,        \
+                                                  const T *bias, int64_t K, const T *tau, int mode, T *value,    \
+                                                  int64_t vk, uint8_t *open, int64_t ok, T *alpha_last) {        \
         T pooled[1024];                                                                                          \
         T *pool = C <= 1024 ? pooled : (T *)malloc(sizeof(T) * C);                                               \
         const T inv = (T)1 / (T)HW;                                                                              \
-        for (int64_t c = 0; c < C; c++) {                                                                        \
-            const T *p = y + c * HW;                                                                             \
-            T acc = 0;                                                                                           \
-            _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < HW; i++) acc += p[i];                 \
-            pool[c] = acc * inv;                                                                                 \
+        if (hwc) {                                                                                               \
+            for (int64_t c = 0; c < C; c++) pool[c] = 0;                                                         \
+            for (int64_t i = 0; i < HW; i++) {                                                                   \
+                const T *p = y + i * C;                                                                          \
+                _Pragma("omp simd") for (int64_t c = 0; c < C; c++) pool[c] += p[c];                             \
+            }                                                                                                    \
+            for (int64_t c = 0; c < C; c++) pool[c] *= inv;                                                      \
+        } else {                                                                                                 \
+            for (int64_t c = 0; c < C; c++) {                                                                    \
+                const T *p = y + c * HW;                                                                         \
+                T acc = 0;                                                                                       \
+                _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < HW; i++) acc += p[i];             \
+                pool[c] = acc * inv;                                                                             \
+            }                                                                                                    \
         }                                                                                                        \
         for (int64_t k = 0; k < K; k++) {                                                                        \
             const T *wk = W + k * C;                                                                             \
@@ -688,7 +699,7 @@ DEFINE_KERNELS(bf16, uint16_t, float, bf16_load, bf16_store)
                                     uint8_t *open, int64_t ob, int64_t ok, T *alpha_last, int64_t ab,            \
                                     int nthreads) {                                                              \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)       \
-            NAME##_router_sample(C, HW, y + b * C * HW, W, bias, K, tau, mode, value + b * vb, vk,               \
+            NAME##_router_sample(C, HW, 0, y + b * C * HW, W, bias, K, tau, mode, value + b * vb, vk,            \
                                  open ? open + b * ob : NULL, ok, alpha_last ? alpha_last + b * ab : NULL);      \
     }
 
@@ -728,8 +739,9 @@ DEFINE_NODE_WEIGHTS(f64, double)
 
 /* One sample through a stage of a complete DAG in inference (dynwire.graph._inference, batch 1):
  * one call per block node i after the block ran, with the stage's plan and a zeroed scratch area.
- *   plan: n, C, HW, mode, removal, tau, then per block node i: W_i, bias_i (router of node i,
- *         (n - i, C) row-major), then n + 1 relu flags (node j's aggregation applies max(., 0))
+ *   plan: n, C, HW, mode, removal, tau, hwc (1: the maps are channels_last, a sample (HW, C)), then
+ *         per block node i: W_i, bias_i (router of node i, (n - i, C) row-major), then n + 1 relu
+ *         flags (node j's aggregation applies max(., 0))
  *   scratch: xs (n + 1 pointers), value (N*N), alpha_out (N), w (N) of T, open (N*N), alive (N)
  *         bytes; N = n + 1, value/open receiver-major as the stage's edge matrices; zeroed, except
  *         open all 1 without removal and alive[0] = 1 (block 0 always runs)
@@ -742,12 +754,12 @@ DEFINE_NODE_WEIGHTS(f64, double)
         const int64_t n = plan[0], C = plan[1], HW = plan[2], N = plan[0] + 1;                                   \
         const int mode = (int)plan[3], removal = (int)plan[4];                                                   \
         const T *tau = (const T *)(intptr_t)plan[5];                                                             \
-        const int64_t *router = plan + 6, *relu = plan + 6 + 2 * n;                                              \
+        const int64_t *router = plan + 7, *relu = plan + 7 + 2 * n;                                              \
         const T **xs = (const T **)scratch;                                                                      \
         T *value = (T *)(xs + N), *alpha_out = value + N * N, *w = alpha_out + N;                                \
         uint8_t *open = (uint8_t *)(w + N), *alive = open + N * N;                                               \
         xs[i] = y;                                                                                               \
-        NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i],                                       \
+        NAME##_router_sample(C, HW, (int)plan[6], y, (const T *)(intptr_t)router[2 * i],                         \
                              (const T *)(intptr_t)router[2 * i + 1],                                             \
                              n - i, tau + i, mode, value + (i + 1) * N + i, N,                                   \
                              removal ? open + (i + 1) * N + i : NULL, N, alpha_out + i);                         \
@@ -773,7 +785,7 @@ DEFINE_SAMPLE(f64, double)
 /* A batch through a stage of a complete DAG in inference (dynwire.graph._inference, batch > 1): one
  * call per node j >= 1, with the plan of dynwire_sample_step and the stage's edge matrices
  * (EdgeMatrices: value and open (B, N, N) receiver-major, alpha_out (B, N)) and alive (B, N), all
- * dense. When y is not NULL it is node i = j - 1's output (B, C, HW): its router and gate (Eq. 4-5)
+ * dense. When y is not NULL it is node i = j - 1's output (B, C, HW; (B, HW, C) with the plan's hwc): its router and gate (Eq. 4-5)
  * fill column i first. Then, per sample, node j's input weights w (B, N scratch; closed edges and
  * removed inputs at 0, Sec. 3.3; the output node keeps its strongest edge from a live node) and
  * alive[b, j] (block nodes), and the sum of xs (node outputs; NULL for a node removed for every
@@ -799,9 +811,9 @@ DEFINE_SAMPLE(f64, double)
         const int64_t n = plan[0], C = plan[1], HW = plan[2], N = plan[0] + 1;                                   \
         const int mode = (int)plan[3];                                                                           \
         const T *tau = (const T *)(intptr_t)plan[5];                                                             \
-        const int64_t *router = plan + 6;                                                                        \
+        const int64_t *router = plan + 7;                                                                        \
         if (y)                                                                                                   \
-            NAME##_router_sample(C, HW, y, (const T *)(intptr_t)router[2 * i],                                   \
+            NAME##_router_sample(C, HW, (int)plan[6], y, (const T *)(intptr_t)router[2 * i],                     \
                                  (const T *)(intptr_t)router[2 * i + 1], n - i, tau + i, mode,                   \
                                  value + (i + 1) * N + i, N, open ? open + (i + 1) * N + i : NULL, N,            \
                                  alpha_out + i);                                                                 \
@@ -847,7 +859,7 @@ DEFINE_SAMPLE(f64, double)
                                       int64_t j, T *w, T *out, int64_t *idx, int compact, int nthreads,          \
                                       const T *pin, T *pout) {                                                   \
         const int64_t N = plan[0] + 1, CHW = plan[1] * plan[2];                                                  \
-        const int relu = (int)plan[6 + 2 * plan[0] + j];                                                         \
+        const int relu = (int)plan[7 + 2 * plan[0] + j];                                                         \
         int64_t count = 0;                                                                                       \
         if (((pin || pout) && N > PENDING_MAX_N) || (pout && j >= N - 1)) return -1;                             \
         uint8_t *lives = nthreads > 1 ? (uint8_t *)malloc((size_t)B) : NULL;                                     \
@@ -903,7 +915,7 @@ DEFINE_BATCH(f64, double)
  * weights; 4: the batch-1 stage step; 5: the batch stage step, fwd_task's output offset;
  * 6: the tap with its output edges' dot products; 7: dynwire_lines_isa; 8: the batch step's partial sums,
  * dynwire_lines_max_k). */
-int dynwire_agg_abi(void) { return 8; }
+int dynwire_agg_abi(void) { return 9; }
 
 /* How many inputs a sum reads together, line by line, in their order (0: the blocked kernels only). */
 int dynwire_lines_max_k(void) { return LINES_MAX_K; }

@@ -126,7 +126,7 @@ class _CpuKernels(_FusedBackend):
             if spec is None or not spec.origin:
                 return None
             lib = ctypes.CDLL(spec.origin)
-            if lib.dynwire_agg_abi() != 8:
+            if lib.dynwire_agg_abi() != 9:
                 return None
             return _CpuKernels(lib)
         except (OSError, AttributeError, ImportError):

@@ -168,6 +168,16 @@ def _node_calls(blocks, relu: list[bool]) -> list:
 _PENDING_MAX_N = 64
 
 
+def _layout(y: Tensor) -> int | None:
+    """How the C calls read a stage's maps: 0 where ``y`` is dense in its own order (``(B, C, ...)``),
+    1 where it is a dense channels_last 4-d map (a sample ``(H, W, C)``), None otherwise (declined)."""
+    if y.is_contiguous():
+        return 0
+    if y.ndim == 4 and y.is_contiguous(memory_format=torch.channels_last):
+        return 1
+    return None
+
+
 def _partial_sum_steps(n: int) -> frozenset[int]:
     """The nodes ``j`` of a stage of ``n`` block nodes whose batch step also writes node ``j + 1``'s
     partial sum over inputs ``0 .. j-1`` (``dynwire_batch_step``): node ``j + 1`` then reads 2 maps
@@ -284,25 +294,28 @@ class SampleKernels:
                 return False
         return True
 
-    def _plan(self, n: int, hw: int, eval_gate: str, removal: bool, relu: list[bool]):
-        """The stage's plan as the C calls read it: ``n, C, HW, gate mode, removal, tau, routers'
-        (W, b), relu flags``."""
-        key = (n, hw, eval_gate, removal, *relu)
+    def _plan(self, n: int, hw: int, hwc: int, eval_gate: str, removal: bool, relu: list[bool]):
+        """The stage's plan as the C calls read it: ``n, C, HW, gate mode, removal, tau, hwc,
+        routers' (W, b), relu flags`` (``hwc``: the maps are channels_last, see :func:`_layout`)."""
+        key = (n, hw, hwc, eval_gate, removal, *relu)
         arr = self._plans.get(key)
         if arr is None:
-            plan = [n, self._channels, hw, _GATE_MODES[eval_gate], int(removal), *self._ptrs, *map(int, relu)]
+            tau, *routers = self._ptrs
+            plan = [n, self._channels, hw, _GATE_MODES[eval_gate], int(removal), tau, hwc, *routers, *map(int, relu)]
             arr = self._plans[key] = (ctypes.c_int64 * len(plan))(*plan)
         return arr
 
-    def _checked(self, j: int, y: Tensor, shape: torch.Size, any_batch: bool = False) -> Tensor:
-        """Block ``j``'s output, dense; a ValueError where its shape (batch aside when ``any_batch``:
-        a block run on the live samples only) or dtype is not block 0's."""
+    def _checked(self, j: int, y: Tensor, shape: torch.Size, hwc: int, any_batch: bool = False) -> Tensor:
+        """Block ``j``'s output, dense in block 0's layout (``hwc``: channels_last); a ValueError where
+        its shape (batch aside when ``any_batch``: a block run on the live samples only) or dtype is
+        not block 0's."""
         if (y.shape[1:] != shape[1:] if any_batch else y.shape != shape) or y.dtype != self._dtype:
             raise ValueError(
                 f"block {j} of a graph stage returned {tuple(y.shape)} {y.dtype}, block 0 {tuple(shape)} "
                 f"{self._dtype}: the blocks of a stage must return outputs of one shape and dtype"
             )
-        return y.contiguous()  # same values: the sum and the router read them densely
+        # same values: the sum and the router read every node's output in one layout
+        return y.contiguous(memory_format=torch.channels_last) if hwc else y.contiguous()
 
     def run(
         self, blocks, y: Tensor, relu: list[bool], eval_gate: str, removal: bool, calls: list | None = None
@@ -314,10 +327,11 @@ class SampleKernels:
         router width); then the caller goes on from ``y``."""
         n = len(blocks)
         C = self._channels
+        hwc = _layout(y)
         if (
             n != len(self._params)
             or y.dtype != self._dtype
-            or not y.is_contiguous()
+            or hwc is None
             or y.ndim < 2
             or y.shape[0] != 1
             or y.shape[1] != C
@@ -325,7 +339,7 @@ class SampleKernels:
             return None
         shape = y.shape
         N = n + 1
-        plan_arr = self._plan(n, y.numel() // C, eval_gate, removal, relu)
+        plan_arr = self._plan(n, y.numel() // C, hwc, eval_gate, removal, relu)
         open_at = N * 8 + (N * N + 2 * N) * y.element_size()  # the scratch layout the C call reads
         scratch = (ctypes.c_char * (open_at + N * N + N))()
         if not removal:  # every edge open
@@ -340,7 +354,7 @@ class SampleKernels:
             j = step(plan_arr, scratch, i, y.data_ptr(), out.data_ptr())
             if j == n:
                 return out
-            y = self._checked(j, calls[j](out), shape)
+            y = self._checked(j, calls[j](out), shape, hwc)
             outs.append(y)
             i = j
 
@@ -368,10 +382,11 @@ class SampleKernels:
         N = n + 1
         removal = mats.open is not None
         dt = self._dtype
+        hwc = _layout(y)
         if (
             n != len(self._params)
             or y.dtype != dt
-            or not y.is_contiguous()
+            or hwc is None
             or y.ndim < 2
             or y.shape[1] != C
             or removal != (alive is not None)
@@ -391,7 +406,7 @@ class SampleKernels:
         ):
             return None
         shape = y.shape
-        plan_arr = self._plan(n, y.numel() // (B * C), eval_gate, removal, relu)
+        plan_arr = self._plan(n, y.numel() // (B * C), hwc, eval_gate, removal, relu)
         xs = (ctypes.c_void_p * N)()
         w = y.new_empty(B, N)
         idx = torch.empty(B, dtype=torch.int64)
@@ -439,12 +454,12 @@ class SampleKernels:
                 continue
             if compact and count < B:
                 out = out[:count]
-            y = self._checked(j, calls[j](out), shape, any_batch=True)
+            y = self._checked(j, calls[j](out), shape, hwc, any_batch=True)
             if count < B:
                 if pruned:
-                    y = y.new_zeros(shape).index_copy_(0, idx[:count], y)
+                    y = torch.zeros_like(outs[0]).index_copy_(0, idx[:count], y)  # block 0's shape and layout
                 else:
-                    y = y * alive[:, j].view(-1, *([1] * (y.ndim - 1))).to(dt)
+                    y = self._checked(j, y * alive[:, j].view(-1, *([1] * (y.ndim - 1))).to(dt), shape, hwc)
             outs.append(y)
             xs[j] = i_ptr = y.data_ptr()
         raise AssertionError("unreachable")
