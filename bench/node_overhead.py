@@ -165,7 +165,8 @@ def _eval_split(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int
     * ``in_blocks_s``: the graph stages' blocks (the chain's blocks with their shortcut add and ReLU;
       DG-Net's branch nodes without them);
     * ``branches_s``: the blocks' residual branches (``_branch``: the convolutions and norms that
-      every form runs), so ``in_blocks_s - branches_s`` is the chain's shortcut adds and ReLUs;
+      every form runs), so ``in_blocks_s - branches_s`` is the shortcuts (adds, ReLUs and the
+      downsampling convolutions; DG-Net's branch form runs them in block 0 of each stage only);
     * ``stages_outside_blocks_s``: the stages outside their blocks;
     * ``c_steps_s``: of that, the batch path's C calls (one per node after block 0: router, gate and
       the next node's input, ``SampleKernels.run_batch``).

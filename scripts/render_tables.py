@@ -896,7 +896,7 @@ def node_overhead_eval() -> str:
             "eval b64 (rounds)",
             "eval b64 (split passes)",
             "branches (chain's)",
-            "shortcut adds, ReLU (chain's)",
+            "shortcuts: adds, ReLUs, downsampling (chain's)",
             "C calls",
             "rest of the stages",
             "C calls' rate on least traffic, GB/s",
