@@ -424,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=["dense", "small", "channels_last", "removal", "trained", "frontier", "compile"],
     )
     p.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds of the dense, small, removal and compile parts"
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds of the dense, small, channels_last, removal and compile parts",
     )
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="run directories for --parts trained")
     p.add_argument(
@@ -452,18 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: give at least 1 (6 or more for the ratios' 95% intervals)")
     q = args.quick
+    small = [(m, 28, 64, 3 if q else 7, 30 if q else 60, 3 if q else 5) for m in ("cifar_resnet20", "cifar_resnet56")]
     plans = {
         "dense": [
             ("cifar_resnet56", 32, 64, 3 if q else 5, 30 if q else 60, 3 if q else 5),
             ("mobilenet_v2", 224, 16, 2 if q else 3, 10 if q else 20, 2 if q else 3),
         ]
         + ([] if q else [("resnet50", 224, 16, 3, 10, 2)]),
-        "small": [
-            (m, 28, 64, 3 if q else 7, 30 if q else 60, 3 if q else 5) for m in ("cifar_resnet20", "cifar_resnet56")
-        ],
-        "channels_last": [
-            (m, 28, 64, 3 if q else 7, 30 if q else 60, 3 if q else 5) for m in ("cifar_resnet20", "cifar_resnet56")
-        ],
+        "small": small,
+        "channels_last": small,  # the same models and rounds, in channels_last
         "removal": [("cifar_resnet56", 32, 64, 2 if q else 3, 20 if q else 40, 3)],
         "compile": [("cifar_resnet56", 32, 64, 3, 40, 3)],
     }

@@ -807,9 +807,7 @@ def node_overhead(key: str = "results") -> str:
                     f"{r['eval'][form]['removed_share']:.1%}" if "removed_share" in r["eval"][form] else "",
                 ]
             )
-    where = cpu_note(doc.get("machine")).strip()
-    head = f"{where}\n\n" if where else ""
-    return head + table(
+    return _cpu_head(doc) + table(
         [
             "model",
             "node",
@@ -831,6 +829,12 @@ def node_overhead(key: str = "results") -> str:
         rows,
         "llrrrrrrrrrrrrrr",
     )
+
+
+def _cpu_head(doc: dict) -> str:
+    """bench/node_overhead.py's CPU as a paragraph above its tables; empty for files without it."""
+    where = cpu_note(doc.get("machine")).strip()
+    return f"{where}\n\n" if where else ""
 
 
 def _eval_split_cells(r: dict, form: str) -> list[str]:
@@ -886,9 +890,7 @@ def node_overhead_eval() -> str:
                 )
     if not rows:
         return ""
-    where = cpu_note(doc.get("machine")).strip()
-    head = f"{where}\n\n" if where else ""
-    return head + table(
+    return _cpu_head(doc) + table(
         [
             "model",
             "node",
