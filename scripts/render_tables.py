@@ -909,6 +909,55 @@ def node_overhead_eval() -> str:
     )
 
 
+#: bench/eval_levers.py's variants, in the table's words
+_LEVERS = {
+    "dynamic": "DG-Net, as shipped",
+    "prefetch": "inputs prefetched 512 bytes ahead",
+    "stream": "node inputs written with non-temporal stores",
+    "full-sums": "no partial sums (every node reads all inputs)",
+    "tiled": "first stage on the batch's two halves",
+    "sequential-tiled": "chain, first stage on the two halves",
+}
+
+
+def eval_levers() -> str:
+    """Batch 64's levers on the C calls' memory traffic (bench/eval_levers.py): each variant's
+    evaluation time and C calls against the chain's of the same rounds, median over processes."""
+    doc = _bench("eval_levers.json")
+    rows = []
+    for r in doc["results"]:
+        for v, d in r["variants"].items():
+            lo, hi = d["ratio_range"]
+            rows.append(
+                [
+                    f"`{r['model']}`",
+                    _LEVERS.get(v, v),
+                    f"{d['ratio']:.3f}x ({lo:.3f} - {hi:.3f})",
+                    f"{d['c_calls_share']:.1%}" if d["c_calls_share"] else "—",
+                    "equal" if d["max_abs_diff"] == 0 else f"{d['max_abs_diff']:.1e}",
+                ]
+            )
+    head = (
+        f"Thread CPU time, {doc['processes']} processes of {doc['rounds']} rounds, one thread, batch 64, branch form."
+    )
+    return (
+        _cpu_head(doc)
+        + head
+        + "\n\n"
+        + table(
+            [
+                "model",
+                "variant",
+                "time / chain's (range of the processes' medians)",
+                "C calls / chain's time",
+                "logits against the shipped model's (max abs diff)",
+            ],
+            rows,
+            "llrrr",
+        )
+    )
+
+
 def frontier() -> str:
     """Accuracy against executed MACs (issue 17): ``scripts/frontier.py``'s table, as committed."""
     if not FRONTIER.is_file():
@@ -921,6 +970,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "node_overhead.md": node_overhead,
     "node_overhead_kept_malloc.md": lambda: node_overhead("results_kept_malloc"),
     "node_overhead_eval.md": node_overhead_eval,
+    "eval_levers.md": eval_levers,
     "branch_results.md": lambda: branch_results(_branch_study()),
     "branch_contrast.md": lambda: branch_contrast(_branch_study()),
     "init_scale.md": init_scale,

@@ -53,6 +53,40 @@
 #ifndef BLK_MIN_K
 #define BLK_MIN_K 8
 #endif
+/* Alternatives for bench/eval_levers.py only (both 0 in the shipped build, where the branches on them
+ * compile away): PF_BYTES > 0 prefetches every input of a line-by-line sum that many bytes ahead
+ * (past the 4 KiB pages where the hardware prefetchers stop); NT_STORE 1 writes a line-by-line sum
+ * (the node inputs of inference) with non-temporal stores, which skip the read for ownership of
+ * lines not in cache and leave the result out of the cache. */
+#ifndef PF_BYTES
+#define PF_BYTES 0
+#endif
+#ifndef NT_STORE
+#define NT_STORE 0
+#endif
+#if NT_STORE && defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx512f"))) static void nt_store64(void *p, const void *line) {
+    _mm512_stream_ps((float *)p, _mm512_loadu_ps((const float *)line));
+}
+__attribute__((target("avx"))) static void nt_store32(void *p, const void *line) {
+    _mm256_stream_ps((float *)p, _mm256_loadu_ps((const float *)line));
+}
+/* one line of `bytes` (16, 32 or 64) to p, aligned to `bytes`; 0 where it was not written so */
+static inline int nt_store(void *p, const void *line, int bytes) {
+    if ((uintptr_t)p % (uintptr_t)bytes) return 0;
+    if (bytes == 64) nt_store64(p, line);
+    else if (bytes == 32) nt_store32(p, line);
+    else _mm_stream_ps((float *)p, _mm_loadu_ps((const float *)line));
+    return 1;
+}
+#define NT_FENCE() _mm_sfence()
+#else
+#undef NT_STORE
+#define NT_STORE 0
+static inline int nt_store(void *p, const void *line, int bytes) { return (void)p, (void)line, (void)bytes, 0; }
+#define NT_FENCE() ((void)0)
+#endif
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -172,6 +206,7 @@ int dynwire_lines_isa(int level) {
             for (int q = 0; q < c; q++) {                                                                        \
                 const T *pq = p[q] + off + i;                                                                    \
                 const A vq = v[q];                                                                               \
+                if (PF_BYTES) __builtin_prefetch((const char *)pq + PF_BYTES, 0, 3);                             \
                 for (int u = 0; u < NAME##_##ISA##_u; u++) {                                                     \
                     NAME##_##ISA##_line a;                                                                       \
                     NAME##_##ISA##_ldline(&a, pq + u * NAME##_##ISA##_lw);                                       \
@@ -180,7 +215,9 @@ int dynwire_lines_isa(int level) {
             }                                                                                                    \
             for (int u = 0; u < NAME##_##ISA##_u; u++) {                                                         \
                 if (relu) NAME##_##ISA##_relu(&r[u]);                                                            \
-                NAME##_##ISA##_stline(o + i + u * NAME##_##ISA##_lw, &r[u]);                                     \
+                if (!(NT_STORE && sizeof(T) == 4 && sizeof(A) == 4 &&                                            \
+                      nt_store(o + i + u * NAME##_##ISA##_lw, &r[u], VB)))                                       \
+                    NAME##_##ISA##_stline(o + i + u * NAME##_##ISA##_lw, &r[u]);                                 \
             }                                                                                                    \
         }                                                                                                        \
         for (; i + NAME##_##ISA##_lw <= c1; i += NAME##_##ISA##_lw) {                                            \
@@ -876,6 +913,7 @@ DEFINE_SAMPLE(f64, double)
                     NAME##_pending(N, value + b * N * N, open ? open + b * N * N : NULL,                         \
                                    alive ? alive + b * N : NULL, j, xs, pout, b * CHW, CHW);                     \
             }                                                                                                    \
+            NT_FENCE();                                                                                          \
             return count;                                                                                        \
         }                                                                                                        \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t b = 0; b < B; b++)       \
@@ -904,6 +942,7 @@ DEFINE_SAMPLE(f64, double)
                                j, xs, pout, b * CHW, CHW);                                                       \
         }                                                                                                        \
         free(lives);                                                                                             \
+        NT_FENCE();                                                                                              \
         return count;                                                                                            \
     }
 
