@@ -55,9 +55,10 @@
 #endif
 /* Alternatives for bench/eval_levers.py only (both 0 in the shipped build, where the branches on them
  * compile away): PF_BYTES > 0 prefetches every input of a line-by-line sum that many bytes ahead
- * (past the 4 KiB pages where the hardware prefetchers stop); NT_STORE 1 writes a line-by-line sum
- * (the node inputs of inference) with non-temporal stores, which skip the read for ownership of
- * lines not in cache and leave the result out of the cache. */
+ * (past the 4 KiB pages where the hardware prefetchers stop); NT_STORE 1 writes every line-by-line
+ * sum of float (in inference the node inputs) with non-temporal stores, which skip the read for
+ * ownership of lines not in cache and leave the result out of the cache; the batch step fences them
+ * (one thread reads its own such stores in order; OpenMP's barriers order them for the others). */
 #ifndef PF_BYTES
 #define PF_BYTES 0
 #endif
