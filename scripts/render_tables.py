@@ -405,7 +405,7 @@ def inference_dense() -> str:
         "`dynamic` time per image at N",
         "`static` latency b1",
     ]
-    return f"`{part['command']}`, against `sequential`:\n\n" + table(header, rows)
+    return f"`{part['command']}`, against `sequential`.{cpu_note(part.get('cpu'))}\n\n" + table(header, rows)
 
 
 def inference_removal() -> str:
