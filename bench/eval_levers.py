@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 import dynwire
+from dynwire.engine.files import atomic_write
 from dynwire.layers import _fused
 from dynwire.layers import _fused_glue as _glue
 
@@ -238,10 +239,7 @@ def main() -> None:
         "results": _combine(per_process),
         "per_process": per_process,
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(doc, indent=1))
     print(table(doc))
 
 

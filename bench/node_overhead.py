@@ -65,6 +65,7 @@ import torch
 from torch.nn import functional as F
 
 import dynwire
+from dynwire.engine.files import atomic_write
 from dynwire.graph.stage import GraphStage
 from dynwire.layers import _fused_glue as _glue
 from dynwire.layers import aggregation as agg
@@ -427,11 +428,7 @@ def main() -> None:
         "results": results,
         "results_kept_malloc": by_policy.get("kept") if "default" in by_policy else None,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(doc, indent=1))
     print(table(doc))
     if doc["results_kept_malloc"]:
         print("\nwith dynwire.keep_freed_memory() (freed maps kept in the heap):")
